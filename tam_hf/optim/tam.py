@@ -200,10 +200,10 @@ class _TorqueOptimizer(Optimizer):
 
     @torch.no_grad()
     def damping(self) -> dict[str, Tensor]:
-        """Current per-tensor damping ``d = (1 + s) / 2`` and cosine averages ``s`` (float32, CPU), in
+        """Current per-tensor damping ``d = (1 + s) / 2`` and cosine averages ``s`` (float64, CPU), in
         parameter order over tensors that have taken a step. One small copy; meant for logging steps."""
         s = [self.state[p]["s"] for g in self.param_groups for p in g["params"] if "s" in self.state[p]]
-        s = torch.stack([x.float() for x in s]).cpu() if s else torch.zeros(0)
+        s = torch.stack([x.double() for x in s]).cpu() if s else torch.zeros(0, dtype=torch.float64)
         return {"d": (1.0 + s) / 2.0, "s": s}
 
     def damping_summary(self) -> dict[str, float]:
