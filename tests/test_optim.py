@@ -346,3 +346,19 @@ def test_adatamw_decays_decoupled_and_adatam_couples():
             assert torch.allclose(p, torch.full((3,), 0.95, dtype=torch.float64))
         else:  # coupled: g = 0.5 * p enters m and v, so p moves by lr * d * g / sqrt((1 - beta2) g^2), d = 0.5
             assert p.detach()[0].item() == pytest.approx(1 - 0.1 * 0.5 / math.sqrt(0.001), rel=1e-5)  # up to eps
+
+
+def test_without_a_compiler_the_default_falls_back_to_eager(monkeypatch, tmp_path):
+    monkeypatch.setattr(fused, "_lib", None)
+    monkeypatch.setattr(fused, "_error", None)
+    monkeypatch.setattr(fused, "_warned", False)
+    monkeypatch.setenv("CC", "/bin/false")
+    monkeypatch.setenv("TAM_HF_CACHE", str(tmp_path))
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    with pytest.raises(RuntimeError, match="/bin/false failed"):
+        AdaTAM([p], fused=True)
+    opt = AdaTAM([p], lr=1e-3)
+    p.grad = torch.randn(4, 3)
+    with pytest.warns(RuntimeWarning, match="using the eager single-tensor path"):
+        opt.step()
+    assert opt._impl(opt.param_groups[0], [p]) == "single" and torch.isfinite(p).all()

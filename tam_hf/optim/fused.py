@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _error: str | None = None
+_warned = False
 
 
 def _cpu_signature() -> str:
@@ -89,10 +91,15 @@ def load() -> ctypes.CDLL:
         return _lib
 
 
-def available() -> bool:
+def available(warn: bool = False) -> bool:
+    """Whether the kernels load; with ``warn``, say once why not (the optimizers then run the eager loop)."""
+    global _warned
     try:
         load()
-    except RuntimeError:
+    except RuntimeError as exc:
+        if warn and not _warned and not str(exc).endswith("TAM_HF_DISABLE_FUSED"):
+            _warned = True
+            warnings.warn(f"{exc}; using the eager single-tensor path", RuntimeWarning, stacklevel=3)
         return False
     return True
 

@@ -162,7 +162,7 @@ class _TorqueOptimizer(Optimizer):
         if group["foreach"]:
             return "foreach"
         if group["foreach"] is None and group["fused"] is None:
-            if all(p.device.type == "cpu" for p in params) and _fused.available():
+            if all(p.device.type == "cpu" for p in params) and _fused.available(warn=True):
                 return "fused"
             if all(p.device.type not in ("cpu", "meta") for p in params):
                 return "foreach"

@@ -1,0 +1,358 @@
+"""Exact per-tensor torque statistics when the optimizer only holds pieces of each tensor.
+
+DeepSpeed ZeRO-1/2 hands the optimizer one flat fp32 slice per param group and rank, ZeRO-3 one flat slice per
+sub-group, and FSDP2 gives it DTensors whose local shards are dim-0 slices. TAM's cosine must be taken over each
+WHOLE logical tensor, so :class:`ShardedStats` does three things around every ``optimizer.step()``:
+
+1. a step pre-hook replaces each sharded source (a flat partition, or a DTensor) in the param groups by its
+   *fragments*: plain-tensor views of the local slice of one logical tensor each, with ``.grad`` views into the
+   matching gradient, and state entries that are views into the source's own state (so checkpoints, DeepSpeed's
+   optimizer-state mapping and DCP keep seeing state of the source's shape);
+2. the optimizer's ``stats_reducer`` hook receives the per-fragment partial sums (m.g, |m|^2, |g|^2) of one param
+   group, scatter-adds them into one row per logical tensor, all-reduces that small float64 tensor ONCE over the
+   data-parallel group and hands every fragment its tensor's total. Every fragment of a tensor therefore sees the
+   same statistics, starts from ``s = 0`` and keeps the same ``s`` and damping as the whole tensor would;
+3. a post-hook puts the sources back and drops the fragment views.
+
+``cosine_scope="global"`` gets the group total in the first row and zeros elsewhere, so the optimizer's sum over
+rows is the sum over the whole group on every rank. Whole-tensor runs (one process, DDP) install nothing.
+
+Cost: one all-reduce of ``n_tensors x 3`` float64 per param group stepped. DeepSpeed ZeRO-1/2/3 call the client
+optimizer once per (sub-)group, so a training step pays one such all-reduce per group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["Fragment", "ShardedSource", "ShardedStats", "zero_sources", "dtensor_sources"]
+
+
+@dataclass(frozen=True)
+class Fragment:
+    """The slice ``flat[start:start + numel]`` of a source, holding part of logical tensor ``row``."""
+
+    start: int
+    numel: int
+    row: int
+
+
+@dataclass(eq=False)
+class ShardedSource:
+    """A tensor the optimizer is handed that holds pieces of ``len(names)`` logical tensors.
+
+    ``kind="flat"``: a 1-D ZeRO partition; its state lives in ``optimizer.state[tensor]`` as full-size buffers
+    plus ``tam_s`` / ``tam_step`` vectors with one entry per fragment. ``kind="dtensor"``: one DTensor parameter
+    (one logical tensor, ``row`` 0 of a group-wide numbering given by ``names``); state is DTensor-shaped.
+    """
+
+    tensor: Tensor
+    kind: str
+    fragments: list[Fragment]
+    names: list[str]  # one per logical row; the row order is the same on every rank
+    group: Optional[dist.ProcessGroup] = None
+    row_offset: int = 0  # dtensor sources of one param group share one row numbering
+
+    def __post_init__(self):
+        if self.kind not in ("flat", "dtensor"):
+            raise ValueError(f"Invalid source kind: {self.kind!r}")
+
+
+@dataclass
+class _Plan:
+    rows: Tensor  # logical row of each fragment that has a gradient, in param order
+    n_rows: int
+    names: list[str]
+    group: Optional[dist.ProcessGroup]
+    scope: str
+
+
+@dataclass
+class _Swap:
+    group: dict
+    original: list
+    fragments: list[Tensor] = field(default_factory=list)
+
+
+class ShardedStats:
+    """Installs fragment views and the one-all-reduce statistics reducer on a TAM/AdaTAM(W) optimizer.
+
+    ``sources`` maps each sharded tensor the optimizer may find in a param group to its layout. Call
+    :meth:`remove` to undo. ``allreduce_calls`` counts the all-reduces issued (one per param group stepped).
+    """
+
+    def __init__(self, optimizer, sources: Sequence[ShardedSource]):
+        if getattr(optimizer, "stats_reducer", None) is not None:
+            raise RuntimeError("this optimizer already has a stats_reducer installed")
+        if not hasattr(optimizer, "_buffer_names"):
+            raise TypeError(f"ShardedStats needs a TAM/AdaTAM/AdaTAMW optimizer, got {type(optimizer).__name__}")
+        self.optimizer = optimizer
+        self.sources = {id(s.tensor): s for s in sources}
+        self.allreduce_calls = 0
+        self._plans: list[_Plan] = []
+        self._swaps: list[_Swap] = []
+        for src in sources:
+            if src.kind == "flat":
+                self._check_flat(src)
+        optimizer.stats_reducer = self
+        self._handles = [
+            optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._enter()),
+            optimizer.register_step_post_hook(lambda opt, args, kwargs: self._exit()),
+        ]
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+
+    def remove(self) -> None:
+        self._exit()
+        for h in self._handles:
+            h.remove()
+        self.optimizer.stats_reducer = None
+
+    @staticmethod
+    def _check_flat(src: ShardedSource) -> None:
+        end = 0
+        for f in sorted(src.fragments, key=lambda f: f.start):
+            if f.start < end or f.start + f.numel > src.tensor.numel():
+                raise ValueError(f"overlapping or out-of-range fragment {f} in a flat partition of "
+                                 f"{src.tensor.numel()} elements")
+            end = f.start + f.numel
+
+    # ------------------------------------------------------------------------------------------- the swap
+
+    def _flat_state(self, src: ShardedSource) -> dict:
+        """The source's own state: full-size buffers (zeros when new) and per-fragment s / step vectors."""
+        opt, flat = self.optimizer, src.tensor
+        st = opt.state[flat]
+        for name in opt._buffer_names:
+            if not (torch.is_tensor(st.get(name)) and st[name].shape == flat.shape):
+                st[name] = torch.zeros_like(flat, memory_format=torch.preserve_format)
+        n = len(src.fragments)
+        s_dtype = torch.promote_types(flat.dtype, torch.float32)
+        if not (torch.is_tensor(st.get("tam_s")) and st["tam_s"].shape == (n,)):
+            st["tam_s"] = torch.zeros(n, dtype=s_dtype, device=flat.device)
+        if "exp_avg" in opt._buffer_names and not (torch.is_tensor(st.get("tam_step")) and st["tam_step"].shape == (n,)):
+            st["tam_step"] = torch.zeros(n, dtype=torch.float32, device=flat.device)
+        for stray in ("s", "step"):  # left by a step taken before installation (all-zero gradients)
+            st.pop(stray, None)
+        return st
+
+    def _dtensor_state(self, p: Tensor) -> dict:
+        opt = self.optimizer
+        st = opt.state[p]
+        if not st:
+            for name in opt._buffer_names:
+                st[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["s"] = torch.zeros((), dtype=torch.promote_types(p.dtype, torch.float32), device=p.device)
+            if "exp_avg" in opt._buffer_names:
+                st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        return st
+
+    def _enter(self) -> None:
+        self._exit()  # a step that raised never ran its post-hook
+        opt = self.optimizer
+        for group in opt.param_groups:
+            srcs = [self.sources.get(id(p)) for p in group["params"]]
+            if not any(srcs):
+                continue
+            if not all(srcs):
+                raise RuntimeError("a param group mixes sharded and whole tensors; ShardedStats cannot tell "
+                                   "which statistics to reduce")
+            swap = _Swap(group, group["params"])
+            rows: list[int] = []
+            if srcs[0].kind == "dtensor":  # one row per parameter of the group, numbered alike on every rank
+                names = srcs[0].names
+                for src in srcs:
+                    swap.fragments += self._dtensor_views(src)
+                    rows.append(src.row_offset)
+            else:  # flat partitions: each brings its own logical tensors
+                names = []
+                for src in srcs:
+                    views, row_ids = self._flat_views(src)
+                    swap.fragments += views
+                    rows += [len(names) + r for r in row_ids]
+                    names = names + src.names
+            n_rows, pgroup = len(names), srcs[0].group
+            if not swap.fragments:
+                continue
+            group["params"] = swap.fragments
+            self._swaps.append(swap)
+            with_grad = [r for v, r in zip(swap.fragments, rows) if v.grad is not None]
+            if with_grad:
+                device = swap.fragments[0].device
+                self._plans.append(_Plan(torch.tensor(with_grad, dtype=torch.long, device=device), n_rows,
+                                         names, pgroup, group["cosine_scope"]))
+
+    def _flat_views(self, src: ShardedSource):
+        flat = src.tensor
+        st = self._flat_state(src)
+        data = flat.detach().view(-1)
+        grad = flat.grad.view(-1) if flat.grad is not None else None
+        if not src.fragments:  # no element of any tensor here, yet this rank must join the all-reduce
+            v = data.narrow(0, 0, 0)
+            if grad is not None:
+                v.grad = grad.narrow(0, 0, 0)
+            fst = self.optimizer.state[v]
+            for name in self.optimizer._buffer_names:
+                fst[name] = torch.zeros_like(v)
+            fst["s"] = torch.zeros((), dtype=st["tam_s"].dtype, device=flat.device)
+            if "tam_step" in st:
+                fst["step"] = torch.zeros((), dtype=torch.float32, device=flat.device)
+            return [v], [0]
+        views, rows = [], []
+        for j, f in enumerate(src.fragments):
+            v = data.narrow(0, f.start, f.numel)
+            if grad is not None:
+                v.grad = grad.narrow(0, f.start, f.numel)
+            fst = self.optimizer.state[v]
+            for name in self.optimizer._buffer_names:
+                fst[name] = st[name].view(-1).narrow(0, f.start, f.numel)
+            fst["s"] = st["tam_s"][j]
+            if "tam_step" in st:
+                fst["step"] = st["tam_step"][j]
+            views.append(v)
+            rows.append(f.row)
+        return views, rows
+
+    def _dtensor_views(self, src: ShardedSource) -> list[Tensor]:
+        p = src.tensor
+        st = self._dtensor_state(p)
+        v = p.to_local().detach().view(-1)
+        if p.grad is not None:
+            v.grad = p.grad.to_local().reshape(-1)
+        fst = self.optimizer.state[v]
+        for name in self.optimizer._buffer_names:
+            fst[name] = st[name].to_local().view(-1)
+        fst["s"] = st["s"]
+        if "step" in st:
+            fst["step"] = st["step"]
+        return [v]
+
+    def _exit(self) -> None:
+        for swap in self._swaps:
+            swap.group["params"] = swap.original
+            for v in swap.fragments:
+                self.optimizer.state.pop(v, None)
+                v.grad = None
+        self._swaps.clear()
+        self._plans.clear()
+
+    # ---------------------------------------------------------------------------------------- the reducer
+
+    def __call__(self, stats: Tensor) -> Tensor:
+        if not self._plans:
+            raise RuntimeError("stats_reducer called outside a ShardedStats step (was the optimizer's param "
+                               "group list replaced after installation?)")
+        plan = self._plans.pop(0)
+        if plan.rows.numel() != stats.shape[0]:
+            raise RuntimeError(f"expected statistics for {plan.rows.numel()} fragments, got {stats.shape[0]}")
+        rows = plan.rows.to(stats.device)
+        total = stats.new_zeros(plan.n_rows, 3)
+        total.index_add_(0, rows, stats)
+        if plan.group is not None or dist.is_initialized():
+            dist.all_reduce(total, group=plan.group)
+            self.allreduce_calls += 1
+        if plan.scope == "global":
+            out = torch.zeros_like(stats)
+            out[0] = total.sum(0)
+            return out
+        return total.index_select(0, rows)
+
+    # -------------------------------------------------------------------------------------------- readout
+
+    @torch.no_grad()
+    def local_damping(self) -> dict[str, list[float]]:
+        """Damping ``d = (1 + s) / 2`` of every fragment this rank holds, by logical tensor name (a tensor split
+        into several fragments here lists each). No collective; for logging and tests."""
+        out: dict[str, list[float]] = {}
+        for src in self.sources.values():
+            if src.kind == "flat":
+                st = self.optimizer.state.get(src.tensor, {})
+                if "tam_s" not in st:
+                    continue
+                for f, s in zip(src.fragments, st["tam_s"].tolist()):
+                    out.setdefault(src.names[f.row], []).append((1.0 + s) / 2.0)
+            else:
+                st = self.optimizer.state.get(src.tensor, {})
+                if "s" in st:
+                    out.setdefault(src.names[0], []).append((1.0 + st["s"].item()) / 2.0)
+        return out
+
+
+# ------------------------------------------------------------------------------------ discovery by backend
+
+
+def zero_sources(zero_optimizer, names: Optional[dict[int, str]] = None) -> list[ShardedSource]:
+    """Sources for a DeepSpeed ZeRO-1/2 (``DeepSpeedZeroOptimizer``) or ZeRO-3 (``DeepSpeedZeroOptimizer_Stage3``)
+    optimizer wrapper. ``names`` maps ``id(param)`` to a display name (default ``"group{i}.{j}"``)."""
+    names = names or {}
+    sources = []
+    if hasattr(zero_optimizer, "single_partition_of_fp32_groups"):  # ZeRO-1/2
+        for i, flat in enumerate(zero_optimizer.single_partition_of_fp32_groups):
+            lps = zero_optimizer.bit16_groups[i]
+            frags = []
+            for row, lp in enumerate(lps):
+                mapping = getattr(lp, "_hp_mapping", None)
+                if mapping is None:
+                    continue
+                addr = mapping.get_hp_fragment_address()
+                if addr.numel > 0:
+                    frags.append(Fragment(int(addr.start), int(addr.numel), row))
+            sources.append(ShardedSource(flat, "flat", frags, [names.get(id(p), f"group{i}.{j}") for j, p in
+                                                              enumerate(lps)],
+                                         group=zero_optimizer.real_dp_process_group[i]))
+    elif hasattr(zero_optimizer, "fp32_partitioned_groups_flat"):  # ZeRO-3
+        for i, flat in enumerate(zero_optimizer.fp32_partitioned_groups_flat):
+            lps = zero_optimizer.fp16_groups[i]
+            pgroup = zero_optimizer.sub_group_process_groups[i]
+            rank = dist.get_rank(group=pgroup)
+            frags, offset = [], 0
+            for row, lp in enumerate(lps):
+                per_rank = lp.partition_numel()
+                valid = max(0, min(per_rank, lp.ds_numel - rank * per_rank))  # the last ranks hold padding
+                if valid > 0:
+                    frags.append(Fragment(offset, valid, row))
+                offset += per_rank
+            if offset != flat.numel():
+                raise RuntimeError(f"ZeRO-3 sub-group {i}: partitions add up to {offset} elements, the flat fp32 "
+                                   f"partition has {flat.numel()}; unsupported DeepSpeed layout")
+            sources.append(ShardedSource(flat, "flat", frags, [names.get(id(p), f"subgroup{i}.{j}") for j, p in
+                                                              enumerate(lps)], group=pgroup))
+    else:
+        raise TypeError(f"not a DeepSpeed ZeRO optimizer: {type(zero_optimizer).__name__}")
+    return sources
+
+
+def dtensor_sources(optimizer, names: Optional[dict[int, str]] = None) -> list[ShardedSource]:
+    """Sources for an optimizer whose param groups hold DTensors (FSDP2): every DTensor sharded on a 1-D mesh.
+    Tensors of one param group get one row each, in group order. Replicated or multi-dimensional placements are
+    refused (summing replicas would count them several times)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    names = names or {}
+    sources = []
+    for gi, group in enumerate(optimizer.param_groups):
+        params = group["params"]
+        dts = [p for p in params if isinstance(p, DTensor)]
+        if not dts:
+            continue
+        if len(dts) != len(params):
+            raise RuntimeError(f"param group {gi} mixes DTensor and plain parameters")
+        group_names = [names.get(id(p), f"group{gi}.{j}") for j, p in enumerate(params)]
+        pg = None
+        for j, p in enumerate(params):
+            if p.device_mesh.ndim != 1 or not isinstance(p.placements[0], Shard):
+                raise NotImplementedError(
+                    f"{group_names[j]}: placements {p.placements} on a {p.device_mesh.ndim}-D mesh; exact torque "
+                    "statistics support parameters sharded on a 1-D mesh (FSDP2 without HSDP/TP)")
+            this_pg = p.device_mesh.get_group()
+            if pg is not None and this_pg is not pg:
+                raise NotImplementedError(f"param group {gi} spans several device meshes")
+            pg = this_pg
+            sources.append(ShardedSource(p, "dtensor", [Fragment(0, p.to_local().numel(), 0)], group_names,
+                                         group=pg, row_offset=j))
+    return sources
