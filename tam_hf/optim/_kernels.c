@@ -84,7 +84,25 @@ static double cosine_of(const double *st) {
         adatam_update_##SUF(n, p, g, m, v, sign, wd, a, beta1, beta2, lr, eps, decay);          \
     }
 
+/* Many tensors in one call: a LoRA model has hundreds of small tensors, and a ctypes call per tensor would
+   cost more than the arithmetic. */
+#define DEFINE_BATCH(T, S, SUF)                                                                 \
+    void tam_step_batch_##SUF(long count, const long *n, T **p, T **g, T **m, S **s, T sign, T wd, \
+                              T momentum, T lr, double gamma, double damping_eps) {             \
+        for (long k = 0; k < count; k++)                                                        \
+            tam_step_##SUF(n[k], p[k], g[k], m[k], s[k], sign, wd, momentum, lr, gamma, damping_eps); \
+    }                                                                                           \
+    void adatam_step_batch_##SUF(long count, const long *n, T **p, T **g, T **m, T **v, S **s,  \
+                                 T sign, T wd, T beta1, T beta2, T lr, T eps, T decay,          \
+                                 double gamma, double damping_eps) {                            \
+        for (long k = 0; k < count; k++)                                                        \
+            adatam_step_##SUF(n[k], p[k], g[k], m[k], v[k], s[k], sign, wd, beta1, beta2, lr, eps, \
+                              decay, gamma, damping_eps);                                       \
+    }
+
 DEFINE_DAMPING(float, f32)
 DEFINE_DAMPING(double, f64)
 DEFINE_KERNELS(float, float, f32)
 DEFINE_KERNELS(double, double, f64)
+DEFINE_BATCH(float, float, f32)
+DEFINE_BATCH(double, double, f64)

@@ -72,6 +72,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"adatam_update_{suf}").argtypes = [L, P, P, P, P] + [T] * 8
         getattr(lib, f"tam_step_{suf}").argtypes = [L, P, P, P, P] + [T] * 4 + [D, D]
         getattr(lib, f"adatam_step_{suf}").argtypes = [L, P, P, P, P, P] + [T] * 7 + [D, D]
+        getattr(lib, f"tam_step_batch_{suf}").argtypes = [L, P, P, P, P, P] + [T] * 4 + [D, D]
+        getattr(lib, f"adatam_step_batch_{suf}").argtypes = [L, P, P, P, P, P, P] + [T] * 7 + [D, D]
 
 
 def load() -> ctypes.CDLL:
@@ -120,3 +122,12 @@ def supports(*tensors: torch.Tensor) -> bool:
 
 def kernel(name: str, dtype: torch.dtype):
     return getattr(load(), f"{name}_{_SUFFIX[dtype]}")
+
+
+def pointers(tensors) -> ctypes.Array:
+    """A C array of the tensors' data pointers, for the ``*_batch`` kernels."""
+    return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
+
+
+def sizes(tensors) -> ctypes.Array:
+    return (ctypes.c_long * len(tensors))(*[t.numel() for t in tensors])

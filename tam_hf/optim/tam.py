@@ -178,9 +178,9 @@ class _TorqueOptimizer(Optimizer):
             params, grads, buffers, s = self._init_group(group)
             if not params:
                 continue
-            for p in params:
-                if "step" in self.state[p]:
-                    self.state[p]["step"].add_(1)
+            steps = [self.state[p]["step"] for p in params if "step" in self.state[p]]
+            if steps:
+                torch._foreach_add_(steps, 1)
             _torque_step(
                 self._rule(group),
                 params,
@@ -555,21 +555,27 @@ def _foreach_update(rule: _Rule, params, grads, ms, vs, coeffs) -> None:
 
 
 def _fused_tensor_scope(rule: _Rule, params, grads, ms, vs, s) -> None:
-    """Tensor scope on one process: statistics, damping and update per tensor in one kernel call."""
-    for p, g, m, v, x in zip(params, grads, ms, vs, s):
+    """Tensor scope on one process: statistics, damping and update back to back per tensor, all tensors of
+    a dtype in one kernel call; tensors the kernels cannot take (bf16, DTensor, strided) take the eager loop."""
+    batches: dict = {}
+    for i, (p, g, m, v, x) in enumerate(zip(params, grads, ms, vs, s)):
         tensors = (p, g, m) if v is None else (p, g, m, v)
-        if not (_fused.supports(*tensors) and x.dtype == p.dtype):
-            ge = _effective_grad(rule, p, g)
-            a = _advance(_eager_stats([m], [ge], False), [x], rule, "tensor")
-            _single_update(rule.folded(), [p], [ge], [m], [v], a)
+        if _fused.supports(*tensors) and x.dtype == p.dtype:
+            batches.setdefault(p.dtype, []).append(i)
             continue
+        ge = _effective_grad(rule, p, g)
+        a = _advance(_eager_stats([m], [ge], False), [x], rule, "tensor")
+        _single_update(rule.folded(), [p], [ge], [m], [v], a)
+    for dtype, idx in batches.items():
+        p, g, m, v, x = ([xs[i] for i in idx] for xs in (params, grads, ms, vs, s))
+        common = (_fused.sizes(p), _fused.pointers(p), _fused.pointers(g), _fused.pointers(m))
         if rule.adaptive:
-            _fused.kernel("adatam_step", p.dtype)(
-                p.numel(), p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), x.data_ptr(), rule.sign,
-                rule.coupled_wd, rule.beta1, rule.beta2, rule.lr, rule.eps, rule.decay, rule.decay_rate,
-                rule.damping_eps)
+            _fused.kernel("adatam_step_batch", dtype)(
+                len(idx), *common, _fused.pointers(v), _fused.pointers(x), rule.sign, rule.coupled_wd,
+                rule.beta1, rule.beta2, rule.lr, rule.eps, rule.decay, rule.decay_rate, rule.damping_eps)
         else:
-            _fused.kernel("tam_step", p.dtype)(
-                p.numel(), p.data_ptr(), g.data_ptr(), m.data_ptr(), x.data_ptr(), rule.sign, rule.coupled_wd,
-                rule.beta1, rule.lr, rule.decay_rate, rule.damping_eps)
-        torch.autograd.graph.increment_version(p)
+            _fused.kernel("tam_step_batch", dtype)(
+                len(idx), *common, _fused.pointers(x), rule.sign, rule.coupled_wd, rule.beta1, rule.lr,
+                rule.decay_rate, rule.damping_eps)
+        for t in p:
+            torch.autograd.graph.increment_version(t)
