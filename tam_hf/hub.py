@@ -1,0 +1,122 @@
+"""Hub push: an upload folder (adapter or merged model, tokenizer, model card, recipe) is written first,
+then uploaded. Upload failures (offline, no login, no rights) are reported, never raised: training results
+are already on disk, and the folder can be pushed later with `hf upload REPO FOLDER`.
+
+Authentication is huggingface_hub's own (`hf auth login` or HF_TOKEN); tam_hf never reads, prints or
+writes a token.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import yaml
+
+import tam_hf
+from tam_hf.recipe import Recipe, to_yaml
+
+__all__ = ["prepare_upload", "model_card", "push"]
+
+CITATION = """@article{malviya2024torque,
+  title   = {Torque-Aware Momentum},
+  author  = {Malviya, Pranshu and Mordido, Gon{\\c{c}}alo and Baratin, Aristide and Harikandeh, Reza Babanezhad
+             and Dziugaite, Gintare Karolina and Pascanu, Razvan and Chandar, Sarath},
+  journal = {arXiv preprint arXiv:2412.18790},
+  year    = {2024}
+}"""
+
+
+def _dataset_name(recipe: Recipe) -> str:
+    d = recipe.data
+    return d.dataset or ", ".join([d.train_file] if isinstance(d.train_file, str) else d.train_file)
+
+
+def model_card(recipe: Recipe, summary: dict) -> str:
+    """README.md for the Hub: metadata header, what was trained how, final metrics, the recipe, a citation."""
+    artifact = recipe.hub.artifact or "model"
+    meta = {
+        "base_model": recipe.model.name,
+        "library_name": "peft" if artifact == "adapter" else "transformers",
+        "tags": ["tam_hf", "torque-aware-momentum", recipe.optimizer.name, recipe.finetune.method],
+    }
+    if recipe.data.dataset:
+        meta["datasets"] = [recipe.data.dataset]
+    hyper = "\n".join(f"| {k} | {v} |" for k, v in recipe.optimizer.kwargs().items())
+    evals = summary.get("eval") or {}
+    metrics = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in evals.items())
+    damping = summary.get("damping")
+    damping_line = (f"Final mean damping {damping['mean']:.3f} (share of tensors below 0.5: "
+                    f"{damping['frac_below_half']:.2f}).\n" if damping else "")
+    return f"""---
+{yaml.safe_dump(meta, sort_keys=False).strip()}
+---
+
+# {recipe.hub.repo_id or Path(summary.get('output_dir', 'model')).name}
+
+{recipe.finetune.method} fine-tune of `{recipe.model.name}` ({recipe.task}) on `{_dataset_name(recipe)}`
+({recipe.data.format} data), trained with **{recipe.optimizer.name}** (Torque-Aware Momentum family,
+[arXiv:2412.18790](https://arxiv.org/abs/2412.18790)) using tam_hf {tam_hf.__version__}.
+This repository holds the {"LoRA adapter" if artifact == "adapter" else "merged model" if artifact == "merged" else "full model"}.
+
+## Optimizer
+
+| hyperparameter | value |
+|---|---|
+{hyper}
+
+{damping_line}Training: {summary.get('steps', '?')} steps, final train loss {summary.get('train_loss', float('nan')):.4g}.
+
+## Evaluation
+
+| metric | value |
+|---|---|
+{metrics or "| (none) | |"}
+
+## Recipe
+
+Reproduce with `tam-finetune recipe.yaml` (the file is in this repository).
+
+```yaml
+{to_yaml(recipe).strip()}
+```
+
+## Citation
+
+```bibtex
+{CITATION}
+```
+"""
+
+
+def prepare_upload(model, tokenizer, recipe: Recipe, summary: dict, output_dir: Path) -> Path:
+    """Write `output_dir/hub_upload/` with everything the push sends; returns the folder."""
+    folder = Path(output_dir) / "hub_upload"
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    if recipe.hub.artifact == "merged":
+        # merge_and_unload mutates the wrapped model in place; it happens last, after save and eval.
+        model.merge_and_unload().save_pretrained(folder)
+    else:
+        model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "recipe.yaml").write_text(to_yaml(recipe))
+    (folder / "README.md").write_text(model_card(recipe, summary))
+    return folder
+
+
+def push(folder: Path, repo_id: str, private: bool) -> str:
+    """Create the repo if needed and upload the folder; returns a one-line outcome instead of raising."""
+    from huggingface_hub import HfApi
+
+    try:
+        api = HfApi()
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        info = api.upload_folder(folder_path=str(folder), repo_id=repo_id,
+                                 commit_message=f"tam_hf {tam_hf.__version__}: upload fine-tuned model")
+        return f"pushed to https://huggingface.co/{repo_id} ({getattr(info, 'oid', 'ok')})"
+    except Exception as exc:  # offline, not logged in, no rights: the local save already happened
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return (f"push to {repo_id} failed ({type(exc).__name__}: {reason}). Nothing is lost: everything is in "
+                f"{folder}; push it later with `hf upload {repo_id} {folder}`")

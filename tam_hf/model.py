@@ -1,0 +1,128 @@
+"""Model and tokenizer builders: base model (optionally 4/8-bit through bitsandbytes), then LoRA, QLoRA or nothing.
+
+The recipe is read here and turned into transformers/peft objects; nothing below this module sees the recipe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from tam_hf.recipe import EMBEDDED_PREFIX, ModelConfig, Recipe, resolve_path
+
+__all__ = ["model_path", "load_tokenizer", "load_model", "is_peft"]
+
+DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("TAM_HF_CACHE", Path.home() / ".cache" / "tam_hf"))
+
+
+def model_path(cfg: ModelConfig) -> str:
+    """Where from_pretrained reads the model. An embedded model ships a config but no weights (none are
+    committed): it is built once from the config with a fixed seed and saved in the cache, so every later
+    path (bitsandbytes loading included) is the ordinary from_pretrained one."""
+    if not cfg.name.startswith(EMBEDDED_PREFIX):
+        return str(resolve_path(cfg.name)) if resolve_path(cfg.name).exists() else cfg.name
+    source = resolve_path(cfg.name)
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(source.iterdir()) if p.is_file())).hexdigest()
+    target = _cache_root() / f"{source.name}-{digest[:12]}"
+    if not (target / "config.json").is_file():
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(source)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # the same initial weights on every machine
+            model = AutoModelForCausalLM.from_config(config)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(dir=target.parent))
+        model.save_pretrained(scratch)
+        for item in source.iterdir():
+            if item.is_file() and item.name != "config.json":
+                shutil.copy(item, scratch / item.name)
+        try:
+            scratch.rename(target)  # atomic: a concurrent builder either wins or finds the finished copy
+        except OSError:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return str(target)
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    kwargs = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    if cfg.tokenizer is None and cfg.gguf_file:
+        kwargs["gguf_file"] = cfg.gguf_file
+    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or model_path(cfg), **kwargs)
+    if tokenizer.pad_token is None:
+        # Padding positions never carry labels (the collator pads labels with -100), so reusing EOS is safe.
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def _quantization_config(cfg: ModelConfig):
+    if cfg.quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute)
+
+
+def load_model(recipe: Recipe, tokenizer, label_names: list[str] | None = None):
+    """The base model for the task, wrapped in a peft LoRA model unless the recipe fine-tunes in full."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    cfg = recipe.model
+    kwargs = dict(
+        revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=DTYPES[cfg.dtype],
+        quantization_config=_quantization_config(cfg),
+    )
+    if cfg.gguf_file:
+        kwargs["gguf_file"] = cfg.gguf_file
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    if recipe.task == "sequence_classification":
+        if recipe.data.target == "score":
+            kwargs.update(num_labels=1, problem_type="regression")
+        else:
+            kwargs.update(num_labels=len(label_names), id2label=dict(enumerate(label_names)),
+                          label2id={n: i for i, n in enumerate(label_names)},
+                          problem_type="single_label_classification")
+        model = AutoModelForSequenceClassification.from_pretrained(model_path(cfg), **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_path(cfg), **kwargs)
+    if model.config.pad_token_id is None:  # decoder classifiers find the last token through the pad id
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if recipe.finetune.method == "full":
+        return model
+    return _add_lora(model, recipe)
+
+
+def _add_lora(model, recipe: Recipe):
+    from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
+
+    if recipe.model.quantization != "none":
+        # Casts norms to fp32 and enables input grads so a frozen quantized base passes gradients to the adapter.
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=bool(recipe.training.get("gradient_checkpointing", False))
+        )
+    lora = recipe.finetune.lora
+    task_type = TaskType.SEQ_CLS if recipe.task == "sequence_classification" else TaskType.CAUSAL_LM
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
+                        target_modules=lora.target_modules, modules_to_save=lora.modules_to_save, task_type=task_type)
+    return get_peft_model(model, config)
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "peft_config")
