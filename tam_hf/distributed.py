@@ -1,0 +1,168 @@
+"""Distributed wiring: give TAM the whole-tensor statistics it needs under DeepSpeed ZeRO and FSDP2, and refuse
+the configurations that would silently replace it.
+
+- DDP (and one process): every rank holds whole tensors and the same averaged gradients: nothing to do.
+- DeepSpeed ZeRO-1/2/3, FSDP2: :func:`install_sharded_stats` finds the TAM optimizer inside the wrappers and
+  installs :class:`tam_hf.optim.sharded.ShardedStats` (one all-reduce per param group stepped).
+- Refused before training, with the reason and the fix: a DeepSpeed config with an ``"optimizer"`` block
+  (transformers would build DeepSpeed's optimizer instead of ours), ZeRO optimizer offload unless
+  ``"zero_force_ds_cpu_optimizer": false`` (accelerate would swap ours for DeepSpeedCPUAdam), NVMe optimizer
+  offload (untested), and FSDP version 1 (flat parameters that no longer map to tensors).
+
+Use with a ``transformers.Trainer`` through :func:`attach` (checks now, installs at ``on_train_begin``, after
+accelerate/DeepSpeed have wrapped the optimizer), or call :func:`install_sharded_stats` yourself after
+``accelerator.prepare``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Optional
+
+from transformers import TrainerCallback
+
+from tam_hf.optim.sharded import ShardedStats, dtensor_sources, zero_sources
+
+__all__ = [
+    "DistributedConfigError",
+    "check_deepspeed_config",
+    "check_training_args",
+    "find_torque_optimizer",
+    "install_sharded_stats",
+    "TorqueStatsCallback",
+    "uses_tam",
+    "attach",
+]
+
+TAM_OPTIM_NAMES = ("tam", "adatam", "adatamw")
+
+
+class DistributedConfigError(ValueError):
+    """A distributed configuration under which TAM would not run, or would not run exactly."""
+
+
+def _load_ds_config(config: Any) -> dict:
+    if config is None:
+        return {}
+    if isinstance(config, dict):
+        return config
+    if hasattr(config, "config"):  # HfDeepSpeedConfig / HfTrainerDeepSpeedConfig
+        return config.config
+    with open(config) as f:
+        return json.load(f)
+
+
+def check_deepspeed_config(config: Any) -> None:
+    """Raise :class:`DistributedConfigError` for a DeepSpeed config (dict, path or HfDeepSpeedConfig) under which
+    DeepSpeed or accelerate would replace the TAM optimizer, or under which its statistics are not exact."""
+    cfg = _load_ds_config(config)
+    errors = []
+    if "optimizer" in cfg:
+        errors.append(
+            f'the DeepSpeed config has an "optimizer" block ({cfg["optimizer"].get("type", "?")}): transformers would '
+            "build DeepSpeed's optimizer and silently ignore the TAM optimizer. Remove the block; TAM's "
+            "hyperparameters come from the training arguments / recipe.")
+    zero = cfg.get("zero_optimization", {}) or {}
+    offload = (zero.get("offload_optimizer") or {}).get("device", "none") or "none"
+    if offload == "nvme":
+        errors.append("ZeRO optimizer offload to NVMe is not supported with TAM (its per-tensor state has not been "
+                      'checked through the swapper). Use "device": "cpu" or no offload.')
+    elif offload != "none" and cfg.get("zero_force_ds_cpu_optimizer", True) is not False:
+        errors.append(
+            f'ZeRO optimizer offload ("device": "{offload}") without "zero_force_ds_cpu_optimizer": false: accelerate '
+            "would silently replace the TAM optimizer by DeepSpeedCPUAdam. Add "
+            '"zero_force_ds_cpu_optimizer": false at the top level of the DeepSpeed config (TAM then steps the '
+            "offloaded fp32 partitions on the CPU), or drop the offload.")
+    if errors:
+        raise DistributedConfigError("DeepSpeed config is not usable with TAM:\n  - " + "\n  - ".join(errors))
+
+
+def check_training_args(args) -> None:
+    """Checks a ``TrainingArguments`` for configurations that would replace TAM or break its statistics."""
+    if getattr(args, "deepspeed", None):
+        check_deepspeed_config(getattr(args, "hf_deepspeed_config", None) or args.deepspeed)
+    if getattr(args, "fsdp", None):
+        version = int((getattr(args, "fsdp_config", None) or {}).get("version", 2))
+        if version != 2:
+            raise DistributedConfigError(
+                f"FSDP version {version} hands the optimizer flattened parameters whose tensors TAM cannot recover; "
+                'use FSDP2 ("version": 2 in fsdp_config, the default).')
+
+
+def find_torque_optimizer(optimizer):
+    """Unwraps accelerate / DeepSpeed wrappers. Returns ``(tam_optimizer, zero_optimizer_or_None)``; the first is
+    None when no TAM/AdaTAM/AdaTAMW is inside."""
+    from tam_hf.optim.tam import _TorqueOptimizer
+
+    zero, seen = None, 0
+    while optimizer is not None and seen < 8:
+        if isinstance(optimizer, _TorqueOptimizer):
+            return optimizer, zero
+        if hasattr(optimizer, "single_partition_of_fp32_groups") or hasattr(optimizer, "fp32_partitioned_groups_flat"):
+            zero = optimizer
+        optimizer, seen = getattr(optimizer, "optimizer", None), seen + 1
+    return None, zero
+
+
+def _param_names(model) -> dict[int, str]:
+    if model is None:
+        return {}
+    inner = getattr(model, "module", model)  # DDP / DeepSpeed engine
+    return {id(p): n for n, p in inner.named_parameters()}
+
+
+def install_sharded_stats(optimizer, model=None) -> Optional[ShardedStats]:
+    """Installs exact sharded statistics on the TAM optimizer inside ``optimizer`` (possibly wrapped by accelerate
+    and DeepSpeed). Returns the installed :class:`ShardedStats`, or None where tensors are whole (one process, DDP)
+    or the optimizer is not a TAM one. Idempotent."""
+    tam, zero = find_torque_optimizer(optimizer)
+    if tam is None:
+        if zero is not None and type(zero.optimizer).__name__ in ("DeepSpeedCPUAdam", "FusedAdam"):
+            raise DistributedConfigError(f"DeepSpeed replaced the optimizer by {type(zero.optimizer).__name__}; see "
+                                         "check_deepspeed_config")
+        return None
+    if isinstance(tam.stats_reducer, ShardedStats):
+        return tam.stats_reducer
+    names = _param_names(model)
+    if zero is not None:
+        sources = zero_sources(zero, names)
+    else:
+        sources = dtensor_sources(tam, names)
+    if not sources:
+        return None
+    return ShardedStats(tam, sources)
+
+
+class TorqueStatsCallback(TrainerCallback):
+    """Checks the arguments when the Trainer is built and installs exact statistics when training begins."""
+
+    def __init__(self):
+        self.sharded: Optional[ShardedStats] = None
+
+    def on_init_end(self, args, state, control, **kwargs):
+        check_training_args(args)
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.sharded = install_sharded_stats(optimizer, model)
+
+
+def uses_tam(trainer) -> bool:
+    """True when the trainer will train with TAM/AdaTAM/AdaTAMW (by ``args.optim`` or a passed optimizer)."""
+    optim = getattr(trainer.args.optim, "value", trainer.args.optim)
+    return str(optim).lower() in TAM_OPTIM_NAMES or find_torque_optimizer(trainer.optimizer)[0] is not None
+
+
+def attach(trainer, force: bool = False) -> Optional[TorqueStatsCallback]:
+    """The one call a Trainer subclass makes in ``__init__`` (after ``super().__init__``): when it trains with a
+    TAM optimizer (``args.optim`` names one, a TAM instance was passed, or ``force`` for a subclass that builds
+    one in ``create_optimizer``), validates the distributed configuration now and installs the statistics layer
+    at ``on_train_begin``. Returns the callback (None when the trainer does not use TAM)."""
+    if not (force or uses_tam(trainer)):
+        return None
+    check_training_args(trainer.args)
+    for cb in trainer.callback_handler.callbacks:
+        if isinstance(cb, TorqueStatsCallback):
+            return cb
+    cb = TorqueStatsCallback()
+    trainer.add_callback(cb)
+    return cb

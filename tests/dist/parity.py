@@ -1,0 +1,249 @@
+"""1-process vs 2-process parity of TAM under DDP and DeepSpeed ZeRO-1/2/3, through transformers.Trainer.
+
+    python tests/dist/parity.py OUT ref                                   # 1 process, batch 8
+    torchrun --standalone --nproc_per_node 2 tests/dist/parity.py OUT ddp zero1 zero2 zero3 zero2-naive
+                                                                          # 2 processes, batch 4 each
+
+For every backend and case (AdaTAM / TAM, full / LoRA) it trains a tiny Llama for STEPS steps on fixed-length
+integer tokens and writes OUT/{backend}-{case}-rank{r}.pt with the full fp32 parameters, the damping of every
+tensor (per fragment on ZeRO), the stats all-reduces counted inside each optimizer.step() call and the number
+of step() calls per training step. ``zero2-naive`` is ZeRO-2 WITHOUT the statistics layer (the control: its
+damping must differ). tests/test_distributed.py compares the files.
+"""
+
+import os
+import sys
+import tempfile
+
+import torch
+import torch.distributed as dist
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+from tam_hf.distributed import attach, find_torque_optimizer
+from tam_hf.optim import TAM, AdaTAM
+
+STEPS, SEQ, GLOBAL_BATCH = 4, 16, 8
+CASES = {  # name: (optimizer class, kwargs, lora)
+    "adatam-full": (AdaTAM, dict(lr=5e-4, weight_decay=0.01), False),
+    "tam-full": (TAM, dict(lr=5e-2, momentum=0.9, weight_decay=0.01), False),
+    "adatam-lora": (AdaTAM, dict(lr=5e-3), True),
+    "adatam-global": (AdaTAM, dict(lr=5e-4, cosine_scope="global"), False),
+}
+
+
+class Tokens(torch.utils.data.Dataset):
+    def __init__(self, n=GLOBAL_BATCH * STEPS):
+        g = torch.Generator().manual_seed(1234)
+        self.ids = torch.randint(0, 96, (n, SEQ), generator=g)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def build_model(lora: bool):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                 target_modules=["q_proj", "v_proj"]))
+    return model
+
+
+class ParityTrainer(Trainer):
+    """What TAMTrainer does, reduced to the test's needs: our optimizer, decay/no-decay groups, attach()."""
+
+    def __init__(self, *a, opt_cls, opt_kwargs, install=True, **kw):
+        self.opt_cls, self.opt_kwargs = opt_cls, dict(opt_kwargs)
+        super().__init__(*a, **kw)
+        if install:
+            assert attach(self, force=True) is not None
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            model = self.model
+            decay = set(self.get_decay_parameter_names(model))
+            wd = self.opt_kwargs.pop("weight_decay", 0.0)
+            named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            groups = [{"params": [p for n, p in named if n in decay], "weight_decay": wd},
+                      {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
+            self.optimizer = self.opt_cls([g for g in groups if g["params"]], **self.opt_kwargs)
+        return self.optimizer
+
+
+class CountCollectives(TrainerCallback):
+    """Counts torch.distributed.all_reduce calls made inside the TAM optimizer's step() calls."""
+
+    def __init__(self):
+        self.in_step, self.calls, self.steps_per_train_step, self.allreduces = False, 0, [], []
+        self._pending_steps = 0
+        original = dist.all_reduce
+
+        def counting(*args, **kwargs):
+            if self.in_step:
+                self.calls += 1
+            return original(*args, **kwargs)
+
+        self.original, dist.all_reduce = original, counting
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        tam, _ = find_torque_optimizer(optimizer)
+        tam.register_step_pre_hook(lambda *a: self._enter())
+        tam.register_step_post_hook(lambda *a: setattr(self, "in_step", False))
+
+    def _enter(self):
+        self.in_step = True
+        self._pending_steps += 1
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps_per_train_step.append(self._pending_steps)
+        self.allreduces.append(self.calls)
+        self._pending_steps, self.calls = 0, 0
+
+    def restore(self):
+        dist.all_reduce = self.original
+
+
+def ds_config(stage: int, offload: bool = False) -> dict:
+    zero = {"stage": stage}
+    if offload:  # TAM steps the offloaded fp32 partitions on the CPU; without the flag accelerate swaps it
+        zero["offload_optimizer"] = {"device": "cpu"}
+    return {
+        "zero_optimization": zero,
+        "zero_force_ds_cpu_optimizer": False,
+        "train_micro_batch_size_per_gpu": "auto",
+        "train_batch_size": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "bf16": {"enabled": False},
+        "fp16": {"enabled": False},
+    }
+
+
+def full_params(model, zero: bool) -> dict:
+    inner = getattr(model, "module", model)
+    out = {}
+    for name, p in inner.named_parameters():
+        if not p.requires_grad:
+            continue
+        if zero:
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            out[name] = safe_get_full_fp32_param(p).detach().clone().cpu()
+        else:
+            out[name] = p.detach().clone().cpu()
+    return out
+
+
+def reference_damping(tam, model) -> dict:
+    names = {id(p): n for n, p in getattr(model, "module", model).named_parameters()}
+    d = tam.damping()["d"].tolist()
+    ps = [p for g in tam.param_groups for p in g["params"] if "s" in tam.state[p]]
+    return {names[id(p)]: [x] for p, x in zip(ps, d)}
+
+
+def run(backend: str, case: str, out_dir: str) -> None:
+    from accelerate.state import AcceleratorState
+
+    opt_cls, opt_kwargs, lora = CASES[case]
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # the process group starts with TrainingArguments
+    stage = int(backend[4]) if backend.startswith("zero") else None  # zero{1,2,3}[-offload|-naive]
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(
+            output_dir=tmp, per_device_train_batch_size=GLOBAL_BATCH // world, max_steps=STEPS,
+            learning_rate=opt_kwargs["lr"], lr_scheduler_type="constant", use_cpu=True, report_to=[],
+            save_strategy="no", logging_strategy="no", seed=0, data_seed=0, train_sampling_strategy="sequential",
+            disable_tqdm=True, dataloader_num_workers=0,
+            deepspeed=ds_config(stage, offload="offload" in backend) if stage else None,
+        )
+        model = build_model(lora)
+        counter = CountCollectives()
+        trainer = ParityTrainer(model=model, args=args, train_dataset=Tokens(), opt_cls=opt_cls,
+                                opt_kwargs=opt_kwargs, install=not backend.endswith("naive"),
+                                callbacks=[counter])
+        try:
+            trainer.train()
+        finally:
+            counter.restore()
+        tam, _ = find_torque_optimizer(trainer.optimizer)
+        sharded = tam.stats_reducer
+        if sharded is not None:
+            damping = sharded.local_damping()
+        elif stage:  # the naive control: one "tensor" per flat partition
+            damping = {"__flat__": tam.damping()["d"].tolist()}
+        else:
+            damping = reference_damping(tam, trainer.model_wrapped)
+        result = {
+            "params": full_params(trainer.model_wrapped, zero=stage is not None),
+            "damping": damping,
+            "allreduces": counter.allreduces,
+            "steps_per_train_step": counter.steps_per_train_step,
+            "n_groups": len(tam.param_groups),
+            "world": world,
+        }
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    torch.save(result, os.path.join(out_dir, f"{backend}-{case}-rank{rank}.pt"))
+    engine = getattr(trainer, "deepspeed", None)
+    if engine is not None and hasattr(engine, "destroy"):
+        engine.destroy()
+    if stage:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+    AcceleratorState._reset_state()
+
+
+def guard(out_dir: str) -> None:
+    """A Trainer built with each silently-swapping DeepSpeed config must refuse to start."""
+    from tam_hf.distributed import DistributedConfigError
+
+    bad = {
+        "optimizer-block": {**ds_config(2), "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}},
+        "offload-without-flag": {k: v for k, v in ds_config(2, offload=True).items()
+                                 if k != "zero_force_ds_cpu_optimizer"},
+    }
+    messages = {}
+    for name, cfg in bad.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            args = TrainingArguments(output_dir=tmp, use_cpu=True, report_to=[], max_steps=1, deepspeed=cfg,
+                                     per_device_train_batch_size=4)
+            try:
+                ParityTrainer(model=build_model(False), args=args, train_dataset=Tokens(), opt_cls=AdaTAM,
+                              opt_kwargs=dict(lr=5e-4))
+                messages[name] = None
+            except DistributedConfigError as e:
+                messages[name] = str(e)
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+        from accelerate.state import AcceleratorState
+
+        unset_hf_deepspeed_config()
+        AcceleratorState._reset_state()
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    torch.save(messages, os.path.join(out_dir, f"guard-rank{rank}.pt"))
+
+
+def main() -> None:
+    out_dir, backends = sys.argv[1], sys.argv[2:]
+    if "guard" in backends:
+        guard(out_dir)
+        backends = [b for b in backends if b != "guard"]
+    cases = os.environ.get("PARITY_CASES", ",".join(CASES)).split(",")
+    for backend in backends:
+        for case in cases:
+            if backend.endswith("naive") and case != "adatam-full":
+                continue
+            run(backend, case, out_dir)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
