@@ -82,6 +82,24 @@ def test_matches_literal_reference_float64(kind, impl, scope, weight_decay):
     assert min(seen) < 0.5 < max(seen), "the gradient stream should produce both damped and undamped steps"
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("scope", ["tensor", "global"])
+def test_fixed_damping_control_matches_reference(kind, impl, scope):
+    """The control arm: d held at 0.5, no angle measured."""
+    gen = torch.Generator().manual_seed(11)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64)) for s in SHAPES]
+    opt = make_optimizer(kind, params, impl, fixed_damping=0.5, cosine_scope=scope)
+    ref = make_reference(kind, params, fixed_damping=0.5, cosine_scope=scope)
+    for grads in gradient_stream(SHAPES, 10, seed=12):
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step()
+        ref.step(grads)
+        assert_matches(opt, ref, params, kind)
+    assert (opt.damping()["d"] == 0.5).all()
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_maximize_matches_reference(impl):
     gen = torch.Generator().manual_seed(2)
@@ -324,6 +342,7 @@ def test_small_model_loss_falls(kind):
     (lambda p: TAM(p, lr=0.1, damping_eps=-1.0), "Invalid damping_eps value: -1.0"),
     (lambda p: TAM(p, lr=0.1, cosine_scope="layer"), "Invalid cosine_scope value: 'layer'"),
     (lambda p: AdaTAM(p, foreach=True, fused=True), "foreach and fused cannot both be True"),
+    (lambda p: AdaTAMW(p, fixed_damping=1.5), "Invalid fixed_damping value: 1.5"),
 ])
 def test_invalid_arguments_name_the_value(make, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -20,7 +20,8 @@ class ReferenceTorque:
     """
 
     def __init__(self, params, *, adaptive, lr, beta1, beta2=0.999, eps=1e-8, weight_decay=0.0,
-                 decoupled=False, maximize=False, decay_rate=0.9, damping_eps=1e-8, cosine_scope="tensor"):
+                 decoupled=False, maximize=False, decay_rate=0.9, damping_eps=1e-8, cosine_scope="tensor",
+                 fixed_damping=None):
         self.params = [p.detach().clone().double() for p in params]
         self.m = [None] * len(self.params)
         self.v = [None] * len(self.params)
@@ -28,6 +29,7 @@ class ReferenceTorque:
         self.adaptive, self.lr, self.beta1, self.beta2, self.eps = adaptive, lr, beta1, beta2, eps
         self.weight_decay, self.decoupled, self.maximize = weight_decay, decoupled, maximize
         self.gamma, self.damping_eps, self.scope = decay_rate, damping_eps, cosine_scope
+        self.fixed_damping = fixed_damping
 
     def step(self, grads):
         active = [i for i, g in enumerate(grads) if g is not None]
@@ -45,7 +47,10 @@ class ReferenceTorque:
                 existing = [x for x in self.s if x is not None]
                 self.s[i] = existing[0] if (self.scope == "global" and existing) else 0.0
 
-        if self.scope == "global":
+        if self.fixed_damping is not None:
+            for i in active:
+                self.s[i] = 2.0 * self.fixed_damping - 1.0
+        elif self.scope == "global":
             dot = sum(float((self.m[i] * g[i]).sum()) for i in active)
             norm_m = math.sqrt(sum(float((self.m[i] * self.m[i]).sum()) for i in active))
             norm_g = math.sqrt(sum(float((g[i] * g[i]).sum()) for i in active))

@@ -58,6 +58,7 @@ class _Rule:
     maximize: bool
     decay_rate: float
     damping_eps: float
+    fixed_damping: Optional[float] = None  # the control arm: d held constant, no cosine
 
     @property
     def sign(self) -> float:
@@ -84,7 +85,7 @@ def _check(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def _validate_common(lr, decay_rate, damping_eps, weight_decay, cosine_scope, foreach, fused) -> None:
+def _validate_common(lr, decay_rate, damping_eps, weight_decay, cosine_scope, foreach, fused, fixed_damping) -> None:
     if isinstance(lr, Tensor):
         raise ValueError("lr as a Tensor is not supported; pass a float")
     _check(0.0 <= lr, f"Invalid learning rate: {lr}")
@@ -93,6 +94,7 @@ def _validate_common(lr, decay_rate, damping_eps, weight_decay, cosine_scope, fo
     _check(0.0 <= weight_decay, f"Invalid weight_decay value: {weight_decay}")
     _check(cosine_scope in COSINE_SCOPES, f"Invalid cosine_scope value: {cosine_scope!r} (expected one of {COSINE_SCOPES})")
     _check(not (foreach and fused), "foreach and fused cannot both be True")
+    _check(fixed_damping is None or 0.0 <= fixed_damping <= 1.0, f"Invalid fixed_damping value: {fixed_damping}")
 
 
 # ---------------------------------------------------------------------------------------------- optimizer
@@ -123,6 +125,7 @@ class _TorqueOptimizer(Optimizer):
             group.setdefault("fused", None)
             group.setdefault("maximize", False)
             group.setdefault("cosine_scope", "tensor")
+            group.setdefault("fixed_damping", None)
         self.__dict__.setdefault("stats_reducer", None)
 
     def _rule(self, group) -> _Rule:
@@ -252,6 +255,9 @@ class TAM(_TorqueOptimizer):
         maximize: maximize the objective.
         foreach / fused: force a code path (None chooses the fastest exact one).
         cosine_scope: ``"tensor"`` (one cosine per tensor) or ``"global"`` (one per param group).
+        fixed_damping: hold ``d`` at this value instead of measuring the angle (a control: 0.5 separates
+            the angle's effect from simply halving the step). No statistics are computed; ``s`` reads
+            ``2 d - 1`` so :meth:`damping` reports it.
 
     State per tensor: ``momentum_buffer`` (parameter-sized) and ``s`` (0-dim, float32 or wider).
     """
@@ -270,12 +276,13 @@ class TAM(_TorqueOptimizer):
         foreach: Optional[bool] = None,
         cosine_scope: str = "tensor",
         fused: Optional[bool] = None,
+        fixed_damping: Optional[float] = None,
     ):
-        _validate_common(lr, decay_rate, damping_eps, weight_decay, cosine_scope, foreach, fused)
+        _validate_common(lr, decay_rate, damping_eps, weight_decay, cosine_scope, foreach, fused, fixed_damping)
         _check(0.0 <= momentum < 1.0, f"Invalid momentum value: {momentum}")
         defaults = dict(
             lr=lr, momentum=momentum, decay_rate=decay_rate, damping_eps=damping_eps, weight_decay=weight_decay,
-            maximize=maximize, foreach=foreach, cosine_scope=cosine_scope, fused=fused,
+            maximize=maximize, foreach=foreach, cosine_scope=cosine_scope, fused=fused, fixed_damping=fixed_damping,
         )
         super().__init__(params, defaults)
 
@@ -283,7 +290,7 @@ class TAM(_TorqueOptimizer):
         return _Rule(
             adaptive=False, lr=group["lr"], beta1=group["momentum"], beta2=0.0, eps=0.0,
             weight_decay=group["weight_decay"], decoupled=False, maximize=group["maximize"],
-            decay_rate=group["decay_rate"], damping_eps=group["damping_eps"],
+            decay_rate=group["decay_rate"], damping_eps=group["damping_eps"], fixed_damping=group["fixed_damping"],
         )
 
 
@@ -309,7 +316,7 @@ class AdaTAM(_TorqueOptimizer):
         eps: added to :math:`\sqrt{v_t}` (default 1e-8).
         weight_decay: :math:`\lambda`; coupled (L2, like ``torch.optim.Adam``) unless
             ``decoupled_weight_decay`` (then like AdamW; see :class:`AdaTAMW`).
-        maximize, foreach, fused, cosine_scope: as in :class:`TAM`.
+        maximize, foreach, fused, cosine_scope, fixed_damping: as in :class:`TAM`.
 
     State per tensor: ``exp_avg``, ``exp_avg_sq`` (parameter-sized), ``s`` and ``step`` (0-dim).
     """
@@ -329,9 +336,10 @@ class AdaTAM(_TorqueOptimizer):
         foreach: Optional[bool] = None,
         cosine_scope: str = "tensor",
         fused: Optional[bool] = None,
+        fixed_damping: Optional[float] = None,
         decoupled_weight_decay: bool = False,
     ):
-        _validate_common(lr, decay_rate, damping_eps, weight_decay, cosine_scope, foreach, fused)
+        _validate_common(lr, decay_rate, damping_eps, weight_decay, cosine_scope, foreach, fused, fixed_damping)
         _check(len(betas) == 2, f"Invalid betas: {betas}")
         _check(0.0 <= betas[0] < 1.0, f"Invalid beta parameter at index 0: {betas[0]}")
         _check(0.0 <= betas[1] < 1.0, f"Invalid beta parameter at index 1: {betas[1]}")
@@ -339,7 +347,7 @@ class AdaTAM(_TorqueOptimizer):
         defaults = dict(
             lr=lr, betas=tuple(betas), decay_rate=decay_rate, damping_eps=damping_eps, eps=eps,
             weight_decay=weight_decay, maximize=maximize, foreach=foreach, cosine_scope=cosine_scope,
-            fused=fused, decoupled_weight_decay=decoupled_weight_decay,
+            fused=fused, fixed_damping=fixed_damping, decoupled_weight_decay=decoupled_weight_decay,
         )
         super().__init__(params, defaults)
 
@@ -358,6 +366,7 @@ class AdaTAM(_TorqueOptimizer):
             adaptive=True, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
             weight_decay=group["weight_decay"], decoupled=group["decoupled_weight_decay"],
             maximize=group["maximize"], decay_rate=group["decay_rate"], damping_eps=group["damping_eps"],
+            fixed_damping=group["fixed_damping"],
         )
 
 
@@ -379,11 +388,12 @@ class AdaTAMW(AdaTAM):
         foreach: Optional[bool] = None,
         cosine_scope: str = "tensor",
         fused: Optional[bool] = None,
+        fixed_damping: Optional[float] = None,
     ):
         super().__init__(
             params, lr=lr, betas=betas, decay_rate=decay_rate, damping_eps=damping_eps, eps=eps,
             weight_decay=weight_decay, maximize=maximize, foreach=foreach, cosine_scope=cosine_scope,
-            fused=fused, decoupled_weight_decay=True,
+            fused=fused, fixed_damping=fixed_damping, decoupled_weight_decay=True,
         )
 
 
@@ -394,10 +404,12 @@ def tam(
     params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], s: list[Tensor], *,
     lr: float, momentum: float, decay_rate: float, damping_eps: float, weight_decay: float,
     maximize: bool = False, cosine_scope: str = "tensor", foreach: Optional[bool] = None,
-    fused: Optional[bool] = None, stats_reducer: Optional[StatsReducer] = None,
+    fused: Optional[bool] = None, fixed_damping: Optional[float] = None,
+    stats_reducer: Optional[StatsReducer] = None,
 ) -> None:
     """Functional TAM step over tensors that all have gradients; see :class:`TAM`."""
-    rule = _Rule(False, lr, momentum, 0.0, 0.0, weight_decay, False, maximize, decay_rate, damping_eps)
+    rule = _Rule(False, lr, momentum, 0.0, 0.0, weight_decay, False, maximize, decay_rate, damping_eps,
+                 fixed_damping)
     impl = "fused" if fused else ("foreach" if foreach else "single")
     _torque_step(rule, params, grads, momentum_buffers, None, s, scope=cosine_scope, impl=impl,
                  stats_reducer=stats_reducer)
@@ -408,11 +420,11 @@ def adatam(
     s: list[Tensor], *, lr: float, beta1: float, beta2: float, decay_rate: float, damping_eps: float,
     eps: float, weight_decay: float, decoupled_weight_decay: bool = False, maximize: bool = False,
     cosine_scope: str = "tensor", foreach: Optional[bool] = None, fused: Optional[bool] = None,
-    stats_reducer: Optional[StatsReducer] = None,
+    fixed_damping: Optional[float] = None, stats_reducer: Optional[StatsReducer] = None,
 ) -> None:
     """Functional AdaTAM(W) step over tensors that all have gradients; see :class:`AdaTAM`."""
     rule = _Rule(True, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize, decay_rate,
-                 damping_eps)
+                 damping_eps, fixed_damping)
     impl = "fused" if fused else ("foreach" if foreach else "single")
     _torque_step(rule, params, grads, exp_avgs, exp_avg_sqs, s, scope=cosine_scope, impl=impl,
                  stats_reducer=stats_reducer)
@@ -420,31 +432,38 @@ def adatam(
 
 def _torque_step(rule: _Rule, params, grads, ms, vs, s, *, scope: str, impl: str, stats_reducer) -> None:
     vs = vs if vs is not None else [None] * len(params)
-    if impl == "fused" and scope == "tensor" and stats_reducer is None:
+    if impl == "fused" and scope == "tensor" and stats_reducer is None and rule.fixed_damping is None:
         _fused_tensor_scope(rule, params, grads, ms, vs, s)
         return
     if impl == "fused":
-        fusable = [_fused.supports(*(t for t in (p, g, m, v, x) if t is not None)) and x.dtype == p.dtype
+        fusable = [_fused.supports(*(t for t in (p, g, m, v) if t is not None)) and x.dtype == p.dtype
                    for p, g, m, v, x in zip(params, grads, ms, vs, s)]
     else:
         fusable = [False] * len(params)
+    fused_idx = [i for i, f in enumerate(fusable) if f]
+    eager_idx = [i for i, f in enumerate(fusable) if not f]
     # Eager paths fold maximize and coupled weight decay into one materialised gradient; the kernels do it
     # on the fly, so they take the raw gradient.
     g_eff = [g if f else _effective_grad(rule, p, g) for p, g, f in zip(params, grads, fusable)]
 
-    stats = torch.zeros(len(params), 3, dtype=torch.float64, device=params[0].device)
-    for i, (p, g, m, f) in enumerate(zip(params, g_eff, ms, fusable)):
-        if f:
-            _fused.kernel("tam_stats", p.dtype)(p.numel(), m.data_ptr(), g.data_ptr(), p.data_ptr(), rule.sign,
-                                                rule.coupled_wd, stats[i].data_ptr())
-    eager = [i for i, f in enumerate(fusable) if not f]
-    if eager:
-        stats[eager] = _eager_stats([ms[i] for i in eager], [g_eff[i] for i in eager], impl == "foreach")
-    if stats_reducer is not None:
-        stats = stats_reducer(stats)
-    coeffs = _advance(stats, s, rule, scope)
+    if rule.fixed_damping is None:
+        stats = torch.zeros(len(params), 3, dtype=torch.float64, device=params[0].device)
+        for i in fused_idx:
+            p = params[i]
+            _fused.kernel("tam_stats", p.dtype)(p.numel(), ms[i].data_ptr(), grads[i].data_ptr(), p.data_ptr(),
+                                                rule.sign, rule.coupled_wd, stats[i].data_ptr())
+        if eager_idx:
+            stats[eager_idx] = _eager_stats([ms[i] for i in eager_idx], [g_eff[i] for i in eager_idx],
+                                            impl == "foreach")
+        if stats_reducer is not None:
+            stats = stats_reducer(stats)
+        coeffs = _advance(stats, s, rule, scope)
+    else:
+        for x in s:  # s = 2d - 1 keeps damping() truthful for the control arm
+            x.fill_(2.0 * rule.fixed_damping - 1.0)
+        coeffs = [torch.tensor(rule.fixed_damping + rule.damping_eps, dtype=x.dtype, device=x.device) for x in s]
 
-    for i in [i for i, f in enumerate(fusable) if f]:
+    for i in fused_idx:
         p, a = params[i], coeffs[i].item()
         if rule.adaptive:
             _fused.kernel("adatam_update", p.dtype)(
@@ -454,9 +473,9 @@ def _torque_step(rule: _Rule, params, grads, ms, vs, s, *, scope: str, impl: str
             _fused.kernel("tam_update", p.dtype)(p.numel(), p.data_ptr(), grads[i].data_ptr(), ms[i].data_ptr(),
                                                  rule.sign, rule.coupled_wd, a, rule.beta1, rule.lr)
         torch.autograd.graph.increment_version(p)
-    pick = lambda xs: [xs[i] for i in eager]  # noqa: E731
-    update = _foreach_update if impl == "foreach" else _single_update
-    if eager:
+    if eager_idx:
+        pick = lambda xs: [xs[i] for i in eager_idx]  # noqa: E731
+        update = _foreach_update if impl == "foreach" else _single_update
         update(rule.folded(), pick(params), pick(g_eff), pick(ms), pick(vs), pick(coeffs))
 
 
