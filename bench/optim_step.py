@@ -67,18 +67,20 @@ def state_bytes(opt):
     return sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values() if torch.is_tensor(t))
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--steps", type=int, default=5, help="steps per optimizer per round")
     ap.add_argument("--only", default="", help="comma-separated substrings of optimizer names to keep")
-    args = ap.parse_args()
+    ap.add_argument("--small", action="store_true", help="a 0.1M-parameter set, to check the script runs")
+    args = ap.parse_args(argv)
     dtype = getattr(torch, args.dtype)
 
+    shapes = llama_shapes(hidden=32, intermediate=64, layers=1, vocab=100) if args.small else llama_shapes()
     gen = torch.Generator().manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(args.device, dtype)) for s in llama_shapes()]
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(args.device, dtype)) for s in shapes]
     for p in params:
         p.grad = torch.randn(p.shape, generator=gen).to(args.device, dtype)
     n_params = sum(p.numel() for p in params)
