@@ -500,11 +500,10 @@ def _eager_stats(ms: list[Tensor], gs: list[Tensor], foreach: bool) -> Tensor:
     if foreach and ms:
         dtype = _stat_dtype(ms[0])
         if all(m.dtype == ms[0].dtype for m in ms + gs):
-            mm = torch._foreach_norm(ms, 2, dtype=dtype)
-            gg = torch._foreach_norm(gs, 2, dtype=dtype)
-            for m, g, nm, ng in zip(ms, gs, mm, gg):
-                rows.append(torch.stack([_dot(m, g), nm.square(), ng.square()]).double())
-            return torch.stack(rows)
+            norm_m = torch.stack(torch._foreach_norm(ms, 2, dtype=dtype))
+            norm_g = torch.stack(torch._foreach_norm(gs, 2, dtype=dtype))
+            dots = torch.stack([_dot(m, g) for m, g in zip(ms, gs)])
+            return torch.stack([dots, norm_m.square(), norm_g.square()], dim=1).double()
     for m, g in zip(ms, gs):
         mf, gf = m.reshape(-1).to(_stat_dtype(m)), g.reshape(-1).to(_stat_dtype(g))
         rows.append(torch.stack([torch.dot(mf, gf), torch.dot(mf, mf), torch.dot(gf, gf)]).double())
@@ -531,12 +530,18 @@ def _advance(stats: Tensor, s: list[Tensor], rule: _Rule, scope: str) -> list[Te
         for x in s:
             x.copy_(s_new)
         return [a] * len(s)
-    s_prev = torch.stack([x.double() for x in s])
-    s_new = rule.decay_rate * s_prev + (1.0 - rule.decay_rate) * cos.to(s_prev.device)
-    coeffs = []
-    for x, val in zip(s, s_new.unbind()):
-        x.copy_(val)
-        coeffs.append(((1.0 + x.double()) / 2.0 + rule.damping_eps).to(x.dtype))
+    coeffs: list = [None] * len(s)
+    by_dtype: dict = {}
+    for i, x in enumerate(s):
+        by_dtype.setdefault(x.dtype, []).append(i)
+    for dtype, idx in by_dtype.items():  # a few launches per dtype, not per tensor (GPU foreach path)
+        s_old = [s[i] for i in idx]
+        s_new = rule.decay_rate * torch.stack(s_old).double() + (1.0 - rule.decay_rate) * cos[idx]
+        s_new = s_new.to(dtype)
+        torch._foreach_copy_(s_old, list(s_new.unbind()))
+        a = ((1.0 + s_new.double()) / 2.0 + rule.damping_eps).to(dtype)
+        for i, a_i in zip(idx, a.unbind()):
+            coeffs[i] = a_i
     return coeffs
 
 
