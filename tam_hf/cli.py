@@ -51,7 +51,7 @@ def _format_summary(s: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_intermixed_args(argv)  # flags may come before or after the overrides
     try:
         recipe = load_recipe(args.recipe, args.overrides)
     except RecipeError as exc:

@@ -1,0 +1,96 @@
+"""`tam-finetune` end to end: the offline demo through the console script, and bad recipes answered with
+exit code 2, every problem on stderr and no traceback, before anything is loaded."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import tam_hf.finetune
+from tam_hf.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "recipes" / "examples" / "demo_tiny.yaml"
+
+
+def _run(args, cwd):
+    exe = shutil.which("tam-finetune") or "tam-finetune"
+    return subprocess.run([exe, *args] if args[0] != "cli.py" else [sys.executable, *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "TQDM_DISABLE": "1"})
+
+
+def test_demo_runs_offline_through_the_console_script(tmp_path):
+    out = tmp_path / "demo"
+    proc = _run([str(DEMO), "training.max_steps=40", "training.save_steps=20", "training.logging_steps=10", f"training.output_dir={out}"], ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "== tam-finetune summary ==" in proc.stdout and "damping: mean" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 40 and summary["eval"]["perplexity"] > 1.0 and "exact_match" in summary["eval"]
+    history = json.loads((out / "checkpoint-40" / "trainer_state.json").read_text())["log_history"]
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert losses[-1] < losses[0]  # it learns
+    assert any("damping/mean" in h for h in history)  # TAM telemetry reached the logs
+    resolved = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert resolved["training"]["max_steps"] == 40 and resolved["optimizer"]["name"] == "adatamw"
+
+
+BAD_RECIPE = """\
+model: {name: embedded:tiny-llama, quantisation: 4bit}
+data: {format: prompt_completion, train_file: missing.jsonl}
+optimizer: {name: adamtam, lr: 1e-3}
+finetune: {method: full, lora: {r: 8}}
+training: {num_train_epoch: 1}
+"""
+
+
+def test_bad_recipe_exits_2_with_every_problem_and_no_traceback(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(BAD_RECIPE)
+    proc = _run(["cli.py", str(path)], ROOT)  # through the top-level shim: the same entry point
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    for fragment in ("model.quantisation: unknown key (did you mean 'quantization'?)",
+                     "data.train_file: file not found: missing.jsonl",
+                     "optimizer.name: 'adamtam' is not one of", "finetune.lora is set but finetune.method is full",
+                     "training.num_train_epoch: not a TrainingArguments field (did you mean 'num_train_epochs'?)"):
+        assert fragment in proc.stderr, proc.stderr
+    assert not (tmp_path / "outputs").exists() and proc.stdout == ""
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("training must not start")
+
+    monkeypatch.setattr(tam_hf.finetune, "finetune", refuse)
+
+
+def test_validate_prints_resolved_recipe_and_loads_nothing(no_training, capsys):
+    assert main([str(DEMO), "--validate", "optimizer.lr=3e-3"]) == 0
+    out = capsys.readouterr()
+    resolved = yaml.safe_load(out.out)
+    assert resolved["optimizer"]["lr"] == 3e-3 and resolved["training"]["output_dir"] == "outputs/demo_tiny"
+    assert "valid" in out.err
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("model: !!python/object/apply:os.getcwd []\n", "could not determine a constructor"),
+    ("- just\n- a list\n", "the top level must be a mapping"),
+    ("model: {name: [unclosed\n", "YAML could not be read"),
+])
+def test_unreadable_recipes_exit_2(tmp_path, capsys, no_training, text, fragment):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    assert main([str(path)]) == 2
+    assert fragment in capsys.readouterr().err
+
+
+def test_bad_override_and_missing_file_exit_2(capsys, no_training, tmp_path):
+    assert main([str(DEMO), "optimizer.lr"]) == 2
+    assert "expected key.path=value" in capsys.readouterr().err
+    assert main([str(tmp_path / "nope.yaml")]) == 2
+    assert "recipe file not found" in capsys.readouterr().err
