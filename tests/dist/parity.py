@@ -1,8 +1,11 @@
 """1-process vs 2-process parity of TAM under DDP and DeepSpeed ZeRO-1/2/3, through transformers.Trainer.
 
     python tests/dist/parity.py OUT ref                                   # 1 process, batch 8
-    torchrun --standalone --nproc_per_node 2 tests/dist/parity.py OUT ddp zero1 zero2 zero3 zero2-naive
-                                                                          # 2 processes, batch 4 each
+    torchrun --standalone --nproc_per_node 2 tests/dist/parity.py OUT ddp zero1 zero2 zero3 zero2-naive \
+        zero2-offload:tam-full guard dtensor                              # 2 processes, batch 4 each
+
+A backend may name its cases (``zero1:adatam-full+adatam-lora``); ``guard`` builds Trainers with the two
+configurations that would silently replace TAM and records the errors; ``dtensor`` runs dtensor_check.py.
 
 For every backend and case (AdaTAM / TAM, full / LoRA) it trains a tiny Llama for STEPS steps on fixed-length
 integer tokens and writes OUT/{backend}-{case}-rank{r}.pt with the full fp32 parameters, the damping of every
@@ -231,12 +234,22 @@ def guard(out_dir: str) -> None:
 
 def main() -> None:
     out_dir, backends = sys.argv[1], sys.argv[2:]
-    if "guard" in backends:
-        guard(out_dir)
-        backends = [b for b in backends if b != "guard"]
     cases = os.environ.get("PARITY_CASES", ",".join(CASES)).split(",")
+    # In the order given: the first Trainer fixes accelerate's PartialState for the process (a DeepSpeed one
+    # stays DeepSpeed), so put ddp first and guard after the runs.
     for backend in backends:
-        for case in cases:
+        if backend == "guard":
+            guard(out_dir)
+            continue
+        if backend == "dtensor":  # last: needs the process group the Trainer runs started
+            from dtensor_check import check
+
+            if not dist.is_initialized():
+                dist.init_process_group("gloo")
+            check(out_dir)
+            continue
+        backend, _, only = backend.partition(":")  # "zero3:tam-full+adatam-lora" runs only those cases
+        for case in only.split("+") if only else cases:
             if backend.endswith("naive") and case != "adatam-full":
                 continue
             run(backend, case, out_dir)

@@ -1,0 +1,236 @@
+"""Exact torque statistics across processes: 1 process (batch 8) vs 2 processes (batch 4 each) under DDP and
+DeepSpeed ZeRO-1/2/3 (+ CPU optimizer offload) through transformers.Trainer, the FSDP2 DTensor path on a
+2-process CPU mesh, the statistics all-reduce count, and the guardrails.
+
+Two launches run side by side (tests/dist/parity.py): the 1-process reference and one torchrun with every
+2-process configuration; the tests then compare the files they wrote. The single-process tests at the end need
+no launch.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tam_hf.distributed import DistributedConfigError, check_deepspeed_config, check_training_args
+from tam_hf.optim import TAM, AdaTAM
+from tam_hf.optim.sharded import Fragment, ShardedSource, ShardedStats
+
+HERE = Path(__file__).parent
+PARITY = HERE / "dist" / "parity.py"
+
+# backend -> cases it runs in the 2-process launch (parity.py CASES)
+MATRIX = {
+    "ddp": ["adatam-full", "tam-full", "adatam-lora"],
+    "zero1": ["adatam-full", "adatam-lora"],
+    "zero2": ["adatam-full", "tam-full", "adatam-lora", "adatam-global"],
+    "zero3": ["adatam-full", "tam-full", "adatam-lora", "adatam-global"],
+    "zero2-offload": ["tam-full"],
+    "zero3-offload": ["adatam-full"],
+}
+PARAM_ATOL = 2e-5  # float32 reduction-order noise through 4 AdaTAM steps is ~4e-6; the naive ZeRO run is off by ~3e-3
+DAMPING_ATOL = 1e-6
+
+
+def _env():
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")])
+    return env
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    pytest.importorskip("deepspeed")
+    out = tmp_path_factory.mktemp("parity")
+    backends = [f"{b}:{'+'.join(cases)}" for b, cases in MATRIX.items()] + ["zero2-naive", "guard", "dtensor"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    logs = {name: open(out / f"{name}.log", "w") for name in ("ref", "dist")}
+    procs = {
+        "ref": subprocess.Popen([sys.executable, str(PARITY), str(out), "ref"], env=_env(), stdout=logs["ref"],
+                                stderr=subprocess.STDOUT),
+        "dist": subprocess.Popen(torchrun + [str(PARITY), str(out)] + backends, env=_env(),
+                                 stdout=logs["dist"], stderr=subprocess.STDOUT),
+    }
+    for name, proc in procs.items():
+        try:
+            rc = proc.wait(timeout=600)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = "timeout"
+        logs[name].close()
+        if rc != 0:
+            tail = (out / f"{name}.log").read_text()[-4000:]
+            pytest.fail(f"{name} launch failed ({rc}):\n{tail}")
+    return out
+
+
+def _load(out, name):
+    return torch.load(out / f"{name}.pt", weights_only=False)
+
+
+PAIRS = [(b, c) for b, cases in MATRIX.items() for c in cases]
+
+
+@pytest.mark.parametrize("backend,case", PAIRS, ids=[f"{b}-{c}" for b, c in PAIRS])
+def test_two_processes_match_one(runs, backend, case):
+    ref = _load(runs, f"ref-{case}-rank0")
+    held = set()
+    for rank in (0, 1):
+        got = _load(runs, f"{backend}-{case}-rank{rank}")
+        assert got["world"] == 2
+        assert got["params"].keys() == ref["params"].keys()
+        for name, p in ref["params"].items():
+            torch.testing.assert_close(got["params"][name], p, atol=PARAM_ATOL, rtol=0, msg=f"{name} rank {rank}")
+        for name, ds in got["damping"].items():  # every fragment of a tensor carries the whole tensor's damping
+            assert ds, name
+            for d in ds:
+                assert d == pytest.approx(ref["damping"][name][0], abs=DAMPING_ATOL), f"{name} rank {rank}"
+            held.add(name)
+    assert held == set(ref["damping"]), "some tensors' damping is held by no rank"
+    assert any(abs(v[0] - 0.5) > 1e-3 for v in ref["damping"].values()), "damping never moved: a vacuous check"
+
+
+@pytest.mark.parametrize("backend,case", PAIRS, ids=[f"{b}-{c}" for b, c in PAIRS])
+def test_statistics_cost_one_allreduce_per_step_call(runs, backend, case):
+    for rank in (0, 1):
+        got = _load(runs, f"{backend}-{case}-rank{rank}")
+        assert len(got["allreduces"]) == 4
+        if backend == "ddp":  # whole tensors: nothing extra inside the optimizer step
+            assert got["allreduces"] == [0, 0, 0, 0]
+            assert got["steps_per_train_step"] == [1, 1, 1, 1]
+        else:  # DeepSpeed steps the client optimizer once per param group; each call reduces once
+            assert got["steps_per_train_step"] == [got["n_groups"]] * 4
+            assert got["allreduces"] == got["steps_per_train_step"]
+
+
+def test_zero_without_the_layer_is_not_exact(runs):
+    """The control: ZeRO-2 without ShardedStats takes cosines of flat partitions and drifts."""
+    ref = _load(runs, "ref-adatam-full-rank0")
+    naive = _load(runs, "zero2-naive-adatam-full-rank0")
+    err = max((naive["params"][n] - p).abs().max().item() for n, p in ref["params"].items())
+    assert err > 50 * PARAM_ATOL
+    assert len(naive["damping"]["__flat__"]) == naive["n_groups"]  # one "tensor" per flat partition
+
+
+def test_trainer_refuses_configs_that_replace_tam(runs):
+    for rank in (0, 1):
+        messages = _load(runs, f"guard-rank{rank}")
+        assert '"optimizer" block' in messages["optimizer-block"]
+        assert "zero_force_ds_cpu_optimizer" in messages["offload-without-flag"]
+        assert "DeepSpeedCPUAdam" in messages["offload-without-flag"]
+
+
+def test_dtensor_shards_match_whole_tensors(runs):
+    for rank in (0, 1):
+        res = _load(runs, f"dtensor-rank{rank}")
+        for case in ("adatam", "adatamw", "tam", "adatam-global"):
+            r = res[case]
+            assert r["param_err"] < 1e-6, case
+            torch.testing.assert_close(r["damping"], r["damping_ref"], atol=1e-7, rtol=0)
+            assert r["allreduces_per_step"] == [r["n_groups"]] * 4  # one per param group per step
+            assert r["state_is_dtensor"]  # checkpoints (DCP) see DTensor state
+        assert 0 in res["adatam"]["local_numels"] or rank == 0  # the uneven split left rank 1 an empty shard
+        naive = res["adatam-naive"]
+        assert "error" in naive or naive["param_err"] > 1e-6 or naive["allreduces_per_step"][0] > 2
+
+
+# ------------------------------------------------------------------------------- single process, no launch
+
+
+def _split_flat(cls, kwargs, steps=5):
+    """Three tensors in one flat buffer, the first split into two fragments: must equal whole tensors."""
+    torch.manual_seed(0)
+    shapes = [(4, 3), (5,), (2, 2, 2)]
+    ps = [torch.randn(s) for s in shapes]
+    whole = [p.clone().requires_grad_() for p in ps]
+    flat = torch.cat([p.reshape(-1) for p in ps]).requires_grad_()
+    opt_whole, opt_flat = cls(whole, **kwargs), cls([flat], **kwargs)
+    frags = [Fragment(0, 5, 0), Fragment(5, 7, 0), Fragment(12, 5, 1), Fragment(17, 8, 2)]
+    stats = ShardedStats(opt_flat, [ShardedSource(flat, "flat", frags, ["a", "b", "c"])])
+    for _ in range(steps):
+        grads = [torch.randn(s) for s in shapes]
+        for p, g in zip(whole, grads):
+            p.grad = g.clone()
+        flat.grad = torch.cat([g.reshape(-1) for g in grads])
+        opt_whole.step()
+        opt_flat.step()
+    return whole, flat, opt_whole, opt_flat, stats
+
+
+@pytest.mark.parametrize("cls,kwargs", [
+    (AdaTAM, dict(lr=1e-2)),
+    (TAM, dict(lr=1e-2, weight_decay=0.1)),
+    (AdaTAM, dict(lr=1e-2, cosine_scope="global")),
+    (AdaTAM, dict(lr=1e-2, foreach=True)),
+], ids=["adatam", "tam-wd", "global", "foreach"])
+def test_fragments_of_a_flat_buffer_step_like_whole_tensors(cls, kwargs):
+    whole, flat, opt_whole, opt_flat, stats = _split_flat(cls, kwargs)
+    torch.testing.assert_close(flat.detach(), torch.cat([p.detach().reshape(-1) for p in whole]), atol=1e-7, rtol=0)
+    d = opt_whole.damping()["d"].tolist()
+    local = stats.local_damping()
+    assert local["a"] == pytest.approx([d[0], d[0]]) and local["b"] == pytest.approx([d[1]])
+    assert local["c"] == pytest.approx([d[2]])
+    # state stays keyed by the flat buffer (what DeepSpeed checkpoints and maps back), with flat-sized buffers
+    assert list(opt_flat.state) == [flat]
+    assert opt_flat.state[flat][opt_flat._buffer_names[0]].shape == flat.shape
+    assert opt_flat.param_groups[0]["params"] == [flat]
+    assert flat.grad is not None and stats.allreduce_calls == 0  # no process group: nothing to reduce
+
+
+def test_without_the_layer_a_flat_buffer_is_one_tensor():
+    """The control for the test above: the same flat buffer stepped naively has a single damping value."""
+    whole, flat, opt_whole, _, _ = _split_flat(AdaTAM, dict(lr=1e-2))
+    torch.manual_seed(0)
+    naive_flat = torch.cat([torch.randn(s).reshape(-1) for s in [(4, 3), (5,), (2, 2, 2)]]).requires_grad_()
+    naive = AdaTAM([naive_flat], lr=1e-2)
+    for _ in range(5):
+        naive_flat.grad = torch.cat([torch.randn(s).reshape(-1) for s in [(4, 3), (5,), (2, 2, 2)]])
+        naive.step()
+    assert naive.damping()["d"].numel() == 1
+    assert (naive_flat.detach() - flat.detach()).abs().max() > 1e-6
+
+
+def test_deepspeed_config_with_optimizer_block_is_refused():
+    with pytest.raises(DistributedConfigError, match='"optimizer" block'):
+        check_deepspeed_config({"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW"}})
+
+
+@pytest.mark.parametrize("device", ["cpu", "nvme"])
+def test_optimizer_offload_is_refused_unless_the_swap_is_disabled(device):
+    cfg = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": device}}}
+    with pytest.raises(DistributedConfigError, match="zero_force_ds_cpu_optimizer" if device == "cpu" else "NVMe"):
+        check_deepspeed_config(cfg)
+    cfg["zero_force_ds_cpu_optimizer"] = False
+    if device == "cpu":
+        check_deepspeed_config(cfg)  # then TAM itself steps the offloaded partitions (tested in the parity runs)
+    else:
+        with pytest.raises(DistributedConfigError, match="NVMe"):
+            check_deepspeed_config(cfg)
+
+
+def test_both_problems_are_reported_at_once(tmp_path):
+    import json
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"optimizer": {"type": "Adam"},
+                                "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}))
+    with pytest.raises(DistributedConfigError) as err:
+        check_deepspeed_config(str(path))
+    assert '"optimizer" block' in str(err.value) and "DeepSpeedCPUAdam" in str(err.value)
+
+
+def test_plain_zero_configs_pass():
+    for stage in (0, 1, 2, 3):
+        check_deepspeed_config({"zero_optimization": {"stage": stage}})
+
+
+def test_fsdp_version_1_is_refused():
+    args = SimpleNamespace(deepspeed=None, fsdp="full_shard", fsdp_config={"version": 1})
+    with pytest.raises(DistributedConfigError, match="FSDP2"):
+        check_training_args(args)
+    check_training_args(SimpleNamespace(deepspeed=None, fsdp="full_shard", fsdp_config={"version": 2}))
