@@ -1,6 +1,7 @@
 """Exact torque statistics across processes: 1 process (batch 8) vs 2 processes (batch 4 each) under DDP and
-DeepSpeed ZeRO-1/2/3 (+ CPU optimizer offload) through transformers.Trainer, the FSDP2 DTensor path on a
-2-process CPU mesh, the statistics all-reduce count, and the guardrails.
+DeepSpeed ZeRO-1/2/3 (+ CPU optimizer offload) through transformers.Trainer (the test's subclass and the project's
+TAMTrainer), the FSDP2 path (DTensor unit check and a fully_shard model in a plain loop: accelerate runs FSDP only
+on accelerators), the statistics all-reduce count, and the guardrails.
 
 Two launches run side by side (tests/dist/parity.py): the 1-process reference and one torchrun with every
 2-process configuration; the tests then compare the files they wrote. The single-process tests at the end need
@@ -31,6 +32,8 @@ MATRIX = {
     "zero3": ["adatam-full", "tam-full", "adatam-lora", "adatam-global"],
     "zero2-offload": ["tam-full"],
     "zero3-offload": ["adatam-full"],
+    "zero3-tamtrainer": ["adatam-full"],  # the real TAMTrainer, optim="adatam", with the attach() hook
+    "zero2-tamtrainer": ["adatam-lora"],
 }
 PARAM_ATOL = 2e-5  # float32 reduction-order noise through 4 AdaTAM steps is ~4e-6; the naive ZeRO run is off by ~3e-3
 DAMPING_ATOL = 1e-6
@@ -137,6 +140,18 @@ def test_dtensor_shards_match_whole_tensors(runs):
         assert 0 in res["adatam"]["local_numels"] or rank == 0  # the uneven split left rank 1 an empty shard
         naive = res["adatam-naive"]
         assert "error" in naive or naive["param_err"] > 1e-6 or naive["allreduces_per_step"][0] > 2
+
+
+def test_fsdp2_model_matches_one_process(runs):
+    for rank in (0, 1):
+        res = _load(runs, f"fsdp2-rank{rank}")
+        for case in ("adatam", "tam"):
+            r = res[case]
+            assert r["dtensor_params"] > 0  # fully_shard really turned the parameters into DTensors
+            assert r["param_err"] < PARAM_ATOL, case
+            torch.testing.assert_close(r["damping"], r["damping_ref"], atol=DAMPING_ATOL, rtol=0)
+            assert (r["damping_ref"] - 0.5).abs().max() > 1e-3
+            assert r["allreduces"] == 4 * r["n_groups"]  # 4 steps, one all-reduce per param group
 
 
 # ------------------------------------------------------------------------------- single process, no launch

@@ -5,7 +5,9 @@
         zero2-offload:tam-full guard dtensor                              # 2 processes, batch 4 each
 
 A backend may name its cases (``zero1:adatam-full+adatam-lora``); ``guard`` builds Trainers with the two
-configurations that would silently replace TAM and records the errors; ``dtensor`` runs dtensor_check.py.
+configurations that would silently replace TAM and records the errors; ``dtensor`` runs dtensor_check.py (the
+DTensor unit check and a real FSDP2 model). ``*-tamtrainer`` backends use the project's TAMTrainer with
+``optim="adatam"`` and the ``attach`` hook instead of the test's own Trainer subclass.
 
 For every backend and case (AdaTAM / TAM, full / LoRA) it trains a tiny Llama for STEPS steps on fixed-length
 integer tokens and writes OUT/{backend}-{case}-rank{r}.pt with the full fp32 parameters, the damping of every
@@ -81,6 +83,18 @@ class ParityTrainer(Trainer):
         return self.optimizer
 
 
+def tam_trainer_class():
+    """The project's TAMTrainer (``--optim adatam``) plus the one-line hook it is meant to carry."""
+    from tam_hf.trainer import TAMTrainer
+
+    class AttachedTAMTrainer(TAMTrainer):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            assert attach(self) is not None  # args.optim names AdaTAM: attach must not skip it
+
+    return AttachedTAMTrainer
+
+
 class CountCollectives(TrainerCallback):
     """Counts torch.distributed.all_reduce calls made inside the TAM optimizer's step() calls."""
 
@@ -140,6 +154,8 @@ def full_params(model, zero: bool) -> dict:
             from deepspeed.utils import safe_get_full_fp32_param
 
             out[name] = safe_get_full_fp32_param(p).detach().clone().cpu()
+        elif hasattr(p, "full_tensor"):  # FSDP2 DTensor
+            out[name] = p.full_tensor().detach().clone().cpu()
         else:
             out[name] = p.detach().clone().cpu()
     return out
@@ -158,6 +174,10 @@ def run(backend: str, case: str, out_dir: str) -> None:
     opt_cls, opt_kwargs, lora = CASES[case]
     world = int(os.environ.get("WORLD_SIZE", "1"))  # the process group starts with TrainingArguments
     stage = int(backend[4]) if backend.startswith("zero") else None  # zero{1,2,3}[-offload|-naive]
+    if "tamtrainer" in backend:
+        import tam_hf
+
+        tam_hf.register()  # before TrainingArguments(optim="adatam")
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(
             output_dir=tmp, per_device_train_batch_size=GLOBAL_BATCH // world, max_steps=STEPS,
@@ -165,12 +185,21 @@ def run(backend: str, case: str, out_dir: str) -> None:
             save_strategy="no", logging_strategy="no", seed=0, data_seed=0, train_sampling_strategy="sequential",
             disable_tqdm=True, dataloader_num_workers=0,
             deepspeed=ds_config(stage, offload="offload" in backend) if stage else None,
+            **(dict(fsdp="full_shard", fsdp_config={"version": 2, "reshard_after_forward": True,
+                                                     "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]})
+               if backend.startswith("fsdp2") else {}),
+            **(dict(optim=case.split("-")[0], weight_decay=opt_kwargs.get("weight_decay", 0.0))
+               if "tamtrainer" in backend else {}),
         )
         model = build_model(lora)
         counter = CountCollectives()
-        trainer = ParityTrainer(model=model, args=args, train_dataset=Tokens(), opt_cls=opt_cls,
-                                opt_kwargs=opt_kwargs, install=not backend.endswith("naive"),
-                                callbacks=[counter])
+        if "tamtrainer" in backend:  # zero2-tamtrainer: the real TAMTrainer, optimizer chosen by args.optim
+            assert case in ("adatam-full", "adatam-lora"), case
+            trainer = tam_trainer_class()(model=model, args=args, train_dataset=Tokens(), callbacks=[counter])
+        else:
+            trainer = ParityTrainer(model=model, args=args, train_dataset=Tokens(), opt_cls=opt_cls,
+                                    opt_kwargs=opt_kwargs, install=not backend.endswith("naive"),
+                                    callbacks=[counter])
         try:
             trainer.train()
         finally:
@@ -242,11 +271,12 @@ def main() -> None:
             guard(out_dir)
             continue
         if backend == "dtensor":  # last: needs the process group the Trainer runs started
-            from dtensor_check import check
+            from dtensor_check import check, fsdp2_check
 
             if not dist.is_initialized():
                 dist.init_process_group("gloo")
             check(out_dir)
+            fsdp2_check(out_dir)
             continue
         backend, _, only = backend.partition(":")  # "zero3:tam-full+adatam-lora" runs only those cases
         for case in only.split("+") if only else cases:
