@@ -140,16 +140,27 @@ class TorqueStatsCallback(TrainerCallback):
         self.sharded: Optional[ShardedStats] = None
 
     def on_init_end(self, args, state, control, **kwargs):
-        check_training_args(args)
+        if _names_tam(args):  # also listed in DEFAULT_CALLBACKS for plain Trainers: other optimizers pass
+            check_training_args(args)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self.sharded = install_sharded_stats(optimizer, model)
 
 
+def _names_tam(args) -> bool:
+    return str(getattr(args.optim, "value", args.optim)).lower() in TAM_OPTIM_NAMES
+
+
 def uses_tam(trainer) -> bool:
-    """True when the trainer will train with TAM/AdaTAM/AdaTAMW (by ``args.optim`` or a passed optimizer)."""
-    optim = getattr(trainer.args.optim, "value", trainer.args.optim)
-    return str(optim).lower() in TAM_OPTIM_NAMES or find_torque_optimizer(trainer.optimizer)[0] is not None
+    """True when the trainer will train with TAM/AdaTAM/AdaTAMW: ``args.optim`` names one, a TAM optimizer was
+    passed in ``optimizers=``, or ``optimizer_cls_and_kwargs`` names a TAM class."""
+    from tam_hf.optim.tam import _TorqueOptimizer
+
+    if _names_tam(trainer.args) or find_torque_optimizer(trainer.optimizer)[0] is not None:
+        return True
+    cls_and_kwargs = getattr(trainer, "optimizer_cls_and_kwargs", None)
+    return bool(cls_and_kwargs) and isinstance(cls_and_kwargs[0], type) and issubclass(cls_and_kwargs[0],
+                                                                                       _TorqueOptimizer)
 
 
 def attach(trainer, force: bool = False) -> Optional[TorqueStatsCallback]:

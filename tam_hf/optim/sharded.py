@@ -283,6 +283,16 @@ class ShardedStats:
         return out
 
 
+    def damping_summary(self) -> dict[str, float]:
+        """Like the optimizers' ``damping_summary`` over the tensors this rank holds a piece of (each counted
+        once). Rank-local: ranks may report slightly different sets of tensors; no collective."""
+        d = torch.tensor([v[0] for v in self.local_damping().values()], dtype=torch.float64)
+        if d.numel() == 0:
+            return {}
+        return {"mean": d.mean().item(), "min": d.min().item(), "max": d.max().item(),
+                "frac_below_half": (d < 0.5).double().mean().item()}
+
+
 # ------------------------------------------------------------------------------------ discovery by backend
 
 
