@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 import tam_hf
-from tam_hf.recipe import Recipe, to_yaml
+from tam_hf.recipe import HUB_ID, Recipe, to_yaml
 
 __all__ = ["prepare_upload", "model_card", "push"]
 
@@ -36,11 +36,12 @@ def model_card(recipe: Recipe, summary: dict) -> str:
     """README.md for the Hub: metadata header, what was trained how, final metrics, the recipe, a citation."""
     artifact = recipe.hub.artifact or "model"
     meta = {
-        "base_model": recipe.model.name,
         "library_name": "peft" if artifact == "adapter" else "transformers",
         "tags": ["tam_hf", "torque-aware-momentum", recipe.optimizer.name, recipe.finetune.method],
     }
-    if recipe.data.dataset:
+    if HUB_ID.match(recipe.model.name) and not Path(recipe.model.name).exists():
+        meta = {"base_model": recipe.model.name, **meta}  # Hub metadata links only to Hub ids, never local paths
+    if recipe.data.dataset and not Path(recipe.data.dataset).exists():
         meta["datasets"] = [recipe.data.dataset]
     hyper = "\n".join(f"| {k} | {v} |" for k, v in recipe.optimizer.kwargs().items())
     evals = summary.get("eval") or {}

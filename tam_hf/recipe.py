@@ -183,7 +183,7 @@ class EvalConfig:
 @dataclass
 class HubConfig:
     push: bool = _help("Push after training. Uses your huggingface_hub login; the token never enters the recipe.", False)
-    repo_id: Optional[str] = _help("Target repository, user/name.", None)
+    repo_id: Optional[str] = _help("Target repository, user/name. Set without push: only prepare hub_upload/.", None)
     private: bool = _help("Create the repository private.", True)
     artifact: Optional[Literal["adapter", "merged"]] = _help(
         "lora/qlora: push the adapter (default) or the base with the adapter merged in. Full fine-tuning pushes the model.",
@@ -429,7 +429,7 @@ def _check_recipe(r: Recipe, name: str, problems: list[str]) -> None:
         (lambda r, p: _check_training(r, name, p), ("training",)),
         (_check_eval, ("eval", "data", "task")),
         (_check_hub, ("hub", "finetune")),
-        (_check_launch, ("distributed", "resume")),
+        (_check_launch, ("distributed", "resume", "training")),
     ]
     for check, sections in checks:
         if all(_clean(getattr(r, s)) for s in sections):
@@ -444,6 +444,9 @@ def _check_launch(r: Recipe, problems: list[str]) -> None:
                 problems.append(f"distributed.{key}: file not found: {value}")
     if isinstance(r.resume, str) and not resolve_path(r.resume).is_dir():
         problems.append(f"resume: checkpoint directory not found: {r.resume}")
+    output_dir = r.training.get("output_dir")
+    if r.resume is True and isinstance(output_dir, str) and not any(Path(output_dir).glob("checkpoint-*")):
+        problems.append(f"resume: true but {output_dir} holds no checkpoint-* directory to continue from")
 
 
 def _is_pathlike(value: str) -> bool:

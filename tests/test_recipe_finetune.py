@@ -81,6 +81,32 @@ def test_qlora_trains_on_a_4bit_base(tmp_path):
     assert "quantization: 4bit" in (out / "recipe.yaml").read_text()
 
 
+def test_lora_on_an_8bit_base_trains(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    seen = _ModuleTypes()
+    summary = finetune(_recipe(tmp_path, model={"name": "embedded:tiny-llama", "quantization": "8bit"},
+                               finetune={"method": "lora", "lora": {"r": 4}}), callbacks=[seen])
+    assert "Linear8bitLt" in seen.types and summary["steps"] == 4
+    adapter = load_file(Path(summary["output_dir"]) / "adapter_model.safetensors")
+    assert all(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
+
+
+def test_merged_upload_holds_a_plain_model_and_card_links_hub_base(tmp_path):
+    from tam_hf.hub import model_card, prepare_upload
+    from tam_hf.model import load_model, load_tokenizer
+
+    recipe = _recipe(tmp_path, hub={"repo_id": "someone/merged", "artifact": "merged"})
+    tokenizer = load_tokenizer(recipe.model)
+    model = load_model(recipe, tokenizer)
+    folder = prepare_upload(model, tokenizer, recipe, {"steps": 0, "train_loss": 1.0, "eval": {}}, tmp_path)
+    assert (folder / "model.safetensors").is_file() and not (folder / "adapter_config.json").exists()
+    assert not any("lora" in k for k in load_file(folder / "model.safetensors"))
+    assert "library_name: transformers" in (folder / "README.md").read_text()
+    recipe.model.name, recipe.data.dataset = "HuggingFaceTB/SmolLM2-135M-Instruct", "tatsu-lab/alpaca"
+    card = model_card(recipe, {"steps": 3, "train_loss": 1.0})
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and "- tatsu-lab/alpaca" in card
+
+
 def test_lora_classifier_reports_classification_metrics(tmp_path):
     rows = [{"text": f"{w} {i}", "label": "pos" if w == "good" else "neg"} for i in range(12) for w in ("good", "bad")]
     path = tmp_path / "cls.jsonl"
@@ -127,7 +153,8 @@ def test_push_prepares_folder_with_card_and_offline_failure_loses_nothing(tmp_pa
     assert (folder / "adapter_model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
     assert (Path(summary["output_dir"]) / "adapter_model.safetensors").is_file()  # the local save happened first
     card = (folder / "README.md").read_text()
-    for fragment in ("base_model: embedded:tiny-llama", "library_name: peft", "adatam", "| decay_rate | 0.8 |",
+    assert "base_model:" not in card  # a local/embedded base is not a Hub id: no broken metadata link
+    for fragment in ("lora fine-tune of `embedded:tiny-llama`", "library_name: peft", "adatam", "| decay_rate | 0.8 |",
                      "| lr | 0.001 |", "arXiv:2412.18790", "| loss |", "tam_hf 0.1.0", "Torque-Aware Momentum"):
         assert fragment in card, fragment
     every_file = "".join(p.read_bytes().decode("latin-1") for p in tmp_path.rglob("*") if p.is_file())

@@ -37,17 +37,25 @@ def _problems(raw: dict) -> list[str]:
     return info.value.problems
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
-def test_shipped_recipe_validates_and_starts_with_its_command(path):
+EXAMPLES = sorted((ROOT / "recipes" / "examples").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[str(p.relative_to(ROOT / "recipes")) for p in RECIPES])
+def test_shipped_recipe_validates(path):
+    recipe = load_recipe(path)
+    assert recipe.training["output_dir"]
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_example_starts_with_its_exact_command(path):
     first = path.read_text().splitlines()[0]
     assert first == f"# tam-finetune {path.relative_to(ROOT)}", first
-    recipe = load_recipe(path)
-    assert recipe.training["output_dir"] == f"outputs/{path.stem}"
+    assert load_recipe(path).training["output_dir"] == f"outputs/{path.stem}"
 
 
-def test_there_is_a_recipe_for_each_method():
-    methods = {load_recipe(p).finetune.method for p in RECIPES}
-    tasks = {load_recipe(p).task for p in RECIPES}
+def test_there_is_an_example_for_each_method_and_task():
+    methods = {load_recipe(p).finetune.method for p in EXAMPLES}
+    tasks = {load_recipe(p).task for p in EXAMPLES}
     assert methods == {"lora", "qlora", "full"} and tasks == {"causal_lm", "sequence_classification"}
 
 
@@ -91,6 +99,8 @@ BAD = {
     "completion loss on text": (dict(data__format="text", data__completion_only_loss=True), ["format text has no completion"]),
     "missing distributed file": (dict(distributed={"deepspeed": "ds.json"}), ["distributed.deepspeed: file not found"]),
     "missing resume checkpoint": (dict(resume="outputs/none/checkpoint-9"), ["resume: checkpoint directory not found"]),
+    "resume with nothing to resume": (dict(resume=True, training={"output_dir": "outputs/never-ran"}),
+                                      ["resume: true but outputs/never-ran holds no checkpoint"]),
 }
 
 
