@@ -77,16 +77,41 @@ def check_deepspeed_config(config: Any) -> None:
         raise DistributedConfigError("DeepSpeed config is not usable with TAM:\n  - " + "\n  - ".join(errors))
 
 
+def _launcher_plugins() -> tuple[Optional[dict], Optional[int]]:
+    """The DeepSpeed config and FSDP version set by ``accelerate launch --config_file ...`` (they reach the
+    Trainer through accelerate's state, not through ``TrainingArguments``); None where not initialised/used."""
+    try:
+        from accelerate.state import AcceleratorState
+    except ImportError:  # pragma: no cover - accelerate is a dependency of transformers' Trainer
+        return None, None
+    if not AcceleratorState._shared_state:
+        return None, None
+    state = AcceleratorState()
+    ds = getattr(state, "deepspeed_plugin", None)
+    fsdp = getattr(state, "fsdp_plugin", None)
+    return (getattr(ds, "deepspeed_config", None) if ds is not None else None,
+            getattr(fsdp, "fsdp_version", None) if fsdp is not None else None)
+
+
+def _check_fsdp_version(version: int) -> None:
+    if int(version) != 2:
+        raise DistributedConfigError(
+            f"FSDP version {version} hands the optimizer flattened parameters whose tensors TAM cannot recover; "
+            'use FSDP2 ("version": 2 in fsdp_config / fsdp_version: 2 in the accelerate config).')
+
+
 def check_training_args(args) -> None:
-    """Checks a ``TrainingArguments`` for configurations that would replace TAM or break its statistics."""
+    """Checks ``TrainingArguments`` and the launcher's accelerate state for configurations that would replace
+    TAM or break its statistics. Raises :class:`DistributedConfigError`."""
     if getattr(args, "deepspeed", None):
         check_deepspeed_config(getattr(args, "hf_deepspeed_config", None) or args.deepspeed)
     if getattr(args, "fsdp", None):
-        version = int((getattr(args, "fsdp_config", None) or {}).get("version", 2))
-        if version != 2:
-            raise DistributedConfigError(
-                f"FSDP version {version} hands the optimizer flattened parameters whose tensors TAM cannot recover; "
-                'use FSDP2 ("version": 2 in fsdp_config, the default).')
+        _check_fsdp_version((getattr(args, "fsdp_config", None) or {}).get("version", 2))
+    ds_config, fsdp_version = _launcher_plugins()
+    if ds_config:
+        check_deepspeed_config(ds_config)
+    if fsdp_version is not None:
+        _check_fsdp_version(fsdp_version)
 
 
 def find_torque_optimizer(optimizer):
@@ -117,9 +142,6 @@ def install_sharded_stats(optimizer, model=None) -> Optional[ShardedStats]:
     or the optimizer is not a TAM one. Idempotent."""
     tam, zero = find_torque_optimizer(optimizer)
     if tam is None:
-        if zero is not None and type(zero.optimizer).__name__ in ("DeepSpeedCPUAdam", "FusedAdam"):
-            raise DistributedConfigError(f"DeepSpeed replaced the optimizer by {type(zero.optimizer).__name__}; see "
-                                         "check_deepspeed_config")
         return None
     if isinstance(tam.stats_reducer, ShardedStats):
         return tam.stats_reducer
@@ -134,16 +156,28 @@ def install_sharded_stats(optimizer, model=None) -> Optional[ShardedStats]:
 
 
 class TorqueStatsCallback(TrainerCallback):
-    """Checks the arguments when the Trainer is built and installs exact statistics when training begins."""
+    """Checks the configuration when the Trainer is built and installs exact statistics when training begins.
 
-    def __init__(self):
+    ``expect_tam``: fail at ``on_train_begin`` if no TAM optimizer is found (it was replaced). By default only
+    runs whose ``args.optim`` names a TAM optimizer are checked, so the callback is harmless in
+    ``transformers.trainer.DEFAULT_CALLBACKS`` for runs with other optimizers."""
+
+    def __init__(self, expect_tam: bool = False):
+        self.expect_tam = expect_tam
         self.sharded: Optional[ShardedStats] = None
 
     def on_init_end(self, args, state, control, **kwargs):
-        if _names_tam(args):  # also listed in DEFAULT_CALLBACKS for plain Trainers: other optimizers pass
+        if self.expect_tam or _names_tam(args):
             check_training_args(args)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if (self.expect_tam or _names_tam(args)) and find_torque_optimizer(optimizer)[0] is None:
+            inner = optimizer
+            while getattr(inner, "optimizer", None) is not None:
+                inner = inner.optimizer
+            raise DistributedConfigError(
+                f"training was set up for a TAM optimizer but runs {type(inner).__name__}: the launcher or DeepSpeed "
+                "replaced it (see tam_hf.distributed.check_deepspeed_config)")
         self.sharded = install_sharded_stats(optimizer, model)
 
 
@@ -173,7 +207,8 @@ def attach(trainer, force: bool = False) -> Optional[TorqueStatsCallback]:
     check_training_args(trainer.args)
     for cb in trainer.callback_handler.callbacks:
         if isinstance(cb, TorqueStatsCallback):
+            cb.expect_tam = True
             return cb
-    cb = TorqueStatsCallback()
+    cb = TorqueStatsCallback(expect_tam=True)
     trainer.add_callback(cb)
     return cb

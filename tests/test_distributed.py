@@ -249,3 +249,52 @@ def test_fsdp_version_1_is_refused():
     with pytest.raises(DistributedConfigError, match="FSDP2"):
         check_training_args(args)
     check_training_args(SimpleNamespace(deepspeed=None, fsdp="full_shard", fsdp_config={"version": 2}))
+
+
+def test_launcher_deepspeed_config_is_checked_too(monkeypatch):
+    """`accelerate launch --config_file zero2.yml` hands the DeepSpeed config to the Trainer through accelerate's
+    state, not TrainingArguments: it is checked all the same."""
+    import tam_hf.distributed as td
+
+    monkeypatch.setattr(td, "_launcher_plugins", lambda: ({"optimizer": {"type": "AdamW"}}, None))
+    with pytest.raises(DistributedConfigError, match='"optimizer" block'):
+        check_training_args(SimpleNamespace(deepspeed=None, fsdp=None))
+    monkeypatch.setattr(td, "_launcher_plugins", lambda: (None, 1))
+    with pytest.raises(DistributedConfigError, match="FSDP version 1"):
+        check_training_args(SimpleNamespace(deepspeed=None, fsdp=None))
+
+
+def test_replaced_optimizer_is_caught_when_training_begins():
+    from tam_hf.distributed import TorqueStatsCallback
+
+    wrapper = SimpleNamespace(optimizer=SimpleNamespace(optimizer=torch.optim.AdamW([torch.zeros(1,
+                                                                                                requires_grad=True)])))
+    args = SimpleNamespace(optim="adatam")
+    with pytest.raises(DistributedConfigError, match="runs AdamW"):
+        TorqueStatsCallback().on_train_begin(args, None, None, optimizer=wrapper)
+    # other optimizers pass untouched: the callback may sit in DEFAULT_CALLBACKS
+    TorqueStatsCallback().on_train_begin(SimpleNamespace(optim="adamw_torch"), None, None, optimizer=wrapper)
+
+
+ACCELERATE = HERE.parent / "recipes" / "accelerate"
+
+
+@pytest.mark.parametrize("path", sorted(ACCELERATE.glob("*.yml")), ids=lambda p: p.name)
+def test_shipped_accelerate_configs(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(path))
+    assert path.read_text().startswith(f"# accelerate launch --config_file recipes/accelerate/{path.name} ")
+    kind = str(cfg.distributed_type).split(".")[-1]
+    if path.stem.startswith("zero"):
+        assert kind == "DEEPSPEED"
+        ds_file = HERE.parent / cfg.deepspeed_config["deepspeed_config_file"]
+        ds = __import__("json").loads(ds_file.read_text())
+        check_deepspeed_config(ds)  # no optimizer block; offload only with the swap disabled
+        assert ds["zero_optimization"]["stage"] == int(path.stem[4])
+        assert ("offload_optimizer" in ds["zero_optimization"]) == path.stem.endswith("offload")
+        assert "scheduler" not in ds  # the Trainer's schedule (warm-up) stays in charge
+    elif path.stem == "fsdp2":
+        assert kind == "FSDP" and int(cfg.fsdp_config["fsdp_version"]) == 2
+    else:
+        assert path.stem == "ddp" and kind == "MULTI_GPU"

@@ -96,6 +96,7 @@ class ShardedStats:
         self.allreduce_calls = 0
         self._plans: list[_Plan] = []
         self._swaps: list[_Swap] = []
+        self._row_cache: dict = {}
         for src in sources:
             if src.kind == "flat":
                 self._check_flat(src)
@@ -181,11 +182,17 @@ class ShardedStats:
                 continue
             group["params"] = swap.fragments
             self._swaps.append(swap)
-            with_grad = [r for v, r in zip(swap.fragments, rows) if v.grad is not None]
+            with_grad = tuple(r for v, r in zip(swap.fragments, rows) if v.grad is not None)
             if with_grad:
-                device = swap.fragments[0].device
-                self._plans.append(_Plan(torch.tensor(with_grad, dtype=torch.long, device=device), n_rows,
-                                         names, pgroup, group["cosine_scope"]))
+                self._plans.append(_Plan(self._rows(with_grad, swap.fragments[0].device), n_rows, names, pgroup,
+                                         group["cosine_scope"]))
+
+    def _rows(self, rows: tuple, device) -> Tensor:
+        """The row index tensor, built once per layout (no host-to-device copy on every step)."""
+        key = (rows, str(device))
+        if key not in self._row_cache:
+            self._row_cache[key] = torch.tensor(rows, dtype=torch.long, device=device)
+        return self._row_cache[key]
 
     def _flat_views(self, src: ShardedSource):
         flat = src.tensor
@@ -250,7 +257,7 @@ class ShardedStats:
         plan = self._plans.pop(0)
         if plan.rows.numel() != stats.shape[0]:
             raise RuntimeError(f"expected statistics for {plan.rows.numel()} fragments, got {stats.shape[0]}")
-        rows = plan.rows.to(stats.device)
+        rows = plan.rows if plan.rows.device == stats.device else plan.rows.to(stats.device)
         total = stats.new_zeros(plan.n_rows, 3)
         total.index_add_(0, rows, stats)
         if plan.group is not None or dist.is_initialized():

@@ -16,9 +16,11 @@ of step() calls per training step. ``zero2-naive`` is ZeRO-2 WITHOUT the statist
 damping must differ). tests/test_distributed.py compares the files.
 """
 
+import json
 import os
 import sys
 import tempfile
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -28,6 +30,7 @@ from tam_hf.distributed import attach, find_torque_optimizer
 from tam_hf.optim import TAM, AdaTAM
 
 STEPS, SEQ, GLOBAL_BATCH = 4, 16, 8
+ACCELERATE_DIR = Path(__file__).resolve().parents[2] / "recipes" / "accelerate"
 CASES = {  # name: (optimizer class, kwargs, lora)
     "adatam-full": (AdaTAM, dict(lr=5e-4, weight_decay=0.01), False),
     "tam-full": (TAM, dict(lr=5e-2, momentum=0.9, weight_decay=0.01), False),
@@ -129,19 +132,10 @@ class CountCollectives(TrainerCallback):
 
 
 def ds_config(stage: int, offload: bool = False) -> dict:
-    zero = {"stage": stage}
-    if offload:  # TAM steps the offloaded fp32 partitions on the CPU; without the flag accelerate swaps it
-        zero["offload_optimizer"] = {"device": "cpu"}
-    return {
-        "zero_optimization": zero,
-        "zero_force_ds_cpu_optimizer": False,
-        "train_micro_batch_size_per_gpu": "auto",
-        "train_batch_size": "auto",
-        "gradient_accumulation_steps": "auto",
-        "gradient_clipping": "auto",
-        "bf16": {"enabled": False},
-        "fp16": {"enabled": False},
-    }
+    """The shipped DeepSpeed config (recipes/accelerate/ds_zero{stage}[_offload].json): the tests run what users
+    launch. Offload ones carry "zero_force_ds_cpu_optimizer": false, without which accelerate swaps TAM out."""
+    path = ACCELERATE_DIR / f"ds_zero{stage}{'_offload' if offload else ''}.json"
+    return json.loads(path.read_text())
 
 
 def full_params(model, zero: bool) -> dict:
