@@ -1,0 +1,339 @@
+"""`python -m tam_hf.compare RECIPE.yaml --optimizers adamw,adatamw,adatamw-const --seeds 3 --out DIR`
+
+Runs one recipe under several optimizers ("arms") and seeds, one run after another, then writes the report of
+:mod:`tam_hf.report` (markdown + CSV table of every metric as mean ± std with the difference to the first arm,
+loss and damping plots) into DIR.
+
+Resumable: each run lives in ``DIR/runs/<arm>/seed<k>`` and is finished when its ``result.json`` exists and
+was produced by the same resolved recipe; a rerun of the same command skips those and only does the rest
+(a partial run is continued from its last checkpoint when it saved one, else started again).
+
+Learning rates. The recipe's ``optimizer.lr`` is read as the lr of the recipe's own optimizer; every arm of
+the same family gets the lr the transfer rule of DESIGN.md §1 gives (Adam family: lr_AdaTAM = lr_AdamW *
+(1 - beta1) / 0.5; SGD family: lr_TAM = lr_SGDM / 0.5). Write ``NAME@LR`` (``adamw@2e-5``) to set an arm's lr
+yourself, which is required across families (AdamW vs TAM).
+
+Arms (``ARMS``): adamw, adatamw, adatam, adatamw-const (alias constant-damping), sgd, tam, tam-const. The
+``-const`` arms hold the damping at d = 0.5 (``fixed_damping=0.5``: no cosine) at the same lr as their TAM
+arm: same step size on average, no angle. The gap between ``adatamw`` and ``adatamw-const`` is the effect of
+the angle; the gap between ``adatamw-const`` and ``adamw`` is the effect of the different normalisation.
+
+Sweeps: ``--sweep optimizer.decay_rate=0.5,0.9,0.99`` multiplies every arm the key applies to (adamw has no
+decay_rate, the -const arms ignore it) into one arm per value, labelled ``adatamw decay_rate=0.5``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import hashlib
+import itertools
+import json
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import yaml
+
+from tam_hf.recipe import OPTIMIZER_PARAMS, OptimizerConfig, Recipe, RecipeError, apply_overrides, to_dict, validate_recipe
+
+__all__ = ["ARMS", "Arm", "Run", "plan", "main"]
+
+MEAN_DAMPING = 0.5  # E[d] for noisy gradients: the transfer rule's divisor (DESIGN.md §1)
+KEEP_FILES = ("result.json", "summary.json", "recipe.yaml", "fingerprint.txt")
+
+
+def _adam_transfer(opt: OptimizerConfig) -> float:
+    beta1 = opt.betas[0] if opt.betas else 0.9
+    return (1.0 - beta1) / MEAN_DAMPING
+
+
+def _sgd_transfer(opt: OptimizerConfig) -> float:
+    return 1.0 / MEAN_DAMPING
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One optimizer setting to compare. ``lr_factor`` is its lr relative to its family's reference optimizer
+    (AdamW for "adam", SGD-momentum for "sgd"), given the validated optimizer section."""
+
+    optimizer: str
+    family: str
+    lr_factor: Callable[[OptimizerConfig], float]
+    fixed_damping: Optional[float] = None
+    help: str = ""
+
+
+ARMS: dict[str, Arm] = {
+    "adamw": Arm("adamw", "adam", lambda o: 1.0, help="torch AdamW, the reference"),
+    "adatamw": Arm("adatamw", "adam", _adam_transfer, help="AdaTAMW at the transfer-rule lr"),
+    "adatam": Arm("adatam", "adam", _adam_transfer, help="AdaTAM (coupled weight decay)"),
+    "adatamw-const": Arm("adatamw", "adam", _adam_transfer, fixed_damping=0.5,
+                         help="control: AdaTAMW with d held at 0.5 (no angle), same lr"),
+    "sgd": Arm("sgd", "sgd", lambda o: 1.0, help="torch SGD with momentum, the reference"),
+    "tam": Arm("tam", "sgd", _sgd_transfer, help="TAM at 2x the SGD lr"),
+    "tam-const": Arm("tam", "sgd", _sgd_transfer, fixed_damping=0.5, help="control: TAM with d held at 0.5"),
+}
+ALIASES = {"constant-damping": "adatamw-const"}
+# The recipe's own optimizer -> the arm that reads its lr as given (fixed_damping is not in the recipe schema).
+RECIPE_ARM = {"adamw": "adamw", "adatamw": "adatamw", "adatam": "adatam", "sgd": "sgd", "tam": "tam"}
+
+
+@dataclass
+class Run:
+    label: str          # arm name plus sweep values, e.g. "adatamw decay_rate=0.5"
+    seed: int
+    recipe: Recipe
+    fixed_damping: Optional[float]
+    directory: Path
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of everything that defines the run except where it is written."""
+        d = to_dict(self.recipe)
+        d["training"] = {k: v for k, v in d["training"].items() if k != "output_dir"}
+        d["fixed_damping"] = self.fixed_damping
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    @property
+    def done(self) -> bool:
+        path = self.directory / "result.json"
+        return path.is_file() and json.loads(path.read_text()).get("fingerprint") == self.fingerprint
+
+
+@dataclass
+class _ControlOptimizerConfig(OptimizerConfig):
+    """The recipe schema has no ``fixed_damping`` field; this carries it into optim_args for the -const arms."""
+
+    fixed_damping: Optional[float] = None
+
+    def kwargs(self):
+        out = super().kwargs()
+        if self.fixed_damping is not None:
+            out["fixed_damping"] = self.fixed_damping
+        return out
+
+
+# ------------------------------------------------------------------------------------------------ planning
+
+
+def _parse_arm(spec: str) -> tuple[str, Arm, Optional[float]]:
+    name, _, lr = spec.strip().partition("@")
+    name = ALIASES.get(name, name)
+    if name not in ARMS:
+        raise ValueError(f"unknown optimizer {name!r} in --optimizers; known: {', '.join([*ARMS, *ALIASES])}")
+    try:
+        return name, ARMS[name], float(lr) if lr else None
+    except ValueError:
+        raise ValueError(f"--optimizers {spec!r}: the lr after @ must be a number") from None
+
+
+def _parse_seeds(text: str) -> list[int]:
+    """``3`` -> seeds 0, 1, 2; ``13,42`` -> exactly those."""
+    parts = [p for p in text.split(",") if p.strip()]
+    if len(parts) == 1:
+        return list(range(int(parts[0])))
+    return [int(p) for p in parts]
+
+
+def _parse_sweeps(items: list[str]) -> list[tuple[str, list]]:
+    out = []
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or not values:
+            raise ValueError(f"--sweep {item!r}: expected key.path=v1,v2,...")
+        out.append((key, [yaml.safe_load(v) for v in values.split(",")]))
+    return out
+
+
+def _applies(key: str, arm: Arm) -> bool:
+    """A sweep over optimizer.X multiplies only the arms whose optimizer takes X (and that use the angle)."""
+    if not key.startswith("optimizer."):
+        return True
+    field_name = key.split(".", 1)[1]
+    if arm.fixed_damping is not None and field_name == "decay_rate":
+        return False  # d is held: the smoothing of the cosine has nothing to act on
+    return field_name in OPTIMIZER_PARAMS[arm.optimizer] or field_name == "lr"
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", label.replace(" ", "__"))
+
+
+def plan(recipe_path: str | Path, optimizers: list[str], seeds: list[int], sets: list[str] = (),
+         sweeps: list[str] = (), out: str | Path = "compare") -> tuple[list[str], list[Run]]:
+    """(arm labels in order, runs). Every run's recipe is validated here, before anything trains; a
+    RecipeError lists the problems of every arm at once."""
+    recipe_path = Path(recipe_path)
+    raw = yaml.safe_load(recipe_path.read_text()) or {}
+    problems = apply_overrides(raw, list(sets))
+    base = validate_recipe(copy.deepcopy(raw), name=recipe_path.stem, source=str(recipe_path), problems=problems)
+    base_arm = ARMS[RECIPE_ARM[base.optimizer.name]]
+    reference_lr = base.optimizer.lr / base_arm.lr_factor(base.optimizer)
+
+    labels, runs, problems = [], [], []
+    sweep_axes = _parse_sweeps(list(sweeps))
+    for spec in optimizers:
+        name, arm, explicit_lr = _parse_arm(spec)
+        if explicit_lr is None and arm.family != base_arm.family:
+            problems.append(f"{name}: no lr transfer from the recipe's {base.optimizer.name}; write {name}@LR")
+            continue
+        axes = [(k, vals) for k, vals in sweep_axes if _applies(k, arm)]
+        for combo in itertools.product(*(vals for _, vals in axes)):
+            label = " ".join([name] + [f"{k.rsplit('.', 1)[-1]}={v}" for (k, _), v in zip(axes, combo)])
+            if label in labels:
+                continue
+            arm_raw = copy.deepcopy(raw)
+            opt = arm_raw.setdefault("optimizer", {})
+            opt["name"] = arm.optimizer
+            for key in list(opt):  # settings the arm's optimizer does not take (adamw has no decay_rate)
+                if key not in ("name", "lr") and key not in OPTIMIZER_PARAMS[arm.optimizer]:
+                    del opt[key]
+            opt["lr"] = explicit_lr if explicit_lr is not None else reference_lr * arm.lr_factor(base.optimizer)
+            problems += [f"{label}: {p}" for p in apply_overrides(arm_raw, [f"{k}={v}" for (k, _), v in zip(axes, combo)])]
+            labels.append(label)
+            for seed in seeds:
+                seed_raw = copy.deepcopy(arm_raw)
+                directory = Path(out) / "runs" / _slug(label) / f"seed{seed}"
+                seed_raw.setdefault("training", {}).update(seed=seed, output_dir=str(directory))
+                try:
+                    recipe = validate_recipe(seed_raw, name=recipe_path.stem, source=f"{recipe_path} [{label}]")
+                except RecipeError as exc:
+                    problems += [f"{label}: {p}" for p in exc.problems]
+                    break
+                if arm.fixed_damping is not None:
+                    recipe.optimizer = _ControlOptimizerConfig(**dataclasses.asdict(recipe.optimizer),
+                                                               fixed_damping=arm.fixed_damping)
+                runs.append(Run(label, seed, recipe, arm.fixed_damping, directory))
+    if problems:
+        raise RecipeError(sorted(set(problems), key=problems.index), f"compare {recipe_path}")
+    return labels, runs
+
+
+# ------------------------------------------------------------------------------------------------- running
+
+
+def _history_callback():
+    """A callback that keeps the Trainer's state, so the log history (the final evaluation included: it is
+    appended to the same state after training) outlives the run; finetune() returns only the summary."""
+    from transformers import TrainerCallback
+
+    class _History(TrainerCallback):
+        state = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.state = state
+
+    return _History()
+
+
+def _prepare(run: Run) -> None:
+    """Continue a partial run from its checkpoint when it has one and the recipe is unchanged; else start over."""
+    d = run.directory
+    stamp = d / "fingerprint.txt"
+    same = stamp.is_file() and stamp.read_text().strip() == run.fingerprint
+    if d.exists() and same and any(d.glob("checkpoint-*")):
+        run.recipe.resume = True
+        return
+    if d.exists():
+        shutil.rmtree(d)
+    d.mkdir(parents=True)
+    stamp.write_text(run.fingerprint + "\n")
+
+
+def _prune(directory: Path) -> None:
+    """Drop weights and checkpoints of a finished run: a study of many runs would otherwise fill the disk."""
+    for path in directory.iterdir():
+        if path.name not in KEEP_FILES:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def execute(run: Run, keep_models: bool = False) -> dict:
+    from tam_hf.finetune import finetune
+
+    _prepare(run)
+    history = _history_callback()
+    summary = finetune(run.recipe, callbacks=[history])
+    if summary.get("interrupted"):
+        raise KeyboardInterrupt
+    result = {"label": run.label, "seed": run.seed, "fingerprint": run.fingerprint,
+              "fixed_damping": run.fixed_damping, "summary": summary,
+              "log_history": history.state.log_history if history.state is not None else []}
+    (run.directory / "result.json").write_text(json.dumps(result, indent=1, default=str))
+    if not keep_models:
+        _prune(run.directory)
+    return result
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tam-finetune compare",
+        description="Run a recipe under several optimizers and seeds; write a mean ± std report with plots.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="arms:\n" + "\n".join(f"  {k:14s} {a.help}" for k, a in ARMS.items())
+        + "\n  constant-damping = adatamw-const\n\nexample: tam-finetune compare recipes/examples/demo_tiny.yaml "
+        "--optimizers adamw,adatamw,adatamw-const --seeds 3 --out runs/demo",
+    )
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("--optimizers", default="adamw,adatamw",
+                   help="comma-separated arms, the first is the baseline of the deltas; NAME@LR sets an lr")
+    p.add_argument("--seeds", default="3", help="N (seeds 0..N-1) or a comma-separated list (default 3)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="recipe override for every run (repeatable), e.g. --set training.max_steps=200")
+    p.add_argument("--sweep", dest="sweeps", action="append", default=[], metavar="KEY=V1,V2",
+                   help="one arm per value, e.g. --sweep optimizer.decay_rate=0.5,0.9,0.99 (repeatable: product)")
+    p.add_argument("--out", default=None, help="output folder (default: compare/<recipe name>)")
+    p.add_argument("--keep-models", action="store_true", help="keep each run's weights and checkpoints")
+    p.add_argument("--report-only", action="store_true", help="write the report from the finished runs; train nothing")
+    p.add_argument("--dry-run", action="store_true", help="validate every run and print the plan; train nothing")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    out = Path(args.out or Path("compare") / Path(args.recipe).stem)
+    try:
+        seeds = _parse_seeds(args.seeds)
+        labels, runs = plan(args.recipe, args.optimizers.split(","), seeds, args.sets, args.sweeps, out)
+    except (RecipeError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    todo = [r for r in runs if not r.done]
+    print(f"compare: {len(labels)} arm(s) x {len(seeds)} seed(s) = {len(runs)} runs; "
+          f"{len(runs) - len(todo)} finished, {len(todo)} to do; output {out}", flush=True)
+    for run in runs:
+        print(f"  {run.label:32s} seed {run.seed}  lr {run.recipe.optimizer.lr:.3g}  "
+              f"{'done' if run.done else 'to do'}", flush=True)
+    if args.dry_run:
+        return 0
+    if not args.report_only:
+        for i, run in enumerate(todo, 1):
+            started = time.time()
+            print(f"[{i}/{len(todo)}] {run.label} seed {run.seed} -> {run.directory}", flush=True)
+            try:
+                execute(run, keep_models=args.keep_models)
+            except KeyboardInterrupt:
+                print("compare interrupted; rerun the same command to continue", file=sys.stderr)
+                return 130
+            print(f"[{i}/{len(todo)}] finished in {time.time() - started:.0f} s", flush=True)
+    results = [json.loads((r.directory / "result.json").read_text()) for r in runs if r.done]
+    if not results:
+        print("error: no finished runs to report", file=sys.stderr)
+        return 1
+    from tam_hf.report import write_report
+
+    present = [label for label in labels if any(r["label"] == label for r in results)]
+    command = "python -m tam_hf.compare " + " ".join(sys.argv[1:] if argv is None else argv)
+    paths = write_report(results, present, out, f"{Path(args.recipe).stem}: {', '.join(present)}", command)
+    print((out / "report.md").read_text())
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""The comparison report: per-run results in, one folder of tables and plots out.
+
+Input is a list of finished runs, each ``{"label", "seed", "summary", "log_history"}`` (what
+:mod:`tam_hf.compare` stores as ``result.json``). Output, all in one folder:
+
+* ``report.md``  every metric as mean ± std over seeds, with the difference of means to the first arm and the
+  standard error of that difference (so "similar" has a scale: a difference within ~2 SE is noise);
+* ``report.csv`` the same numbers in long form (arm, metric, n, mean, std, delta, delta_se, per-seed values);
+* ``runs.csv``   one row per run;
+* ``loss.png``   training and evaluation loss over steps (mean over seeds, band = min..max);
+* ``damping.png`` TAM's mean damping over steps (arms without damping, e.g. AdamW, are absent).
+
+Standard deviations are sample standard deviations (ddof 1); with one seed they are shown as "n/a".
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+__all__ = ["run_metrics", "aggregate", "write_report", "curves"]
+
+# log_history key -> curve name; train losses are logged under "loss", evaluations under "eval_loss".
+CURVES = {"loss": "train loss", "eval_loss": "eval loss", "damping/mean": "damping (mean over tensors)"}
+
+
+def run_metrics(result: dict) -> dict[str, float]:
+    """The scalar metrics of one run, in a stable order: train loss, eval metrics, final damping, wall time."""
+    s = result["summary"]
+    out = {"train_loss": s["train_loss"]}
+    for key, value in (s.get("eval") or {}).items():
+        out[f"eval_{key}"] = value
+    if s.get("damping"):
+        out["damping_mean"] = s["damping"]["mean"]
+    out["wall_s"] = s.get("wall_s")
+    return {k: float(v) for k, v in out.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _metric_rank(name: str) -> int:
+    """Column order whatever arm comes first: losses and task metrics, then damping, then time."""
+    return {"train_loss": 0, "damping_mean": 2, "wall_s": 3}.get(name, 1)
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else math.nan
+    return mean, std
+
+
+def aggregate(results: list[dict], arms: list[str]) -> tuple[list[str], list[dict]]:
+    """(metric names, rows): one row per (arm, metric) with n, mean, std, values and the difference of means to
+    ``arms[0]`` with its standard error sqrt(s1²/n1 + s2²/n2)."""
+    per_arm: dict[str, dict[str, list[float]]] = {arm: {} for arm in arms}
+    metrics: list[str] = []
+    for result in sorted(results, key=lambda r: r["seed"]):
+        for key, value in run_metrics(result).items():
+            per_arm[result["label"]].setdefault(key, []).append(value)
+            if key not in metrics:
+                metrics.append(key)
+    metrics.sort(key=_metric_rank)
+    rows = []
+    base = per_arm[arms[0]]
+    for arm in arms:
+        for metric in metrics:
+            values = per_arm[arm].get(metric)
+            if not values:
+                continue
+            mean, std = _mean_std(values)
+            row = {"arm": arm, "metric": metric, "n": len(values), "mean": mean, "std": std, "values": values,
+                   "delta": math.nan, "delta_se": math.nan}
+            if arm != arms[0] and base.get(metric):
+                b_mean, b_std = _mean_std(base[metric])
+                row["delta"] = mean - b_mean
+                if len(values) > 1 and len(base[metric]) > 1:
+                    row["delta_se"] = math.sqrt(std ** 2 / len(values) + b_std ** 2 / len(base[metric]))
+            rows.append(row)
+    return metrics, rows
+
+
+def _fmt(x: float) -> str:
+    if math.isnan(x):
+        return "n/a"
+    return f"{x:.4g}"
+
+
+def _signed(x: float) -> str:
+    return "n/a" if math.isnan(x) else ("+" if x >= 0 else "−") + _fmt(abs(x))
+
+
+def _cell(row: dict) -> str:
+    text = f"{_fmt(row['mean'])} ± {_fmt(row['std'])}"
+    if not math.isnan(row["delta"]):
+        se = "" if math.isnan(row["delta_se"]) else f" ± {_fmt(row['delta_se'])}"
+        text += f" (Δ {_signed(row['delta'])}{se})"
+    return text
+
+
+def markdown_table(metrics: list[str], rows: list[dict], arms: list[str]) -> str:
+    by = {(r["arm"], r["metric"]): r for r in rows}
+    lines = ["| arm | seeds | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 2) + "|"]
+    for arm in arms:
+        n = max((by[(arm, m)]["n"] for m in metrics if (arm, m) in by), default=0)
+        cells = [_cell(by[(arm, m)]) if (arm, m) in by else "–" for m in metrics]
+        lines.append(f"| {arm} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def curves(results: list[dict], key: str) -> dict[str, tuple[list[int], list[float], list[float], list[float]]]:
+    """arm -> (steps, mean, min, max) of log_history ``key`` over seeds, at the steps every seed logged."""
+    per_arm: dict[str, list[dict[int, float]]] = {}
+    for result in results:
+        points = {e["step"]: float(e[key]) for e in result["log_history"] if key in e and "step" in e}
+        if points:
+            per_arm.setdefault(result["label"], []).append(points)
+    out = {}
+    for arm, seeds in per_arm.items():
+        steps = sorted(set.intersection(*(set(p) for p in seeds)))
+        vals = [[p[s] for p in seeds] for s in steps]
+        out[arm] = (steps, [sum(v) / len(v) for v in vals], [min(v) for v in vals], [max(v) for v in vals])
+    return out
+
+
+def _plot(results: list[dict], arms: list[str], keys: list[str], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display (CI, ssh)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        data = curves(results, key)
+        for i, arm in enumerate(arms):
+            if arm in data:
+                steps, mean, lo, hi = data[arm]
+                ax.plot(steps, mean, label=arm, color=f"C{i}", marker="o" if len(steps) < 12 else None)
+                ax.fill_between(steps, lo, hi, color=f"C{i}", alpha=0.2)
+        if not data:
+            ax.text(0.5, 0.5, f"no '{key}' logged by any arm", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xlabel("step")
+        ax.set_title(CURVES[key])
+        ax.grid(alpha=0.3)
+        if data:
+            ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(results: list[dict], arms: list[str], out: Path, title: str, command: str = "") -> dict[str, Path]:
+    """Write report.md, report.csv, runs.csv, loss.png and damping.png into ``out``; returns their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    metrics, rows = aggregate(results, arms)
+    seeds = sorted({r["seed"] for r in results})
+    paths = {name: out / name for name in ("report.md", "report.csv", "runs.csv", "loss.png", "damping.png")}
+
+    with paths["report.csv"].open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["arm", "metric", "n", "mean", "std", f"delta_vs_{arms[0]}", "delta_se", "values"])
+        for r in rows:
+            w.writerow([r["arm"], r["metric"], r["n"], r["mean"], r["std"], r["delta"], r["delta_se"],
+                        " ".join(repr(v) for v in r["values"])])
+    with paths["runs.csv"].open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["arm", "seed", *metrics])
+        for r in sorted(results, key=lambda r: (arms.index(r["label"]), r["seed"])):
+            m = run_metrics(r)
+            w.writerow([r["label"], r["seed"], *(m.get(k, "") for k in metrics)])
+
+    _plot(results, arms, ["loss", "eval_loss"], paths["loss.png"], title)
+    _plot(results, arms, ["damping/mean"], paths["damping.png"], title)
+
+    text = [f"# {title}", ""]
+    if command:
+        text += ["```", command, "```", ""]
+    text += [f"Seeds: {', '.join(map(str, seeds))}. Cells: mean ± sample std over seeds; (Δ difference of means to "
+             f"**{arms[0]}** ± its standard error). A Δ within about 2 SE is not distinguishable from seed noise.",
+             "", markdown_table(metrics, rows, arms), "",
+             "![loss](loss.png)", "", "![damping](damping.png)", ""]
+    paths["report.md"].write_text("\n".join(text))
+    return paths
