@@ -22,7 +22,7 @@ Saved ``training_args.bin``: the Trainer pickles ``TrainingArguments`` into ever
 members pickle as a call to :func:`restore_optim_name` instead of ``OptimizerNames("adatam")``. So, where
 tam_hf is installed, ``torch.load(".../training_args.bin", weights_only=False)`` works without calling
 ``register()`` first (loading registers the names). Where tam_hf is not installed it fails with
-``ModuleNotFoundError: No module named 'tam_hf'`` (``pip install tam_hf`` fixes it), instead of transformers'
+``ModuleNotFoundError: No module named 'tam_hf'`` (installing tam_hf there fixes it), instead of transformers'
 ``adatam is not a valid OptimizerNames``. Nothing else in a checkpoint depends on tam_hf: the weights,
 ``optimizer.pt`` (plain tensors and dicts), ``scheduler.pt`` and ``trainer_state.json`` load anywhere, and
 ``TrainingArguments.to_dict()`` / ``to_json_string()`` store the optimizer as the plain string ``"adatam"``.
