@@ -94,3 +94,25 @@ def test_bad_override_and_missing_file_exit_2(capsys, no_training, tmp_path):
     assert "expected key.path=value" in capsys.readouterr().err
     assert main([str(tmp_path / "nope.yaml")]) == 2
     assert "recipe file not found" in capsys.readouterr().err
+
+
+def test_print_config_then_summary_and_data_error_exit_1(monkeypatch, capsys):
+    from tam_hf.data import DataError
+
+    fake = {"output_dir": "outputs/demo_tiny", "steps": 7, "train_loss": 1.25, "optimizer": "adatamw",
+            "eval": {"loss": 1.5, "exact_match": 0.25}, "wall_s": 3.0,
+            "damping": {"mean": 0.55, "min": 0.4, "max": 0.7, "frac_below_half": 0.25}}
+    monkeypatch.setattr(tam_hf.finetune, "finetune", lambda recipe: fake)
+    assert main([str(DEMO), "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert yaml.safe_load(out.split("\n== tam-finetune summary ==")[0])["model"]["name"] == "embedded:tiny-llama"
+    for line in ("final train loss: 1.2500", "eval exact_match: 0.2500", "damping: mean 0.550", "below 0.5: 25%",
+                 "outputs: outputs/demo_tiny"):
+        assert line in out, out
+
+    def bad_data(recipe):
+        raise DataError("train data has no column(s) ['prompt']")
+
+    monkeypatch.setattr(tam_hf.finetune, "finetune", bad_data)
+    assert main([str(DEMO)]) == 1
+    assert "data does not fit the recipe: train data has no column(s) ['prompt']" in capsys.readouterr().err

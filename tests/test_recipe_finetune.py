@@ -123,6 +123,19 @@ def test_lora_classifier_reports_classification_metrics(tmp_path):
     assert config["task_type"] == "SEQ_CLS"
 
 
+def test_full_regression_reports_correlations(tmp_path):
+    rows = [{"text": f"{'good ' * (i % 4)}day", "label": float(i % 4)} for i in range(24)]
+    path = tmp_path / "reg.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = _recipe(
+        tmp_path, task="sequence_classification", finetune={"method": "full"},
+        data={"format": "classification", "target": "score", "train_file": str(path), "eval_file": str(path)},
+    )
+    summary = finetune(recipe)
+    assert set(summary["eval"]) == {"loss", "pearson", "spearman"}
+    assert json.loads((Path(summary["output_dir"]) / "config.json").read_text())["problem_type"] == "regression"
+
+
 class _CtrlC(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == 2:
