@@ -34,6 +34,10 @@ MATRIX = {
     "zero3-offload": ["adatam-full"],
     "zero3-tamtrainer": ["adatam-full"],  # the real TAMTrainer, optim="adatam", with the attach() hook
     "zero2-tamtrainer": ["adatam-lora"],
+    # 2 steps, checkpoint, a fresh Trainer resumes for 2 more: the optimizer state (s per fragment included)
+    # must come back through DeepSpeed's checkpoint
+    "zero2-resume": ["adatam-full"],
+    "zero3-resume": ["adatam-full"],
 }
 PARAM_ATOL = 2e-5  # float32 reduction-order noise through 4 AdaTAM steps is ~4e-6; the naive ZeRO run is off by ~3e-3
 DAMPING_ATOL = 1e-6
@@ -102,12 +106,12 @@ def test_two_processes_match_one(runs, backend, case):
 def test_statistics_cost_one_allreduce_per_step_call(runs, backend, case):
     for rank in (0, 1):
         got = _load(runs, f"{backend}-{case}-rank{rank}")
-        assert len(got["allreduces"]) == 4
+        assert len(got["allreduces"]) == (2 if "resume" in backend else 4)  # steps this Trainer took
         if backend == "ddp":  # whole tensors: nothing extra inside the optimizer step
-            assert got["allreduces"] == [0, 0, 0, 0]
-            assert got["steps_per_train_step"] == [1, 1, 1, 1]
+            assert got["allreduces"] == [0] * 4
+            assert got["steps_per_train_step"] == [1] * 4
         else:  # DeepSpeed steps the client optimizer once per param group; each call reduces once
-            assert got["steps_per_train_step"] == [got["n_groups"]] * 4
+            assert got["steps_per_train_step"] == [got["n_groups"]] * len(got["allreduces"])
             assert got["allreduces"] == got["steps_per_train_step"]
 
 

@@ -163,8 +163,6 @@ def reference_damping(tam, model) -> dict:
 
 
 def run(backend: str, case: str, out_dir: str) -> None:
-    from accelerate.state import AcceleratorState
-
     opt_cls, opt_kwargs, lora = CASES[case]
     world = int(os.environ.get("WORLD_SIZE", "1"))  # the process group starts with TrainingArguments
     stage = int(backend[4]) if backend.startswith("zero") else None  # zero{1,2,3}[-offload|-naive]
@@ -172,30 +170,39 @@ def run(backend: str, case: str, out_dir: str) -> None:
         import tam_hf
 
         tam_hf.register()  # before TrainingArguments(optim="adatam")
-    with tempfile.TemporaryDirectory() as tmp:
-        args = TrainingArguments(
-            output_dir=tmp, per_device_train_batch_size=GLOBAL_BATCH // world, max_steps=STEPS,
-            learning_rate=opt_kwargs["lr"], lr_scheduler_type="constant", use_cpu=True, report_to=[],
-            save_strategy="no", logging_strategy="no", seed=0, data_seed=0, train_sampling_strategy="sequential",
-            disable_tqdm=True, dataloader_num_workers=0,
-            deepspeed=ds_config(stage, offload="offload" in backend) if stage else None,
-            **(dict(fsdp="full_shard", fsdp_config={"version": 2, "reshard_after_forward": True,
-                                                     "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]})
-               if backend.startswith("fsdp2") else {}),
-            **(dict(optim=case.split("-")[0], weight_decay=opt_kwargs.get("weight_decay", 0.0))
-               if "tamtrainer" in backend else {}),
-        )
-        model = build_model(lora)
+    tmp = os.path.join(out_dir, "work", f"{backend}-{case}")  # shared by the ranks: checkpoints live here
+    if True:  # (one indentation level for the helpers below)
+        def make_args(max_steps, **extra):
+            extra = {"save_strategy": "no", **extra}
+            return TrainingArguments(
+                output_dir=tmp, per_device_train_batch_size=GLOBAL_BATCH // world, max_steps=max_steps,
+                learning_rate=opt_kwargs["lr"], lr_scheduler_type="constant", use_cpu=True, report_to=[],
+                logging_strategy="no", seed=0, data_seed=0,
+                train_sampling_strategy="sequential", disable_tqdm=True, dataloader_num_workers=0,
+                deepspeed=ds_config(stage, offload="offload" in backend) if stage else None,
+                **(dict(optim=case.split("-")[0], weight_decay=opt_kwargs.get("weight_decay", 0.0))
+                   if "tamtrainer" in backend else {}),
+                **extra,
+            )
+
+        def make_trainer(args, callbacks):
+            model = build_model(lora)
+            if "tamtrainer" in backend:  # the real TAMTrainer, optimizer chosen by args.optim
+                assert case in ("adatam-full", "adatam-lora"), case
+                return tam_trainer_class()(model=model, args=args, train_dataset=Tokens(), callbacks=callbacks)
+            return ParityTrainer(model=model, args=args, train_dataset=Tokens(), opt_cls=opt_cls,
+                                 opt_kwargs=opt_kwargs, install=not backend.endswith("naive"), callbacks=callbacks)
+
+        resume = None
+        if "resume" in backend:  # 2 steps, checkpoint, then a fresh Trainer resumes to STEPS
+            first = make_trainer(make_args(STEPS // 2, save_strategy="steps", save_steps=STEPS // 2), [])
+            first.train()
+            resume = os.path.join(tmp, f"checkpoint-{STEPS // 2}")
+            _release(first, stage)
         counter = CountCollectives()
-        if "tamtrainer" in backend:  # zero2-tamtrainer: the real TAMTrainer, optimizer chosen by args.optim
-            assert case in ("adatam-full", "adatam-lora"), case
-            trainer = tam_trainer_class()(model=model, args=args, train_dataset=Tokens(), callbacks=[counter])
-        else:
-            trainer = ParityTrainer(model=model, args=args, train_dataset=Tokens(), opt_cls=opt_cls,
-                                    opt_kwargs=opt_kwargs, install=not backend.endswith("naive"),
-                                    callbacks=[counter])
+        trainer = make_trainer(make_args(STEPS), [counter])
         try:
-            trainer.train()
+            trainer.train(resume_from_checkpoint=resume)
         finally:
             counter.restore()
         tam, _ = find_torque_optimizer(trainer.optimizer)
@@ -216,6 +223,13 @@ def run(backend: str, case: str, out_dir: str) -> None:
         }
     rank = dist.get_rank() if dist.is_initialized() else 0
     torch.save(result, os.path.join(out_dir, f"{backend}-{case}-rank{rank}.pt"))
+    _release(trainer, stage)
+
+
+def _release(trainer, stage) -> None:
+    """Lets the next Trainer of this process start clean (another DeepSpeed config, or none)."""
+    from accelerate.state import AcceleratorState
+
     engine = getattr(trainer, "deepspeed", None)
     if engine is not None and hasattr(engine, "destroy"):
         engine.destroy()
