@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_intermixed_args(argv)  # flags may come before or after the overrides
     try:
         recipe = load_recipe(args.recipe, args.overrides)
+        from tam_hf.finetune import build_training_arguments
+
+        build_training_arguments(recipe)  # TrainingArguments' own checks, still before any loading
     except RecipeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

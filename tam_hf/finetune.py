@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 
-from tam_hf.recipe import Recipe, resolve_path, to_yaml
+from tam_hf.recipe import Recipe, RecipeError, resolve_path, to_yaml
 
-__all__ = ["finetune", "training_arguments", "GracefulStop", "OPTIM_NAMES"]
+__all__ = ["finetune", "training_arguments", "build_training_arguments", "GracefulStop", "OPTIM_NAMES"]
 
 # recipe optimizer.name -> TrainingArguments.optim
 OPTIM_NAMES = {"tam": "tam", "adatam": "adatam", "adatamw": "adatamw", "adamw": "adamw_torch", "sgd": "sgd"}
@@ -44,7 +44,26 @@ def training_arguments(recipe: Recipe) -> dict:
     if recipe.distributed is not None and recipe.distributed.deepspeed:
         kwargs["deepspeed"] = str(resolve_path(recipe.distributed.deepspeed))
     kwargs.setdefault("seed", 42)
+    if "dataloader_pin_memory" not in kwargs:
+        import torch
+
+        # Pinned host memory only helps copies to an accelerator; without one torch warns on every dataloader.
+        kwargs["dataloader_pin_memory"] = torch.cuda.is_available() or torch.xpu.is_available()
     return kwargs
+
+
+def build_training_arguments(recipe: Recipe):
+    """TrainingArguments for the recipe. Its own consistency checks (__post_init__) run here, before anything
+    is loaded, and come back as a RecipeError like every other recipe problem."""
+    from transformers import TrainingArguments
+
+    from tam_hf.register import register
+
+    register()  # makes optim="tam|adatam|adatamw" valid TrainingArguments values
+    try:
+        return TrainingArguments(**training_arguments(recipe))
+    except (ValueError, TypeError) as exc:
+        raise RecipeError([f"training: {exc}".replace("\n", " ")], "recipe") from None
 
 
 class GracefulStop:
@@ -130,18 +149,16 @@ def save_resolved(recipe: Recipe, output_dir: Path) -> Path:
 def finetune(recipe: Recipe, callbacks: list = ()) -> dict:
     """Train, save, evaluate and (when asked) push; returns the summary the CLI prints (also saved as
     summary.json in the output directory)."""
-    from transformers import TrainingArguments, set_seed
+    from transformers import set_seed
 
     import tam_hf
     from tam_hf.data import build_datasets, collator
     from tam_hf.metrics import classification_metrics, perplexity
     from tam_hf.model import load_model, load_tokenizer
-    from tam_hf.register import register
     from tam_hf.trainer import TAMTrainer
 
     started = time.time()
-    register()  # makes optim="tam|adatam|adatamw" valid TrainingArguments values
-    args = TrainingArguments(**training_arguments(recipe))
+    args = build_training_arguments(recipe)
     output_dir = Path(args.output_dir)
     set_seed(args.seed)
     tokenizer = load_tokenizer(recipe.model)
@@ -158,9 +175,11 @@ def finetune(recipe: Recipe, callbacks: list = ()) -> dict:
     resume = str(resolve_path(recipe.resume)) if isinstance(recipe.resume, str) else (recipe.resume or None)
     with stop:
         result = trainer.train(resume_from_checkpoint=resume)
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     summary = {
         "output_dir": str(output_dir),
-        "train_loss": result.training_loss,
+        "train_loss": logged[-1] if logged else result.training_loss,  # the last logged loss, not the run's mean
+        "mean_train_loss": result.training_loss,
         "steps": trainer.state.global_step,
         "damping": _damping(trainer.optimizer),
         "optimizer": recipe.optimizer.name,

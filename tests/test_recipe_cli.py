@@ -89,6 +89,13 @@ def test_unreadable_recipes_exit_2(tmp_path, capsys, no_training, text, fragment
     assert fragment in capsys.readouterr().err
 
 
+def test_training_arguments_own_checks_exit_2(capsys, no_training):
+    assert main([str(DEMO), "training.eval_strategy=steps", "training.save_strategy=epoch",
+                 "training.load_best_model_at_end=true"]) == 2
+    err = capsys.readouterr().err
+    assert "training: " in err and "load_best_model_at_end" in err and "Traceback" not in err
+
+
 def test_bad_override_and_missing_file_exit_2(capsys, no_training, tmp_path):
     assert main([str(DEMO), "optimizer.lr"]) == 2
     assert "expected key.path=value" in capsys.readouterr().err

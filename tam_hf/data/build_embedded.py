@@ -1,4 +1,4 @@
-"""Regenerates the embedded demo files in this directory: `python -m tam_hf.data.build_embedded`.
+"""Regenerates the embedded demo files in this directory: `python tam_hf/data/build_embedded.py`.
 
 Provenance and licence: every row of demo_train.jsonl / demo_eval.jsonl is produced by the templates below (no
 external text); the tokenizer is trained on those rows only. Released with tam_hf under Apache-2.0.
