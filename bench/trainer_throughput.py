@@ -79,9 +79,9 @@ def run_once(optim: str, config, init, data, opts, out_dir: str) -> list[float]:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--optims", nargs="+", default=["adamw_torch", "adatam"])
-    p.add_argument("--repeats", type=int, default=6)
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--logging_steps", type=int, default=10)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=64)
