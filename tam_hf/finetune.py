@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -75,11 +76,13 @@ class GracefulStop:
         self._previous = None
 
     def __enter__(self):
-        self._previous = signal.signal(signal.SIGINT, self._handle)
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
+            self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self._previous)
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
     def _handle(self, signum, frame):
         if self.requested:

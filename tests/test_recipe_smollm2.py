@@ -46,6 +46,16 @@ def test_smollm2_lora_two_steps_saves_a_loadable_adapter(tmp_path):
     assert all(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
 
+    # The real chat template (ChatML plus a default system prompt) still yields assistant-only labels.
+    from tam_hf.data import IGNORE, tokenize_row
+    from tam_hf.model import load_tokenizer
+    from tam_hf.recipe import DataConfig
+
+    tok = load_tokenizer(recipe.model)
+    messages = [{"role": "user", "content": "What is 1 plus 1?"}, {"role": "assistant", "content": "2"}]
+    enc = tokenize_row({"messages": messages}, tok, DataConfig(format="chat"))
+    assert tok.decode([t for t, l in zip(enc["input_ids"], enc["labels"]) if l != IGNORE]) == "2<|im_end|>\n"
+
     base = AutoModelForCausalLM.from_pretrained(model_dir, gguf_file=GGUF, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, out)
     key = next(k for k in adapter if "lora_B" in k)
