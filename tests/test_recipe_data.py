@@ -116,3 +116,18 @@ def test_missing_column_is_a_clear_error(tmp_path):
     cfg = DataConfig(format="prompt_completion", train_file=_write(tmp_path / "t.jsonl", [{"question": "x", "completion": "y"}]))
     with pytest.raises(DataError, match=r"no column\(s\) \['prompt'\].*data.columns"):
         load_raw(cfg)
+
+
+def test_local_dataset_directory_with_splits_and_plain_text_file(tmp_path, tok):
+    root = tmp_path / "ds"
+    root.mkdir()
+    _write(root / "train.jsonl", [{"text": f"line {i}"} for i in range(6)])
+    _write(root / "test.jsonl", [{"text": "held out"}])
+    recipe = validate_recipe({"model": {"name": "embedded:tiny-llama"},
+                              "data": {"format": "text", "dataset": str(root), "eval_split": "test"},
+                              "optimizer": {"name": "tam", "lr": 0.01}})
+    train_ds, eval_ds, _, _ = build_datasets(recipe, tok)
+    assert (len(train_ds), len(eval_ds)) == (6, 1)
+    (tmp_path / "corpus.txt").write_text("Add one and two.\nWhat is 3 plus 4?\n")
+    raw = load_raw(DataConfig(format="text", train_file=str(tmp_path / "corpus.txt")))
+    assert raw["train"]["text"] == ["Add one and two.", "What is 3 plus 4?"]

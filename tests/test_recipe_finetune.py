@@ -181,3 +181,28 @@ def test_optimizer_section_maps_onto_training_arguments(tmp_path):
     assert kwargs["optim_args"] == "momentum=0.8,decay_rate=0.95"
     adam = training_arguments(_recipe(tmp_path, optimizer={"name": "adamw", "lr": 1e-4, "betas": [0.8, 0.99], "eps": 1e-6}))
     assert (adam["optim"], adam["adam_beta1"], adam["adam_beta2"], adam["adam_epsilon"]) == ("adamw_torch", 0.8, 0.99, 1e-6)
+
+
+def test_push_calls_the_hub_with_the_prepared_folder(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from tam_hf.hub import push
+
+    calls = []
+
+    class FakeApi:
+        def __init__(self, **kwargs):
+            assert "token" not in kwargs  # huggingface_hub finds the login itself; we never hold a token
+            calls.append(("init", kwargs))
+
+        def create_repo(self, repo_id, private, exist_ok):
+            calls.append(("create_repo", repo_id, private, exist_ok))
+
+        def upload_folder(self, folder_path, repo_id, commit_message):
+            calls.append(("upload_folder", folder_path, repo_id))
+            return type("Info", (), {"oid": "abc123"})()
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    message = push(tmp_path, "someone/model", private=True)
+    assert calls[1:] == [("create_repo", "someone/model", True, True), ("upload_folder", str(tmp_path), "someone/model")]
+    assert message.startswith("pushed to https://huggingface.co/someone/model")
