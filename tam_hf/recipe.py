@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,7 +155,9 @@ class FinetuneConfig:
 class OptimizerConfig:
     name: Literal["tam", "adatam", "adatamw", "adamw", "sgd"] = _help("Optimizer; TAM family from tam_hf.optim.")
     lr: float = _help("Peak learning rate. AdaTAM(W) wants ~0.2x AdamW's (DESIGN.md §1); TAM ~2x SGDM's.")
-    weight_decay: Optional[float] = _help("Coupled for tam/adatam/sgd, decoupled for adatamw/adamw.", None)
+    weight_decay: Optional[float] = _help(
+        "Coupled for tam/adatam/sgd, decoupled for adatamw/adamw; unset means 0 (TrainingArguments' default). "
+        "The Trainer never decays biases and norms.", None)
     momentum: Optional[float] = _help("tam/sgd momentum.", None)
     betas: Optional[list[float]] = _help("adatam/adatamw/adamw (beta1, beta2).", None)
     eps: Optional[float] = _help("Adam-style denominator epsilon.", None)
@@ -587,7 +590,7 @@ def _check_training(r: Recipe, name: str, problems: list[str]) -> None:
 def _simple_type(tp):
     """int/float/bool/str (optionally Optional) annotations are checked; richer ones are left to transformers."""
     args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if typing.get_origin(tp) in (Union, getattr(__import__("types"), "UnionType", Union)) and len(args) == 1:
+    if typing.get_origin(tp) in (Union, types.UnionType) and len(args) == 1:
         tp = args[0]
     return tp if tp in (int, float, bool, str) else None
 
