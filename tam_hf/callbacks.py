@@ -40,7 +40,7 @@ class DampingCallback(TrainerCallback):
         summary = torque.damping_summary() if torque is not None else {}
         if not summary:
             return
-        values = {PREFIX + k: summary[k] for k in ("mean", "frac_below_half", "min", "max")}
+        values = {key: summary[key[len(PREFIX):]] for key in KEYS}
         logs.update(values)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(values)
