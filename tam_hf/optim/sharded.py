@@ -97,6 +97,7 @@ class ShardedStats:
         self._plans: list[_Plan] = []
         self._swaps: list[_Swap] = []
         self._row_cache: dict = {}
+        self._view_cache: dict = {}
         for src in sources:
             if src.kind == "flat":
                 self._check_flat(src)
@@ -195,35 +196,43 @@ class ShardedStats:
         return self._row_cache[key]
 
     def _flat_views(self, src: ShardedSource):
+        """Fragment views of a flat partition with their state entries; the views are built once and reused
+        while the partition and its state buffers stay where they are (only the gradient views are new)."""
         flat = src.tensor
         st = self._flat_state(src)
-        data = flat.detach().view(-1)
+        buffers = [st[name] for name in self.optimizer._buffer_names] + [st["tam_s"], st.get("tam_step")]
+        key = (flat.data_ptr(), flat.numel(), tuple(b.data_ptr() for b in buffers if b is not None))
+        cached = self._view_cache.get(id(flat))
+        if cached is None or cached[0] != key:
+            cached = (key, self._build_flat_views(src, st))
+            self._view_cache[id(flat)] = cached
+        views, states, frags = cached[1]
         grad = flat.grad.view(-1) if flat.grad is not None else None
-        if not src.fragments:  # no element of any tensor here, yet this rank must join the all-reduce
-            v = data.narrow(0, 0, 0)
-            if grad is not None:
-                v.grad = grad.narrow(0, 0, 0)
-            fst = self.optimizer.state[v]
-            for name in self.optimizer._buffer_names:
-                fst[name] = torch.zeros_like(v)
-            fst["s"] = torch.zeros((), dtype=st["tam_s"].dtype, device=flat.device)
-            if "tam_step" in st:
-                fst["step"] = torch.zeros((), dtype=torch.float32, device=flat.device)
-            return [v], [0]
-        views, rows = [], []
-        for j, f in enumerate(src.fragments):
-            v = data.narrow(0, f.start, f.numel)
+        for v, fst, f in zip(views, states, frags):
             if grad is not None:
                 v.grad = grad.narrow(0, f.start, f.numel)
-            fst = self.optimizer.state[v]
-            for name in self.optimizer._buffer_names:
-                fst[name] = st[name].view(-1).narrow(0, f.start, f.numel)
+            self.optimizer.state[v] = fst
+        return views, [f.row for f in frags]
+
+    def _build_flat_views(self, src: ShardedSource, st: dict):
+        data = src.tensor.detach().view(-1)
+        names = self.optimizer._buffer_names
+        if not src.fragments:  # no element of any tensor here, yet this rank must join the all-reduce
+            v = data.narrow(0, 0, 0)
+            fst = {name: torch.zeros_like(v) for name in names}
+            fst["s"] = torch.zeros((), dtype=st["tam_s"].dtype, device=v.device)
+            if "tam_step" in st:
+                fst["step"] = torch.zeros((), dtype=torch.float32, device=v.device)
+            return [v], [fst], [Fragment(0, 0, 0)]
+        views, states = [], []
+        for j, f in enumerate(src.fragments):
+            views.append(data.narrow(0, f.start, f.numel))
+            fst = {name: st[name].view(-1).narrow(0, f.start, f.numel) for name in names}
             fst["s"] = st["tam_s"][j]
             if "tam_step" in st:
                 fst["step"] = st["tam_step"][j]
-            views.append(v)
-            rows.append(f.row)
-        return views, rows
+            states.append(fst)
+        return views, states, list(src.fragments)
 
     def _dtensor_views(self, src: ShardedSource) -> list[Tensor]:
         p = src.tensor
