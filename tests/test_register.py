@@ -151,3 +151,30 @@ def test_run_without_a_script_prints_usage(capsys):
     with pytest.raises(SystemExit) as exit_:
         main([])
     assert exit_.value.code == 2 and "usage: python -m tam_hf.run SCRIPT.py" in capsys.readouterr().err
+
+
+PROBE = """
+import json, sys
+from transformers.training_args import OptimizerNames
+json.dump({"argv": sys.argv, "name": __name__, "path0": sys.path[0], "adatam": "adatam" in [m.value for m in OptimizerNames]},
+          open(sys.argv[-1], "w"))
+"""
+
+
+@pytest.mark.parametrize("form", ["script", "module"])
+def test_run_sets_argv_and_path_like_python_does(tmp_path, monkeypatch, form):
+    from tam_hf.run import main
+
+    (tmp_path / "probe_mod.py").write_text(PROBE)
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path] if form == "module" else list(sys.path))
+    out = str(tmp_path / "probe.json")
+    if form == "script":
+        main([str(tmp_path / "probe_mod.py"), "--flag", out])
+    else:
+        main(["-m", "probe_mod", "--flag", out])
+    seen = json.loads(Path(out).read_text())
+    assert seen["name"] == "__main__" and seen["adatam"]
+    assert seen["argv"][1:] == ["--flag", out] and seen["argv"][0].endswith("probe_mod.py")
+    if form == "script":
+        assert seen["path0"] == str(tmp_path)
