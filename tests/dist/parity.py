@@ -35,6 +35,7 @@ CASES = {  # name: (optimizer class, kwargs, lora)
     "adatam-full": (AdaTAM, dict(lr=5e-4, weight_decay=0.01), False),
     "tam-full": (TAM, dict(lr=5e-2, momentum=0.9, weight_decay=0.01), False),
     "adatam-lora": (AdaTAM, dict(lr=5e-3), True),
+    "tam-lora": (TAM, dict(lr=5e-1, momentum=0.9), True),
     "adatam-global": (AdaTAM, dict(lr=5e-4, cosine_scope="global"), False),
 }
 
@@ -138,6 +139,13 @@ def ds_config(stage: int, offload: bool = False) -> dict:
     return json.loads(path.read_text())
 
 
+def backend_ds_config(backend: str, stage: int) -> dict:
+    cfg = ds_config(stage, offload="offload" in backend)
+    if "subgroups" in backend:  # ZeRO-3 split into many sub-groups, each stepped (and reduced) on its own
+        cfg["zero_optimization"]["sub_group_size"] = 3000
+    return cfg
+
+
 def full_params(model, zero: bool) -> dict:
     inner = getattr(model, "module", model)
     out = {}
@@ -165,7 +173,8 @@ def reference_damping(tam, model) -> dict:
 def run(backend: str, case: str, out_dir: str) -> None:
     opt_cls, opt_kwargs, lora = CASES[case]
     world = int(os.environ.get("WORLD_SIZE", "1"))  # the process group starts with TrainingArguments
-    stage = int(backend[4]) if backend.startswith("zero") else None  # zero{1,2,3}[-offload|-naive]
+    stage = int(backend[4]) if backend.startswith("zero") else None  # zero{1,2,3}[-offload|-naive|...]
+    accum = 2 if "accum" in backend else 1  # zero2-accum: batch 2 x 2 accumulation steps per rank
     if "tamtrainer" in backend:
         import tam_hf
 
@@ -175,11 +184,12 @@ def run(backend: str, case: str, out_dir: str) -> None:
         def make_args(max_steps, **extra):
             extra = {"save_strategy": "no", **extra}
             return TrainingArguments(
-                output_dir=tmp, per_device_train_batch_size=GLOBAL_BATCH // world, max_steps=max_steps,
+                output_dir=tmp, per_device_train_batch_size=GLOBAL_BATCH // world // accum, max_steps=max_steps,
+                gradient_accumulation_steps=accum,
                 learning_rate=opt_kwargs["lr"], lr_scheduler_type="constant", use_cpu=True, report_to=[],
                 logging_strategy="no", seed=0, data_seed=0,
                 train_sampling_strategy="sequential", disable_tqdm=True, dataloader_num_workers=0,
-                deepspeed=ds_config(stage, offload="offload" in backend) if stage else None,
+                deepspeed=backend_ds_config(backend, stage) if stage else None,
                 **(dict(optim=case.split("-")[0], weight_decay=opt_kwargs.get("weight_decay", 0.0))
                    if "tamtrainer" in backend else {}),
                 **extra,
