@@ -109,6 +109,7 @@ def test_statistics_cost_one_allreduce_per_step_call(runs, backend, case):
     for rank in (0, 1):
         got = _load(runs, f"{backend}-{case}-rank{rank}")
         assert len(got["allreduces"]) == (2 if "resume" in backend else 4)  # steps this Trainer took
+        assert got["installed"] == (backend != "ddp")  # whole tensors need no statistics layer
         if backend == "ddp":  # whole tensors: nothing extra inside the optimizer step
             assert got["allreduces"] == [0] * 4
             assert got["steps_per_train_step"] == [1] * 4
@@ -309,3 +310,39 @@ def test_shipped_accelerate_configs(path):
         assert kind == "FSDP" and int(cfg.fsdp_config["fsdp_version"]) == 2
     else:
         assert path.stem == "ddp" and kind == "MULTI_GPU"
+
+
+def test_one_reduction_for_all_groups_equals_one_per_group():
+    """An optimizer that concatenates every group's statistics before calling the reducer (one all-reduce per
+    step) gets the same rows as one call per group, global scope included."""
+    torch.manual_seed(0)
+    flats = [torch.randn(20, requires_grad=True), torch.randn(12, requires_grad=True)]
+    for f in flats:
+        f.grad = torch.randn_like(f)
+    opt = AdaTAM([{"params": [flats[0]]}, {"params": [flats[1]], "cosine_scope": "global"}], lr=1e-2)
+    sources = [ShardedSource(flats[0], "flat", [Fragment(0, 8, 0), Fragment(8, 5, 1), Fragment(13, 7, 1)],
+                             ["a", "b"]),
+               ShardedSource(flats[1], "flat", [Fragment(0, 6, 0), Fragment(6, 6, 1)], ["c", "d"])]
+    stats_layer = ShardedStats(opt, sources)
+    rows = [torch.rand(3, 3, dtype=torch.float64), torch.rand(2, 3, dtype=torch.float64)]
+    stats_layer._enter()
+    separate = [stats_layer(rows[0]), stats_layer(rows[1])]
+    stats_layer._enter()
+    merged = stats_layer(torch.cat(rows))
+    stats_layer._exit()
+    torch.testing.assert_close(merged, torch.cat(separate))
+    torch.testing.assert_close(separate[0][1], rows[0][1] + rows[0][2])  # b's two fragments see b's total
+    torch.testing.assert_close(separate[1][0], rows[1].sum(0))  # global: the group total in the first row
+    assert separate[1][1].abs().sum() == 0
+
+
+def test_a_rank_without_fragments_still_steps_and_leaves_its_padding_alone():
+    """A ZeRO rank whose partition holds only padding must still reach the all-reduce (a placeholder)."""
+    flat = torch.randn(6, requires_grad=True)
+    before = flat.detach().clone()
+    flat.grad = torch.randn(6)
+    opt = AdaTAM([flat], lr=1e-2)
+    ShardedStats(opt, [ShardedSource(flat, "flat", [], ["x", "y"])])
+    opt.step()
+    assert torch.equal(flat.detach(), before)
+    assert list(opt.state) == [flat] and opt.param_groups[0]["params"] == [flat]

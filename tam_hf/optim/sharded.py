@@ -260,23 +260,43 @@ class ShardedStats:
     # ---------------------------------------------------------------------------------------- the reducer
 
     def __call__(self, stats: Tensor) -> Tensor:
+        """Per-fragment partial sums -> each fragment's whole-tensor sums, with one all-reduce.
+
+        Takes the rows of the next param group, or of all the param groups of this step concatenated (an
+        optimizer that gathers every group's statistics before reducing gets one all-reduce per step)."""
         if not self._plans:
             raise RuntimeError("stats_reducer called outside a ShardedStats step (was the optimizer's param "
                                "group list replaced after installation?)")
-        plan = self._plans.pop(0)
-        if plan.rows.numel() != stats.shape[0]:
-            raise RuntimeError(f"expected statistics for {plan.rows.numel()} fragments, got {stats.shape[0]}")
-        rows = plan.rows if plan.rows.device == stats.device else plan.rows.to(stats.device)
-        total = stats.new_zeros(plan.n_rows, 3)
+        n_first, n_all = self._plans[0].rows.numel(), sum(p.rows.numel() for p in self._plans)
+        if stats.shape[0] == n_first:
+            plans = [self._plans.pop(0)]
+        elif stats.shape[0] == n_all:
+            plans, self._plans = self._plans, []
+        else:
+            raise RuntimeError(f"expected statistics for {n_first} fragments (one param group) or {n_all} (all), "
+                               f"got {stats.shape[0]}")
+        if len({id(p.group) for p in plans}) != 1:
+            raise RuntimeError("param groups reduced together must share one process group")
+        # one buffer for every group: rows of group k are offset by the logical tensors of the groups before it
+        offsets, n_rows = [], 0
+        for plan in plans:
+            offsets.append(n_rows)
+            n_rows += plan.n_rows
+        rows = torch.cat([p.rows.to(stats.device) + off for p, off in zip(plans, offsets)])
+        total = stats.new_zeros(n_rows, 3)
         total.index_add_(0, rows, stats)
-        if plan.group is not None or dist.is_initialized():
-            dist.all_reduce(total, group=plan.group)
+        if plans[0].group is not None or dist.is_initialized():
+            dist.all_reduce(total, group=plans[0].group)
             self.allreduce_calls += 1
-        if plan.scope == "global":
-            out = torch.zeros_like(stats)
-            out[0] = total.sum(0)
-            return out
-        return total.index_select(0, rows)
+        out = total.index_select(0, rows)
+        start = 0
+        for plan, off in zip(plans, offsets):
+            n = plan.rows.numel()
+            if plan.scope == "global":  # the optimizer sums the group's rows: put the group total in its first
+                out[start:start + n] = 0
+                out[start] = total[off:off + plan.n_rows].sum(0)
+            start += n
+        return out
 
     # -------------------------------------------------------------------------------------------- readout
 

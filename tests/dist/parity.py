@@ -229,6 +229,7 @@ def run(backend: str, case: str, out_dir: str) -> None:
             "allreduces": counter.allreduces,
             "steps_per_train_step": counter.steps_per_train_step,
             "n_groups": len(tam.param_groups),
+            "installed": sharded is not None,
             "world": world,
         }
     rank = dist.get_rank() if dist.is_initialized() else 0
