@@ -346,3 +346,15 @@ def test_a_rank_without_fragments_still_steps_and_leaves_its_padding_alone():
     opt.step()
     assert torch.equal(flat.detach(), before)
     assert list(opt.state) == [flat] and opt.param_groups[0]["params"] == [flat]
+
+
+def test_offloaded_statistics_travel_to_the_gpu_for_nccl(monkeypatch):
+    """ZeRO-Offload on GPUs: the optimizer runs on the CPU, the data-parallel group is NCCL (which cannot reduce
+    CPU tensors), so the statistics are moved for the all-reduce. (The GPU run itself is not tested here.)"""
+    import tam_hf.optim.sharded as sharded
+
+    monkeypatch.setattr(sharded.dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(sharded.torch.cuda, "current_device", lambda: 0)
+    assert sharded._comm_device(None, torch.device("cpu")) == torch.device("cuda", 0)
+    monkeypatch.setattr(sharded.dist, "get_backend", lambda group=None: "gloo")
+    assert sharded._comm_device(None, torch.device("cpu")) == torch.device("cpu")

@@ -286,7 +286,13 @@ class ShardedStats:
         total = stats.new_zeros(n_rows, 3)
         total.index_add_(0, rows, stats)
         if plans[0].group is not None or dist.is_initialized():
-            dist.all_reduce(total, group=plans[0].group)
+            comm = _comm_device(plans[0].group, total.device)
+            if comm == total.device:
+                dist.all_reduce(total, group=plans[0].group)
+            else:  # ZeRO-Offload on GPUs: CPU statistics, NCCL group
+                on_comm = total.to(comm)
+                dist.all_reduce(on_comm, group=plans[0].group)
+                total.copy_(on_comm)
             self.allreduce_calls += 1
         out = total.index_select(0, rows)
         start = 0
@@ -327,6 +333,17 @@ class ShardedStats:
             return {}
         return {"mean": d.mean().item(), "min": d.min().item(), "max": d.max().item(),
                 "frac_below_half": (d < 0.5).double().mean().item()}
+
+
+def _comm_device(group, device: torch.device) -> torch.device:
+    """Where a tensor must be to be all-reduced over ``group``: NCCL cannot reduce CPU tensors, and under
+    ZeRO-Offload the optimizer (and so its statistics) runs on the CPU while the group is NCCL."""
+    if device.type != "cpu":
+        return device
+    backend = str(dist.get_backend(group)).lower()
+    if "nccl" in backend and "cpu:" not in backend:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 # ------------------------------------------------------------------------------------ discovery by backend
