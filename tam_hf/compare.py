@@ -134,11 +134,12 @@ def _parse_arm(spec: str) -> tuple[str, Arm, Optional[float]]:
 
 
 def _parse_seeds(text: str) -> list[int]:
-    """``3`` -> seeds 0, 1, 2; ``13,42`` -> exactly those."""
-    parts = [p for p in text.split(",") if p.strip()]
-    if len(parts) == 1:
-        return list(range(int(parts[0])))
-    return [int(p) for p in parts]
+    """``3`` -> seeds 0, 1, 2; ``13,42`` -> exactly those; ``7,`` -> seed 7 alone."""
+    if "," in text:
+        return [int(p) for p in text.split(",") if p.strip()]
+    if int(text) < 1:
+        raise ValueError(f"--seeds {text}: give a count >= 1, or a list such as 0,1 (one seed: 7,)")
+    return list(range(int(text)))
 
 
 def _parse_sweeps(items: list[str]) -> list[tuple[str, list]]:
@@ -169,6 +170,8 @@ def plan(recipe_path: str | Path, optimizers: list[str], seeds: list[int], sets:
          sweeps: list[str] = (), out: str | Path = "compare") -> tuple[list[str], list[Run]]:
     """(arm labels in order, runs). Every run's recipe is validated here, before anything trains; a
     RecipeError lists the problems of every arm at once."""
+    from tam_hf.finetune import build_training_arguments
+
     recipe_path = Path(recipe_path)
     raw = yaml.safe_load(recipe_path.read_text()) or {}
     problems = apply_overrides(raw, list(sets))
@@ -203,12 +206,14 @@ def plan(recipe_path: str | Path, optimizers: list[str], seeds: list[int], sets:
                 seed_raw.setdefault("training", {}).update(seed=seed, output_dir=str(directory))
                 try:
                     recipe = validate_recipe(seed_raw, name=recipe_path.stem, source=f"{recipe_path} [{label}]")
+                    if arm.fixed_damping is not None:
+                        recipe.optimizer = _ControlOptimizerConfig(**dataclasses.asdict(recipe.optimizer),
+                                                                   fixed_damping=arm.fixed_damping)
+                    if seed == seeds[0]:
+                        build_training_arguments(recipe)  # TrainingArguments' own checks, before any run
                 except RecipeError as exc:
                     problems += [f"{label}: {p}" for p in exc.problems]
                     break
-                if arm.fixed_damping is not None:
-                    recipe.optimizer = _ControlOptimizerConfig(**dataclasses.asdict(recipe.optimizer),
-                                                               fixed_damping=arm.fixed_damping)
                 runs.append(Run(label, seed, recipe, arm.fixed_damping, directory))
     if problems:
         raise RecipeError(sorted(set(problems), key=problems.index), f"compare {recipe_path}")

@@ -1,0 +1,153 @@
+"""`compare`: planning (lrs by the transfer rule, the constant-damping control, sweeps), the report's numbers,
+and real runs on the embedded tiny Llama: 2 optimizers x 2 seeds produce the tables and plots, a rerun skips
+finished runs, a changed recipe or a missing result is redone."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from tam_hf import compare
+from tam_hf.finetune import training_arguments
+from tam_hf.recipe import RecipeError
+from tam_hf.report import aggregate, curves
+
+DEMO = Path(__file__).parents[1] / "recipes" / "examples" / "demo_tiny.yaml"
+# Short runs with a mid-run evaluation, so the eval-loss curve has two points; no checkpoints, no generation.
+FAST = ["training.max_steps=6", "training.logging_steps=2", "training.eval_strategy=steps", "training.eval_steps=3",
+        'training.save_strategy="no"', "training.disable_tqdm=true", "eval.metrics=[perplexity]"]
+
+
+def _sets(extra=()):
+    return [a for s in (*FAST, *extra) for a in ("--set", s)]
+
+
+# ------------------------------------------------------------------------------------------------ planning
+
+
+def test_plan_lrs_follow_the_transfer_rule_and_control_gets_fixed_damping(tmp_path):
+    labels, runs = compare.plan(DEMO, ["adamw", "adatamw", "constant-damping"], [0, 1], out=tmp_path)
+    assert labels == ["adamw", "adatamw", "adatamw-const"]
+    lr = {r.label: r.recipe.optimizer.lr for r in runs}
+    # demo_tiny is adatamw at 2e-3 -> AdamW reference 2e-3 * 0.5 / (1 - 0.9) = 1e-2
+    assert lr["adamw"] == pytest.approx(1e-2)
+    assert lr["adatamw"] == pytest.approx(2e-3) and lr["adatamw-const"] == pytest.approx(2e-3)
+    assert [r.seed for r in runs] == [0, 1, 0, 1, 0, 1]
+    assert {r.recipe.training["seed"] for r in runs} == {0, 1}
+    assert len({r.directory for r in runs}) == 6
+    args = {r.label: training_arguments(r.recipe) for r in runs if r.seed == 0}
+    assert args["adamw"]["optim"] == "adamw_torch" and "decay_rate" not in args["adamw"].get("optim_args", "")
+    assert "fixed_damping=0.5" in args["adatamw-const"]["optim_args"]
+    assert "fixed_damping" not in args["adatamw"].get("optim_args", "")
+
+
+def test_plan_sweep_multiplies_only_arms_it_applies_to(tmp_path):
+    labels, runs = compare.plan(DEMO, ["adamw", "adatamw", "adatamw-const"], [0],
+                                sweeps=["optimizer.decay_rate=0.5,0.99"], out=tmp_path)
+    assert labels == ["adamw", "adatamw decay_rate=0.5", "adatamw decay_rate=0.99", "adatamw-const"]
+    rate = {r.label: r.recipe.optimizer.decay_rate for r in runs}
+    assert rate["adatamw decay_rate=0.5"] == 0.5 and rate["adatamw decay_rate=0.99"] == 0.99
+
+
+def test_plan_errors_are_collected(tmp_path):
+    with pytest.raises(RecipeError, match="decay_rate: 1.5"):  # the recipe after --set is checked first
+        compare.plan(DEMO, ["adamw"], [0], sets=["optimizer.decay_rate=1.5"], out=tmp_path)
+    with pytest.raises(RecipeError) as err:  # then every arm's problems, all at once
+        compare.plan(DEMO, ["tam", "adamw", "sgd"], [0], out=tmp_path)
+    assert "tam@LR" in str(err.value) and "sgd@LR" in str(err.value) and len(err.value.problems) == 2
+    _, runs = compare.plan(DEMO, ["adamw", "tam@0.05"], [0], out=tmp_path)
+    assert runs[1].recipe.optimizer.name == "tam" and runs[1].recipe.optimizer.lr == 0.05
+    with pytest.raises(ValueError, match="unknown optimizer 'adamx'"):
+        compare.plan(DEMO, ["adamx"], [0], out=tmp_path)
+
+
+def test_seeds_argument():
+    assert compare._parse_seeds("3") == [0, 1, 2]
+    assert compare._parse_seeds("13,42") == [13, 42]
+    assert compare._parse_seeds("7,") == [7]
+    with pytest.raises(ValueError, match="count >= 1"):
+        compare._parse_seeds("0")
+
+
+def test_aggregate_mean_std_delta():
+    def result(label, seed, loss, acc):
+        return {"label": label, "seed": seed, "log_history": [],
+                "summary": {"train_loss": loss, "eval": {"accuracy": acc}, "wall_s": 1.0}}
+
+    results = [result("a", 0, 1.0, 0.5), result("a", 1, 3.0, 0.7), result("b", 0, 2.0, 0.9), result("b", 1, 2.0, 0.9)]
+    metrics, rows = aggregate(results, ["a", "b"])
+    assert metrics == ["train_loss", "eval_accuracy", "wall_s"]
+    by = {(r["arm"], r["metric"]): r for r in rows}
+    assert by["a", "train_loss"]["mean"] == 2.0 and by["a", "train_loss"]["std"] == pytest.approx(math.sqrt(2))
+    assert math.isnan(by["a", "train_loss"]["delta"])  # the baseline has no delta to itself
+    assert by["b", "eval_accuracy"]["delta"] == pytest.approx(0.3)
+    assert by["b", "eval_accuracy"]["delta_se"] == pytest.approx(math.sqrt(0.02 / 2))
+
+
+# ------------------------------------------------------------------------------------------------ real runs
+
+
+def _csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_compare_two_optimizers_two_seeds_then_resume(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "cmp"
+    argv = [str(DEMO), "--optimizers", "adamw,adatamw", "--seeds", "2", "--out", str(out), *_sets()]
+    assert compare.main(argv) == 0
+
+    rows = _csv(out / "report.csv")
+    assert {(r["arm"], r["metric"]) for r in rows} >= {
+        (a, m) for a in ("adamw", "adatamw") for m in ("train_loss", "eval_loss", "eval_perplexity")}
+    assert {r["metric"] for r in rows if r["arm"] == "adatamw"} >= {"damping_mean"}
+    assert "damping_mean" not in {r["metric"] for r in rows if r["arm"] == "adamw"}
+    assert all(r["n"] == "2" for r in rows)
+    loss = {r["arm"]: r for r in rows if r["metric"] == "train_loss"}
+    assert loss["adamw"]["delta_vs_adamw"] == "nan" and loss["adatamw"]["delta_vs_adamw"] != "nan"
+    runs = _csv(out / "runs.csv")
+    assert [(r["arm"], r["seed"]) for r in runs] == [("adamw", "0"), ("adamw", "1"), ("adatamw", "0"), ("adatamw", "1")]
+    assert runs[0]["train_loss"] != runs[1]["train_loss"]  # the seeds really differ
+
+    table = (out / "report.md").read_text()
+    assert "| adamw | 2 |" in table and "| adatamw | 2 |" in table and "(Δ " in table and " ± " in table
+    for png in ("loss.png", "damping.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+    result = json.loads((out / "runs" / "adatamw" / "seed0" / "result.json").read_text())
+    assert curves([result], "eval_loss")["adatamw"][0][:2] == [3, 6]
+    assert len(curves([result], "damping/mean")["adatamw"][0]) == 3  # steps 2, 4, 6
+    assert not list((out / "runs" / "adatamw" / "seed0").glob("*.safetensors"))  # weights pruned
+
+    # Rerun: nothing trains.
+    calls = []
+    monkeypatch.setattr(compare, "execute", lambda run, keep_models=False: calls.append(run) or {})
+    capsys.readouterr()
+    assert compare.main(argv) == 0
+    assert calls == [] and "4 finished, 0 to do" in capsys.readouterr().out
+
+    # A run without its result, and every run of a changed recipe, are redone.
+    (out / "runs" / "adamw" / "seed1" / "result.json").unlink()
+    compare.main(argv + ["--report-only"])  # report-only trains nothing either
+    assert calls == []
+    compare.main(argv + ["--dry-run"])
+    assert "3 finished, 1 to do" in capsys.readouterr().out
+    compare.main(argv + ["--dry-run", "--set", "training.max_steps=7"])
+    assert "0 finished, 4 to do" in capsys.readouterr().out
+
+
+def test_constant_damping_control_holds_half(tmp_path):
+    out = tmp_path / "ctl"
+    argv = [str(DEMO), "--optimizers", "adatamw-const", "--seeds", "1", "--out", str(out),
+            *_sets(["training.max_steps=4"])]
+    assert compare.main(argv) == 0
+    result = json.loads((out / "runs" / "adatamw-const" / "seed0" / "result.json").read_text())
+    assert result["summary"]["damping"]["mean"] == pytest.approx(0.5)
+    assert result["summary"]["damping"]["min"] == pytest.approx(0.5)
+    logged = [e["damping/mean"] for e in result["log_history"] if "damping/mean" in e]
+    assert logged and all(d == pytest.approx(0.5) for d in logged)
