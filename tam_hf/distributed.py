@@ -12,6 +12,12 @@ the configurations that would silently replace it.
 Use with a ``transformers.Trainer`` through :func:`attach` (checks now, installs at ``on_train_begin``, after
 accelerate/DeepSpeed have wrapped the optimizer), or call :func:`install_sharded_stats` yourself after
 ``accelerator.prepare``.
+
+Launching (configs in ``recipes/accelerate/``)::
+
+    accelerate launch --config_file recipes/accelerate/zero2.yml -m tam_hf.cli RECIPE.yaml     # GPUs
+    torchrun --nproc_per_node 2 -m tam_hf.cli RECIPE.yaml   # CPU/GPU; ZeRO via the recipe's
+                                                            # distributed.deepspeed: recipes/accelerate/ds_zero2.json
 """
 
 from __future__ import annotations
