@@ -154,7 +154,7 @@ def test_dtensor_shards_match_whole_tensors(runs):
         assert "error" in naive or naive["param_err"] > 1e-6 or naive["allreduces_per_step"][0] > 2
 
 
-def test_fsdp2_model_matches_one_process(runs):
+def test_fsdp2_model_matches_one_process_and_resumes_from_a_dcp_checkpoint(runs):
     for rank in (0, 1):
         res = _load(runs, f"fsdp2-rank{rank}")
         for case in ("adatam", "tam"):
@@ -164,6 +164,9 @@ def test_fsdp2_model_matches_one_process(runs):
             torch.testing.assert_close(r["damping"], r["damping_ref"], atol=DAMPING_ATOL, rtol=0)
             assert (r["damping_ref"] - 0.5).abs().max() > 1e-3
             assert r["allreduces"] == 4 * r["n_groups"]  # 4 steps, one all-reduce per param group
+        resumed = res["adatam-resume"]  # a torch.distributed.checkpoint save/load half-way
+        assert resumed["param_err"] < PARAM_ATOL
+        torch.testing.assert_close(resumed["damping"], resumed["damping_ref"], atol=DAMPING_ATOL, rtol=0)
 
 
 # ------------------------------------------------------------------------------- single process, no launch

@@ -135,7 +135,56 @@ def fsdp2_check(out_dir: str) -> None:
             "n_groups": len(opt.param_groups),
             "dtensor_params": sum(type(p).__name__ == "DTensor" for p in model.parameters()),
         }
+    results["adatam-resume"] = _fsdp2_resume(out_dir, mesh, data, groups, rank, per_rank)
     torch.save(results, os.path.join(out_dir, f"fsdp2-rank{rank}.pt"))
+
+
+def _fsdp2_resume(out_dir, mesh, data, groups, rank, per_rank) -> dict:
+    """2 steps, a torch.distributed.checkpoint save of model and optimizer (the FSDP2 checkpoint path), a fresh
+    sharded model and optimizer loaded from it, 2 more steps: equal to 4 uninterrupted steps on one process."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+    from torch.distributed.fsdp import fully_shard
+
+    from parity import GLOBAL_BATCH, build_model
+
+    def sharded():
+        model = build_model(False)
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        opt = AdaTAM(groups(model, 0.01), lr=5e-4)
+        install_sharded_stats(opt, model)
+        return model, opt
+
+    def train(model, opt, steps, whole=False):
+        for step in steps:
+            batch = data[step * GLOBAL_BATCH:(step + 1) * GLOBAL_BATCH]
+            if not whole:
+                batch = batch[rank * per_rank:(rank + 1) * per_rank]
+            model(input_ids=batch, labels=batch).loss.backward()
+            opt.step()
+            opt.zero_grad()
+
+    ref = build_model(False)
+    opt_ref = AdaTAM(groups(ref, 0.01), lr=5e-4)
+    train(ref, opt_ref, range(STEPS), whole=True)
+    model, opt = sharded()
+    train(model, opt, range(STEPS // 2))
+    ckpt = os.path.join(out_dir, "fsdp2-checkpoint")
+    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=ckpt)
+    model, opt = sharded()
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    dcp.load(state, checkpoint_id=ckpt)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, opt, state["optim"])
+    train(model, opt, range(STEPS // 2, STEPS))
+    return {
+        "param_err": max((p.full_tensor() - r).abs().max().item() for p, r in zip(model.parameters(), ref.parameters())),
+        "damping": opt.damping()["d"],
+        "damping_ref": opt_ref.damping()["d"],
+    }
 
 
 if __name__ == "__main__":
