@@ -95,6 +95,9 @@ def test_two_processes_match_one(runs, backend, case):
         assert got["params"].keys() == ref["params"].keys()
         for name, p in ref["params"].items():
             torch.testing.assert_close(got["params"][name], p, atol=PARAM_ATOL, rtol=0, msg=f"{name} rank {rank}")
+        for name, m in got["exp_avg"].items():  # ZeRO: read back through safe_get_full_optimizer_state
+            torch.testing.assert_close(m, ref["exp_avg"][name], atol=PARAM_ATOL, rtol=1e-3, msg=f"exp_avg {name}")
+        assert got["exp_avg"].keys() == ref["exp_avg"].keys()
         for name, ds in got["damping"].items():  # every fragment of a tensor carries the whole tensor's damping
             assert ds, name
             for d in ds:

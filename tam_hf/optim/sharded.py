@@ -101,6 +101,9 @@ class ShardedStats:
         for src in sources:
             if src.kind == "flat":
                 self._check_flat(src)
+                # State exists from the start, full-size: DeepSpeed links each parameter's view of it
+                # (safe_get_full_optimizer_state, universal checkpoints) once, after the first step of group 0
+                self._flat_state(src)
         optimizer.stats_reducer = self
         self._handles = [
             optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._enter()),

@@ -163,6 +163,23 @@ def full_params(model, zero: bool) -> dict:
     return out
 
 
+def full_state(model, tam, key: str, zero: bool) -> dict:
+    """Each tensor's whole optimizer state ``key``; under ZeRO through DeepSpeed's own API (what universal
+    checkpoints and users call), which maps the flat state back through each parameter's fragments."""
+    inner = getattr(model, "module", model)
+    out = {}
+    for name, p in inner.named_parameters():
+        if not p.requires_grad:
+            continue
+        if zero:
+            from deepspeed.utils import safe_get_full_optimizer_state
+
+            out[name] = safe_get_full_optimizer_state(p, key).detach().clone().cpu()
+        elif key in tam.state.get(p, {}):
+            out[name] = tam.state[p][key].detach().clone().cpu()
+    return out
+
+
 def reference_damping(tam, model) -> dict:
     names = {id(p): n for n, p in getattr(model, "module", model).named_parameters()}
     d = tam.damping()["d"].tolist()
@@ -225,6 +242,8 @@ def run(backend: str, case: str, out_dir: str) -> None:
             damping = reference_damping(tam, trainer.model_wrapped)
         result = {
             "params": full_params(trainer.model_wrapped, zero=stage is not None),
+            "exp_avg": full_state(trainer.model_wrapped, tam, "exp_avg", zero=stage is not None)
+            if "exp_avg" in tam._buffer_names and "naive" not in backend else {},
             "damping": damping,
             "allreduces": counter.allreduces,
             "steps_per_train_step": counter.steps_per_train_step,
