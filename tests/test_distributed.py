@@ -103,6 +103,10 @@ def test_two_processes_match_one(runs, backend, case):
             for d in ds:
                 assert d == pytest.approx(ref["damping"][name][0], abs=DAMPING_ATOL), f"{name} rank {rank}"
             held.add(name)
+        if got["installed"]:  # the collective readout: every tensor's damping on every rank
+            assert got["gathered_damping"].keys() == ref["damping"].keys()
+            for name, d in got["gathered_damping"].items():
+                assert d == pytest.approx(ref["damping"][name][0], abs=DAMPING_ATOL), f"{name} rank {rank}"
     assert held == set(ref["damping"]), "some tensors' damping is held by no rank"
     assert any(abs(v[0] - 0.5) > 1e-3 for v in ref["damping"].values()), "damping never moved: a vacuous check"
 

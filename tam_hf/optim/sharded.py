@@ -328,10 +328,40 @@ class ShardedStats:
         return out
 
 
-    def damping_summary(self) -> dict[str, float]:
-        """Like the optimizers' ``damping_summary`` over the tensors this rank holds a piece of (each counted
-        once). Rank-local: ranks may report slightly different sets of tensors; no collective."""
-        d = torch.tensor([v[0] for v in self.local_damping().values()], dtype=torch.float64)
+    @torch.no_grad()
+    def gathered_damping(self) -> dict[str, float]:
+        """Damping of EVERY logical tensor, by name, on every rank: one all-reduce of (sum of s, count) per
+        tensor. A collective: call it on all ranks at the same point (e.g. in ``on_log``)."""
+        names: dict[str, int] = {}
+        for src in self.sources.values():  # every rank lists every tensor of every source, in the same order
+            for name in src.names:
+                names.setdefault(name, len(names))
+        if not names:
+            return {}
+        device = next(iter(self.sources.values())).tensor.device
+        buf = torch.zeros(len(names), 2, dtype=torch.float64, device=device)
+        for name, ds in self.local_damping().items():
+            for d in ds:
+                buf[names[name], 0] += 2.0 * d - 1.0  # back to s
+                buf[names[name], 1] += 1.0
+        group = next(iter(self.sources.values())).group
+        if dist.is_initialized():
+            comm = _comm_device(group, buf.device)
+            on_comm = buf.to(comm)
+            dist.all_reduce(on_comm, group=group)
+            buf = on_comm.to(buf.device)
+        s = (buf[:, 0] / buf[:, 1].clamp(min=1.0)).tolist()
+        return {name: (1.0 + s[i]) / 2.0 for name, i in names.items() if buf[i, 1] > 0}
+
+    def damping_summary(self, gather: bool = False) -> dict[str, float]:
+        """Like the optimizers' ``damping_summary``. ``gather=False``: over the tensors this rank holds a piece of
+        (no collective; ranks may differ). ``gather=True``: over all tensors, the same on every rank (one
+        all-reduce; call on all ranks)."""
+        if gather:
+            values = list(self.gathered_damping().values())
+        else:
+            values = [v[0] for v in self.local_damping().values()]
+        d = torch.tensor(values, dtype=torch.float64)
         if d.numel() == 0:
             return {}
         return {"mean": d.mean().item(), "min": d.min().item(), "max": d.max().item(),

@@ -234,8 +234,10 @@ def run(backend: str, case: str, out_dir: str) -> None:
             counter.restore()
         tam, _ = find_torque_optimizer(trainer.optimizer)
         sharded = tam.stats_reducer
+        gathered = {}
         if sharded is not None:
             damping = sharded.local_damping()
+            gathered = sharded.gathered_damping()
         elif stage:  # the naive control: one "tensor" per flat partition
             damping = {"__flat__": tam.damping()["d"].tolist()}
         else:
@@ -249,6 +251,7 @@ def run(backend: str, case: str, out_dir: str) -> None:
             "steps_per_train_step": counter.steps_per_train_step,
             "n_groups": len(tam.param_groups),
             "installed": sharded is not None,
+            "gathered_damping": gathered,
             "world": world,
         }
     rank = dist.get_rank() if dist.is_initialized() else 0
