@@ -17,8 +17,12 @@ WHOLE logical tensor, so :class:`ShardedStats` does three things around every ``
 ``cosine_scope="global"`` gets the group total in the first row and zeros elsewhere, so the optimizer's sum over
 rows is the sum over the whole group on every rank. Whole-tensor runs (one process, DDP) install nothing.
 
-Cost: one all-reduce of ``n_tensors x 3`` float64 per param group stepped. DeepSpeed ZeRO-1/2/3 call the client
-optimizer once per (sub-)group, so a training step pays one such all-reduce per group.
+Cost: one all-reduce of ``n_tensors x 3`` float64 per reducer call. The optimizer calls the reducer once per
+param group; DeepSpeed ZeRO-1/2/3 call the client optimizer once per (sub-)group anyway, so a training step pays
+one such all-reduce per (sub-)group. The reducer also accepts every group of a step concatenated, so an optimizer
+that gathers all groups' statistics first gets one all-reduce per ``step()``. Plus, on the optimizer's side, a
+second pass over m and g: the statistics must be complete before the update, so the single-pass fused kernel
+becomes a statistics pass and an update pass (bench/sharded_stats.py).
 """
 
 from __future__ import annotations
@@ -67,7 +71,6 @@ class ShardedSource:
 class _Plan:
     rows: Tensor  # logical row of each fragment that has a gradient, in param order
     n_rows: int
-    names: list[str]
     group: Optional[dist.ProcessGroup]
     scope: str
 
@@ -140,7 +143,8 @@ class ShardedStats:
         s_dtype = torch.promote_types(flat.dtype, torch.float32)
         if not (torch.is_tensor(st.get("tam_s")) and st["tam_s"].shape == (n,)):
             st["tam_s"] = torch.zeros(n, dtype=s_dtype, device=flat.device)
-        if "exp_avg" in opt._buffer_names and not (torch.is_tensor(st.get("tam_step")) and st["tam_step"].shape == (n,)):
+        has_step = torch.is_tensor(st.get("tam_step")) and st["tam_step"].shape == (n,)
+        if "exp_avg" in opt._buffer_names and not has_step:
             st["tam_step"] = torch.zeros(n, dtype=torch.float32, device=flat.device)
         for stray in ("s", "step"):  # left by a step taken before installation (all-zero gradients)
             st.pop(stray, None)
@@ -188,7 +192,7 @@ class ShardedStats:
             self._swaps.append(swap)
             with_grad = tuple(r for v, r in zip(swap.fragments, rows) if v.grad is not None)
             if with_grad:
-                self._plans.append(_Plan(self._rows(with_grad, swap.fragments[0].device), n_rows, names, pgroup,
+                self._plans.append(_Plan(self._rows(with_grad, swap.fragments[0].device), n_rows, pgroup,
                                          group["cosine_scope"]))
 
     def _rows(self, rows: tuple, device) -> Tensor:

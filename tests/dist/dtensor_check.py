@@ -181,7 +181,8 @@ def _fsdp2_resume(out_dir, mesh, data, groups, rank, per_rank) -> dict:
     set_optimizer_state_dict(model, opt, state["optim"])
     train(model, opt, range(STEPS // 2, STEPS))
     return {
-        "param_err": max((p.full_tensor() - r).abs().max().item() for p, r in zip(model.parameters(), ref.parameters())),
+        "param_err": max((p.full_tensor() - r).abs().max().item()
+                          for p, r in zip(model.parameters(), ref.parameters())),
         "damping": opt.damping()["d"],
         "damping_ref": opt_ref.damping()["d"],
     }
