@@ -188,7 +188,8 @@ def plan(recipe_path: str | Path, optimizers: list[str], seeds: list[int], sets:
             continue
         axes = [(k, vals) for k, vals in sweep_axes if _applies(k, arm)]
         for combo in itertools.product(*(vals for _, vals in axes)):
-            label = " ".join([name] + [f"{k.rsplit('.', 1)[-1]}={v}" for (k, _), v in zip(axes, combo)])
+            head = name if explicit_lr is None else f"{name}@{explicit_lr:g}"  # adatamw and adatamw@8e-06 may meet
+            label = " ".join([head] + [f"{k.rsplit('.', 1)[-1]}={v}" for (k, _), v in zip(axes, combo)])
             if label in labels:
                 continue
             arm_raw = copy.deepcopy(raw)

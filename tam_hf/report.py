@@ -82,7 +82,7 @@ def aggregate(results: list[dict], arms: list[str]) -> tuple[list[str], list[dic
 def _fmt(x: float) -> str:
     if math.isnan(x):
         return "n/a"
-    return f"{x:.4g}"
+    return f"{x:.4f}" if abs(x) < 10 else f"{x:.1f}"
 
 
 def _signed(x: float) -> str:

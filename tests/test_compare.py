@@ -59,8 +59,10 @@ def test_plan_errors_are_collected(tmp_path):
     with pytest.raises(RecipeError) as err:  # then every arm's problems, all at once
         compare.plan(DEMO, ["tam", "adamw", "sgd"], [0], out=tmp_path)
     assert "tam@LR" in str(err.value) and "sgd@LR" in str(err.value) and len(err.value.problems) == 2
-    _, runs = compare.plan(DEMO, ["adamw", "tam@0.05"], [0], out=tmp_path)
+    labels, runs = compare.plan(DEMO, ["adamw", "tam@0.05", "adatamw", "adatamw@4e-4"], [0], out=tmp_path)
+    assert labels == ["adamw", "tam@0.05", "adatamw", "adatamw@0.0004"]  # one optimizer at two lrs: two arms
     assert runs[1].recipe.optimizer.name == "tam" and runs[1].recipe.optimizer.lr == 0.05
+    assert runs[3].recipe.optimizer.lr == 4e-4 and runs[2].recipe.optimizer.lr == pytest.approx(2e-3)
     with pytest.raises(ValueError, match="unknown optimizer 'adamx'"):
         compare.plan(DEMO, ["adamx"], [0], out=tmp_path)
 
