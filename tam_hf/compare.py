@@ -293,7 +293,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="recipe override for every run (repeatable), e.g. --set training.max_steps=200")
     p.add_argument("--sweep", dest="sweeps", action="append", default=[], metavar="KEY=V1,V2",
                    help="one arm per value, e.g. --sweep optimizer.decay_rate=0.5,0.9,0.99 (repeatable: product)")
-    p.add_argument("--out", default=None, help="output folder (default: compare/<recipe name>)")
+    p.add_argument("--out", default=None, help="output folder (default: runs/compare/<recipe name>; runs/ is git-ignored)")
     p.add_argument("--keep-models", action="store_true", help="keep each run's weights and checkpoints")
     p.add_argument("--report-only", action="store_true", help="write the report from the finished runs; train nothing")
     p.add_argument("--dry-run", action="store_true", help="validate every run and print the plan; train nothing")
@@ -302,7 +302,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    out = Path(args.out or Path("compare") / Path(args.recipe).stem)
+    out = Path(args.out or Path("runs") / "compare" / Path(args.recipe).stem)
     try:
         seeds = _parse_seeds(args.seeds)
         labels, runs = plan(args.recipe, args.optimizers.split(","), seeds, args.sets, args.sweeps, out)
