@@ -98,9 +98,13 @@ def register() -> tuple[str, ...]:
     from transformers.training_args import OptimizerNames
 
     from tam_hf.callbacks import DampingCallback, install
+    from tam_hf.distributed import TorqueStatsCallback
 
     for name in OPTIMIZERS:
         member = _add_member(OptimizerNames, name.upper(), name)
         trainer_optimizer._OPTIMIZER_HANDLERS[member] = _handler
     install(trainer_module.DEFAULT_CALLBACKS, DampingCallback)
+    # A plain Trainer gets the distributed checks and exact sharded statistics too (inert for other optimizers).
+    if TorqueStatsCallback not in trainer_module.DEFAULT_CALLBACKS:
+        trainer_module.DEFAULT_CALLBACKS.append(TorqueStatsCallback)
     return tuple(OPTIMIZERS)

@@ -16,6 +16,7 @@ from __future__ import annotations
 from transformers import Trainer
 
 from tam_hf.callbacks import DampingCallback, install
+from tam_hf.distributed import attach
 from tam_hf.optim_args import OPTIMIZERS, optimizer_cls_and_kwargs
 
 __all__ = ["TAMTrainer"]
@@ -32,6 +33,7 @@ class TAMTrainer(Trainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         install(self.callback_handler.callbacks, DampingCallback())
+        attach(self)  # DeepSpeed/FSDP: refuse configs that would swap TAM out; exact sharded statistics at train begin
         if self.optimizer_cls_and_kwargs is None and self.optimizer is None and _optim_name(self.args) in OPTIMIZERS:
             optimizer_cls_and_kwargs(self.args)  # raises on bad --optim_args now, before any loading or step
 

@@ -381,3 +381,35 @@ def test_without_a_compiler_the_default_falls_back_to_eager(monkeypatch, tmp_pat
     with pytest.warns(RuntimeWarning, match="using the eager single-tensor path"):
         opt.step()
     assert opt._impl(opt.param_groups[0], [p]) == "single" and torch.isfinite(p).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("scope", ["tensor", "global"])
+def test_stats_reducer_is_called_once_per_step_for_all_groups(impl, scope):
+    """The distributed hook: every group's statistics go through ONE reducer call; an identity reducer
+    changes nothing."""
+    def build():
+        gen = torch.Generator().manual_seed(13)
+        decay = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64)) for s in SHAPES[:3]]
+        no_decay = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64)) for s in SHAPES[3:]]
+        groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
+        return decay + no_decay, make_optimizer("adatamw", groups, impl, cosine_scope=scope)
+
+    calls = []
+
+    def identity(stats):
+        calls.append(stats.shape)
+        return stats.clone()
+
+    plain_params, plain = build()
+    hooked_params, hooked = build()
+    hooked.stats_reducer = identity
+    for grads in gradient_stream(SHAPES, 6, seed=14):
+        for params, opt in ((plain_params, plain), (hooked_params, hooked)):
+            for p, g in zip(params, grads):
+                p.grad = g
+            opt.step()
+    assert len(calls) == 6
+    assert calls[-1] == (len(SHAPES), 3)  # rows of both groups in one call
+    for a, b in zip(plain_params, hooked_params):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)

@@ -177,6 +177,7 @@ class _TorqueOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        work = []
         for group in self.param_groups:
             params, grads, buffers, s = self._init_group(group)
             if not params:
@@ -184,17 +185,17 @@ class _TorqueOptimizer(Optimizer):
             steps = [self.state[p]["step"] for p in params if "step" in self.state[p]]
             if steps:
                 torch._foreach_add_(steps, 1)
-            _torque_step(
-                self._rule(group),
-                params,
-                grads,
-                buffers[0],
-                buffers[1] if len(buffers) > 1 else None,
-                s,
-                scope=group["cosine_scope"],
-                impl=self._impl(group, params),
-                stats_reducer=self.stats_reducer,
-            )
+            ms, vs = buffers[0], buffers[1] if len(buffers) > 1 else None
+            work.append((group, self._rule(group), params, grads, ms, vs, s, self._impl(group, params)))
+        reduced = [None] * len(work)
+        if self.stats_reducer is not None and work:
+            # every group's statistics in ONE reduction (one all-reduce per step, not one per group)
+            parts = [_group_statistics(rule, params, grads, ms, vs, s, impl)
+                     for _, rule, params, grads, ms, vs, s, impl in work]
+            reduced = list(self.stats_reducer(torch.cat(parts)).split([len(x) for x in parts]))
+        for (group, rule, params, grads, ms, vs, s, impl), stats in zip(work, reduced):
+            _torque_step(rule, params, grads, ms, vs, s, scope=group["cosine_scope"], impl=impl,
+                         stats_reducer=None, reduced_stats=stats)
             if group["cosine_scope"] == "global":  # s belongs to the group: tensors without a grad follow it
                 for p in group["params"]:
                     if "s" in self.state[p] and self.state[p]["s"] is not s[0]:
@@ -210,7 +211,12 @@ class _TorqueOptimizer(Optimizer):
         return {"d": (1.0 + s) / 2.0, "s": s}
 
     def damping_summary(self) -> dict[str, float]:
-        """Mean / min / max damping and the share of tensors damped below 0.5 (gradient opposing momentum)."""
+        """Mean / min / max damping and the share of tensors damped below 0.5 (gradient opposing momentum).
+
+        Under sharded statistics (DeepSpeed ZeRO, FSDP2) it is taken over every logical tensor and gathered
+        across ranks: a collective, so call it on every rank (the Trainer's ``on_log`` does)."""
+        if hasattr(self.stats_reducer, "damping_summary"):
+            return self.stats_reducer.damping_summary(gather=True)
         d = self.damping()["d"]
         if d.numel() == 0:
             return {}
@@ -430,40 +436,28 @@ def adatam(
                  stats_reducer=stats_reducer)
 
 
-def _torque_step(rule: _Rule, params, grads, ms, vs, s, *, scope: str, impl: str, stats_reducer) -> None:
+def _torque_step(rule: _Rule, params, grads, ms, vs, s, *, scope: str, impl: str, stats_reducer,
+                 reduced_stats: Optional[Tensor] = None) -> None:
+    """One update of a param group. ``reduced_stats``: the group's statistics, already reduced by the caller
+    (the optimizer reduces all groups at once); else they are computed here and passed to ``stats_reducer``."""
     vs = vs if vs is not None else [None] * len(params)
-    if impl == "fused" and scope == "tensor" and stats_reducer is None and rule.fixed_damping is None:
+    measured = rule.fixed_damping is None
+    if impl == "fused" and scope == "tensor" and stats_reducer is None and reduced_stats is None and measured:
         _fused_tensor_scope(rule, params, grads, ms, vs, s)
         return
-    if impl == "fused":
-        fusable = [_fused.supports(*(t for t in (p, g, m, v) if t is not None)) and x.dtype == p.dtype
-                   for p, g, m, v, x in zip(params, grads, ms, vs, s)]
-    else:
-        fusable = [False] * len(params)
-    fused_idx = [i for i, f in enumerate(fusable) if f]
-    eager_idx = [i for i, f in enumerate(fusable) if not f]
-    # Eager paths fold maximize and coupled weight decay into one materialised gradient; the kernels do it
-    # on the fly, so they take the raw gradient.
-    g_eff = [g if f else _effective_grad(rule, p, g) for p, g, f in zip(params, grads, fusable)]
-
-    if rule.fixed_damping is None:
-        stats = torch.zeros(len(params), 3, dtype=torch.float64, device=params[0].device)
-        for i in fused_idx:
-            p = params[i]
-            _fused.kernel("tam_stats", p.dtype)(p.numel(), ms[i].data_ptr(), grads[i].data_ptr(), p.data_ptr(),
-                                                rule.sign, rule.coupled_wd, stats[i].data_ptr())
-        if eager_idx:
-            stats[eager_idx] = _eager_stats([ms[i] for i in eager_idx], [g_eff[i] for i in eager_idx],
-                                            impl == "foreach")
-        if stats_reducer is not None:
-            stats = stats_reducer(stats)
+    fusable, g_eff = _prepare(rule, params, grads, ms, vs, s, impl)
+    if measured:
+        stats = reduced_stats
+        if stats is None:
+            stats = _statistics(rule, params, grads, ms, fusable, g_eff, impl)
+            stats = stats if stats_reducer is None else stats_reducer(stats)
         coeffs = _advance(stats, s, rule, scope)
     else:
         for x in s:  # s = 2d - 1 keeps damping() truthful for the control arm
             x.fill_(2.0 * rule.fixed_damping - 1.0)
         coeffs = [torch.tensor(rule.fixed_damping + rule.damping_eps, dtype=x.dtype, device=x.device) for x in s]
 
-    for i in fused_idx:
+    for i in [i for i, f in enumerate(fusable) if f]:
         p, a = params[i], coeffs[i].item()
         if rule.adaptive:
             _fused.kernel("adatam_update", p.dtype)(
@@ -473,10 +467,45 @@ def _torque_step(rule: _Rule, params, grads, ms, vs, s, *, scope: str, impl: str
             _fused.kernel("tam_update", p.dtype)(p.numel(), p.data_ptr(), grads[i].data_ptr(), ms[i].data_ptr(),
                                                  rule.sign, rule.coupled_wd, a, rule.beta1, rule.lr)
         torch.autograd.graph.increment_version(p)
+    eager_idx = [i for i, f in enumerate(fusable) if not f]
     if eager_idx:
         pick = lambda xs: [xs[i] for i in eager_idx]  # noqa: E731
         update = _foreach_update if impl == "foreach" else _single_update
         update(rule.folded(), pick(params), pick(g_eff), pick(ms), pick(vs), pick(coeffs))
+
+
+def _prepare(rule: _Rule, params, grads, ms, vs, s, impl: str):
+    """Which tensors the kernels take, and the gradients for the rest: eager paths fold maximize and coupled
+    weight decay into one materialised gradient, the kernels do it on the fly from the raw one."""
+    if impl == "fused":
+        fusable = [_fused.supports(*(t for t in (p, g, m, v) if t is not None)) and x.dtype == p.dtype
+                   for p, g, m, v, x in zip(params, grads, ms, vs, s)]
+    else:
+        fusable = [False] * len(params)
+    g_eff = [g if f else _effective_grad(rule, p, g) for p, g, f in zip(params, grads, fusable)]
+    return fusable, g_eff
+
+
+def _statistics(rule: _Rule, params, grads, ms, fusable, g_eff, impl: str) -> Tensor:
+    """[n, 3] float64 rows (m.g, |m|^2, |g|^2) of this process's tensors."""
+    stats = torch.zeros(len(params), 3, dtype=torch.float64, device=params[0].device)
+    for i in [i for i, f in enumerate(fusable) if f]:
+        p = params[i]
+        _fused.kernel("tam_stats", p.dtype)(p.numel(), ms[i].data_ptr(), grads[i].data_ptr(), p.data_ptr(),
+                                            rule.sign, rule.coupled_wd, stats[i].data_ptr())
+    eager_idx = [i for i, f in enumerate(fusable) if not f]
+    if eager_idx:
+        stats[eager_idx] = _eager_stats([ms[i] for i in eager_idx], [g_eff[i] for i in eager_idx], impl == "foreach")
+    return stats
+
+
+def _group_statistics(rule: _Rule, params, grads, ms, vs, s, impl: str) -> Tensor:
+    """A group's rows for the optimizer-wide reduction (zeros for the constant-damping control, which needs none)."""
+    if rule.fixed_damping is not None:
+        return torch.zeros(len(params), 3, dtype=torch.float64, device=params[0].device)
+    vs = vs if vs is not None else [None] * len(params)
+    fusable, g_eff = _prepare(rule, params, grads, ms, vs, s, impl)
+    return _statistics(rule, params, grads, ms, fusable, g_eff, impl)
 
 
 # ------------------------------------------------------------------------------------------------ kernels
