@@ -45,6 +45,8 @@ from tam_hf.recipe import OPTIMIZER_PARAMS, OptimizerConfig, Recipe, RecipeError
 __all__ = ["ARMS", "Arm", "Run", "plan", "main"]
 
 MEAN_DAMPING = 0.5  # E[d] for noisy gradients: the transfer rule's divisor (DESIGN.md §1)
+# TrainingArguments fields that cannot change a run's numbers: a rerun that differs only in these is not redone.
+COSMETIC = ("output_dir", "disable_tqdm", "report_to", "run_name", "logging_dir")
 KEEP_FILES = ("result.json", "summary.json", "recipe.yaml", "fingerprint.txt")
 
 
@@ -96,7 +98,7 @@ class Run:
     def fingerprint(self) -> str:
         """Hash of everything that defines the run except where it is written."""
         d = to_dict(self.recipe)
-        d["training"] = {k: v for k, v in d["training"].items() if k != "output_dir"}
+        d["training"] = {k: v for k, v in d["training"].items() if k not in COSMETIC}
         d["fixed_damping"] = self.fixed_damping
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -335,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
 
     present = [label for label in labels if any(r["label"] == label for r in results)]
     command = "python -m tam_hf.compare " + " ".join(sys.argv[1:] if argv is None else argv)
-    paths = write_report(results, present, out, f"{Path(args.recipe).stem}: {', '.join(present)}", command)
+    title = f"{Path(args.recipe).stem}, {len(seeds)} seed(s): line = mean, band = min..max"
+    paths = write_report(results, present, out, title, command)
     print((out / "report.md").read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0

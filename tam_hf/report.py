@@ -79,21 +79,23 @@ def aggregate(results: list[dict], arms: list[str]) -> tuple[list[str], list[dic
     return metrics, rows
 
 
-def _fmt(x: float) -> str:
+def _fmt(x: float, scale: float) -> str:
+    """4 decimals for metrics around 1 (losses, accuracies), 1 for large ones (seconds); one scale per cell."""
     if math.isnan(x):
         return "n/a"
-    return f"{x:.4f}" if abs(x) < 10 else f"{x:.1f}"
+    return f"{x:.4f}" if abs(scale) < 10 else f"{x:.1f}"
 
 
-def _signed(x: float) -> str:
-    return "n/a" if math.isnan(x) else ("+" if x >= 0 else "−") + _fmt(abs(x))
+def _signed(x: float, scale: float) -> str:
+    return "n/a" if math.isnan(x) else ("+" if x >= 0 else "−") + _fmt(abs(x), scale)
 
 
 def _cell(row: dict) -> str:
-    text = f"{_fmt(row['mean'])} ± {_fmt(row['std'])}"
+    scale = row["mean"]
+    text = f"{_fmt(row['mean'], scale)} ± {_fmt(row['std'], scale)}"
     if not math.isnan(row["delta"]):
-        se = "" if math.isnan(row["delta_se"]) else f" ± {_fmt(row['delta_se'])}"
-        text += f" (Δ {_signed(row['delta'])}{se})"
+        se = "" if math.isnan(row["delta_se"]) else f" ± {_fmt(row['delta_se'], scale)}"
+        text += f" (Δ {_signed(row['delta'], scale)}{se})"
     return text
 
 
@@ -128,7 +130,7 @@ def _plot(results: list[dict], arms: list[str], keys: list[str], path: Path, tit
     matplotlib.use("Agg")  # files only, no display (CI, ssh)
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(keys), figsize=(max(5.5 * len(keys), 8), 4), squeeze=False)
     for ax, key in zip(axes[0], keys):
         data = curves(results, key)
         for i, arm in enumerate(arms):

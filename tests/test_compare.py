@@ -139,6 +139,8 @@ def test_compare_two_optimizers_two_seeds_then_resume(tmp_path, monkeypatch, cap
     assert calls == []
     compare.main(argv + ["--dry-run"])
     assert "3 finished, 1 to do" in capsys.readouterr().out
+    compare.main(argv + ["--dry-run", "--set", "training.disable_tqdm=false"])  # cosmetic: still finished
+    assert "3 finished, 1 to do" in capsys.readouterr().out
     compare.main(argv + ["--dry-run", "--set", "training.max_steps=7"])
     assert "0 finished, 4 to do" in capsys.readouterr().out
 
