@@ -110,7 +110,8 @@ class Run:
 
 @dataclass
 class _ControlOptimizerConfig(OptimizerConfig):
-    """The recipe schema has no ``fixed_damping`` field; this carries it into optim_args for the -const arms."""
+    """The recipe schema has no ``fixed_damping`` field (yet); this carries it into optim_args for the -const
+    arms. Its resolved recipe.yaml shows ``optimizer.fixed_damping``, which load_recipe refuses until then."""
 
     fixed_damping: Optional[float] = None
 
@@ -201,6 +202,8 @@ def plan(recipe_path: str | Path, optimizers: list[str], seeds: list[int], sets:
                 if key not in ("name", "lr") and key not in OPTIMIZER_PARAMS[arm.optimizer]:
                     del opt[key]
             opt["lr"] = explicit_lr if explicit_lr is not None else reference_lr * arm.lr_factor(base.optimizer)
+            if arm.fixed_damping is not None and "fixed_damping" in OPTIMIZER_PARAMS[arm.optimizer]:
+                opt["fixed_damping"] = arm.fixed_damping  # once the schema has the field, use it directly
             problems += [f"{label}: {p}" for p in apply_overrides(arm_raw, [f"{k}={v}" for (k, _), v in zip(axes, combo)])]
             labels.append(label)
             for seed in seeds:
@@ -209,7 +212,7 @@ def plan(recipe_path: str | Path, optimizers: list[str], seeds: list[int], sets:
                 seed_raw.setdefault("training", {}).update(seed=seed, output_dir=str(directory))
                 try:
                     recipe = validate_recipe(seed_raw, name=recipe_path.stem, source=f"{recipe_path} [{label}]")
-                    if arm.fixed_damping is not None:
+                    if arm.fixed_damping is not None and "fixed_damping" not in OPTIMIZER_PARAMS[arm.optimizer]:
                         recipe.optimizer = _ControlOptimizerConfig(**dataclasses.asdict(recipe.optimizer),
                                                                    fixed_damping=arm.fixed_damping)
                     if seed == seeds[0]:
