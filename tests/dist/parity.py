@@ -74,6 +74,10 @@ class ParityTrainer(Trainer):
         super().__init__(*a, **kw)
         if install:
             assert attach(self, force=True) is not None
+        else:  # the control: register() put the statistics layer in every Trainer's default callbacks
+            from tam_hf.distributed import TorqueStatsCallback
+
+            self.remove_callback(TorqueStatsCallback)
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
