@@ -1,4 +1,5 @@
-"""`tam-finetune RECIPE.yaml [key.path=value ...] [--validate] [--print-config]`
+"""`tam-finetune RECIPE.yaml [key.path=value ...] [--validate] [--print-config]`, and
+`tam-finetune compare RECIPE.yaml --optimizers adamw,adatamw --seeds 3` (see :mod:`tam_hf.compare`).
 
 Exit codes: 0 done, 2 invalid recipe (every problem listed on stderr, nothing loaded), 1 data that does not
 fit the recipe, 130 interrupted before a checkpoint could be saved.
@@ -51,6 +52,11 @@ def _format_summary(s: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["compare"]:  # tam-finetune compare RECIPE --optimizers ... (see tam_hf/compare.py)
+        from tam_hf.compare import main as compare_main
+
+        return compare_main(argv[1:])
     args = _parser().parse_intermixed_args(argv)  # flags may come before or after the overrides
     try:
         recipe = load_recipe(args.recipe, args.overrides)

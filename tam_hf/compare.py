@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import hashlib
 import itertools
 import json
@@ -82,7 +81,7 @@ ARMS: dict[str, Arm] = {
     "tam-const": Arm("tam", "sgd", _sgd_transfer, fixed_damping=0.5, help="control: TAM with d held at 0.5"),
 }
 ALIASES = {"constant-damping": "adatamw-const"}
-# The recipe's own optimizer -> the arm that reads its lr as given (fixed_damping is not in the recipe schema).
+# The recipe's own optimizer -> the arm that reads its lr as given.
 RECIPE_ARM = {"adamw": "adamw", "adatamw": "adatamw", "adatam": "adatam", "sgd": "sgd", "tam": "tam"}
 
 
@@ -106,20 +105,6 @@ class Run:
     def done(self) -> bool:
         path = self.directory / "result.json"
         return path.is_file() and json.loads(path.read_text()).get("fingerprint") == self.fingerprint
-
-
-@dataclass
-class _ControlOptimizerConfig(OptimizerConfig):
-    """The recipe schema has no ``fixed_damping`` field (yet); this carries it into optim_args for the -const
-    arms. Its resolved recipe.yaml shows ``optimizer.fixed_damping``, which load_recipe refuses until then."""
-
-    fixed_damping: Optional[float] = None
-
-    def kwargs(self):
-        out = super().kwargs()
-        if self.fixed_damping is not None:
-            out["fixed_damping"] = self.fixed_damping
-        return out
 
 
 # ------------------------------------------------------------------------------------------------ planning
@@ -202,8 +187,8 @@ def plan(recipe_path: str | Path, optimizers: list[str], seeds: list[int], sets:
                 if key not in ("name", "lr") and key not in OPTIMIZER_PARAMS[arm.optimizer]:
                     del opt[key]
             opt["lr"] = explicit_lr if explicit_lr is not None else reference_lr * arm.lr_factor(base.optimizer)
-            if arm.fixed_damping is not None and "fixed_damping" in OPTIMIZER_PARAMS[arm.optimizer]:
-                opt["fixed_damping"] = arm.fixed_damping  # once the schema has the field, use it directly
+            if arm.fixed_damping is not None:
+                opt["fixed_damping"] = arm.fixed_damping
             problems += [f"{label}: {p}" for p in apply_overrides(arm_raw, [f"{k}={v}" for (k, _), v in zip(axes, combo)])]
             labels.append(label)
             for seed in seeds:
@@ -212,9 +197,6 @@ def plan(recipe_path: str | Path, optimizers: list[str], seeds: list[int], sets:
                 seed_raw.setdefault("training", {}).update(seed=seed, output_dir=str(directory))
                 try:
                     recipe = validate_recipe(seed_raw, name=recipe_path.stem, source=f"{recipe_path} [{label}]")
-                    if arm.fixed_damping is not None and "fixed_damping" not in OPTIMIZER_PARAMS[arm.optimizer]:
-                        recipe.optimizer = _ControlOptimizerConfig(**dataclasses.asdict(recipe.optimizer),
-                                                                   fixed_damping=arm.fixed_damping)
                     if seed == seeds[0]:
                         build_training_arguments(recipe)  # TrainingArguments' own checks, before any run
                 except RecipeError as exc:

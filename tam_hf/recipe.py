@@ -41,9 +41,9 @@ FILE_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "
 
 # Which keyword arguments each optimizer accepts (besides lr); anything else set in the recipe is an error.
 OPTIMIZER_PARAMS = {
-    "tam": ("momentum", "decay_rate", "damping_eps", "weight_decay", "cosine_scope"),
-    "adatam": ("betas", "eps", "decay_rate", "damping_eps", "weight_decay", "cosine_scope"),
-    "adatamw": ("betas", "eps", "decay_rate", "damping_eps", "weight_decay", "cosine_scope"),
+    "tam": ("momentum", "decay_rate", "damping_eps", "weight_decay", "cosine_scope", "fixed_damping"),
+    "adatam": ("betas", "eps", "decay_rate", "damping_eps", "weight_decay", "cosine_scope", "fixed_damping"),
+    "adatamw": ("betas", "eps", "decay_rate", "damping_eps", "weight_decay", "cosine_scope", "fixed_damping"),
     "adamw": ("betas", "eps", "weight_decay"),
     "sgd": ("momentum", "weight_decay", "nesterov"),
 }
@@ -164,6 +164,8 @@ class OptimizerConfig:
     decay_rate: Optional[float] = _help("TAM family: gamma, smoothing of the cosine (paper: 0.9).", None)
     damping_eps: Optional[float] = _help("TAM family: floor added to the damping (paper: 1e-8).", None)
     cosine_scope: Optional[Literal["tensor", "global"]] = _help("TAM family: cosine per tensor or per group.", None)
+    fixed_damping: Optional[float] = _help(
+        "TAM family, a control: hold the damping d at this value in [0, 1] instead of measuring the angle.", None)
     nesterov: Optional[bool] = _help("sgd only.", None)
 
     def kwargs(self) -> dict[str, Any]:
@@ -545,7 +547,8 @@ def _check_finetune(r: Recipe, problems: list[str]) -> None:
 
 def _check_optimizer(o: OptimizerConfig, problems: list[str]) -> None:
     accepted = OPTIMIZER_PARAMS[o.name]
-    for key in ("weight_decay", "momentum", "betas", "eps", "decay_rate", "damping_eps", "cosine_scope", "nesterov"):
+    for key in ("weight_decay", "momentum", "betas", "eps", "decay_rate", "damping_eps", "cosine_scope", "fixed_damping",
+                "nesterov"):
         if getattr(o, key) is not None and key not in accepted:
             problems.append(f"optimizer.{key} does not apply to {o.name} (it takes lr, {', '.join(accepted)})")
     if not o.lr > 0:
@@ -560,6 +563,8 @@ def _check_optimizer(o: OptimizerConfig, problems: list[str]) -> None:
         value = getattr(o, key)
         if value is not None and value < 0:
             problems.append(f"optimizer.{key}: {value} must be >= 0")
+    if o.fixed_damping is not None and not 0.0 <= o.fixed_damping <= 1.0:
+        problems.append(f"optimizer.fixed_damping: {o.fixed_damping} must be in [0, 1]")
 
 
 def _training_fields() -> dict[str, Any]:

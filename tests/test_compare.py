@@ -13,7 +13,7 @@ import pytest
 
 from tam_hf import compare
 from tam_hf.finetune import training_arguments
-from tam_hf.recipe import RecipeError
+from tam_hf.recipe import RecipeError, load_recipe
 from tam_hf.report import aggregate, curves
 
 DEMO = Path(__file__).parents[1] / "recipes" / "examples" / "demo_tiny.yaml"
@@ -155,3 +155,15 @@ def test_constant_damping_control_holds_half(tmp_path):
     assert result["summary"]["damping"]["min"] == pytest.approx(0.5)
     logged = [e["damping/mean"] for e in result["log_history"] if "damping/mean" in e]
     assert logged and all(d == pytest.approx(0.5) for d in logged)
+    # the control's resolved recipe is a valid recipe: it can be rerun on its own
+    saved = load_recipe(out / "runs" / "adatamw-const" / "seed0" / "recipe.yaml")
+    assert saved.optimizer.fixed_damping == 0.5
+
+
+def test_tam_finetune_compare_dispatches_to_compare(tmp_path, capsys):
+    from tam_hf import cli
+
+    argv = ["compare", str(DEMO), "--optimizers", "adamw,adatamw", "--seeds", "2", "--out", str(tmp_path),
+            "--dry-run"]
+    assert cli.main(argv) == 0
+    assert "0 finished, 4 to do" in capsys.readouterr().out
