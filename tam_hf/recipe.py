@@ -42,8 +42,10 @@ FILE_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "
 # Which keyword arguments each optimizer accepts (besides lr); anything else set in the recipe is an error.
 OPTIMIZER_PARAMS = {
     "tam": ("momentum", "decay_rate", "damping_eps", "weight_decay", "cosine_scope", "fixed_damping"),
-    "adatam": ("betas", "eps", "decay_rate", "damping_eps", "weight_decay", "cosine_scope", "fixed_damping"),
-    "adatamw": ("betas", "eps", "decay_rate", "damping_eps", "weight_decay", "cosine_scope", "fixed_damping"),
+    "adatam": ("betas", "eps", "decay_rate", "damping_eps", "weight_decay", "cosine_scope", "fixed_damping",
+               "bias_correction"),
+    "adatamw": ("betas", "eps", "decay_rate", "damping_eps", "weight_decay", "cosine_scope", "fixed_damping",
+                "bias_correction"),
     "adamw": ("betas", "eps", "weight_decay"),
     "sgd": ("momentum", "weight_decay", "nesterov"),
 }
@@ -166,6 +168,9 @@ class OptimizerConfig:
     cosine_scope: Optional[Literal["tensor", "global"]] = _help("TAM family: cosine per tensor or per group.", None)
     fixed_damping: Optional[float] = _help(
         "TAM family, a control: hold the damping d at this value in [0, 1] instead of measuring the angle.", None)
+    bias_correction: Optional[bool] = _help(
+        "adatam/adatamw: Adam-style correction of both moments (not the paper's form; off by default). With it "
+        "the 0.2x transfer rule holds from the first step instead of only after ~1000 steps.", None)
     nesterov: Optional[bool] = _help("sgd only.", None)
 
     def kwargs(self) -> dict[str, Any]:
@@ -548,7 +553,7 @@ def _check_finetune(r: Recipe, problems: list[str]) -> None:
 def _check_optimizer(o: OptimizerConfig, problems: list[str]) -> None:
     accepted = OPTIMIZER_PARAMS[o.name]
     for key in ("weight_decay", "momentum", "betas", "eps", "decay_rate", "damping_eps", "cosine_scope", "fixed_damping",
-                "nesterov"):
+                "bias_correction", "nesterov"):
         if getattr(o, key) is not None and key not in accepted:
             problems.append(f"optimizer.{key} does not apply to {o.name} (it takes lr, {', '.join(accepted)})")
     if not o.lr > 0:

@@ -100,6 +100,34 @@ def test_fixed_damping_control_matches_reference(kind, impl, scope):
     assert (opt.damping()["d"] == 0.5).all()
 
 
+@pytest.mark.parametrize("kind", ["adatam", "adatamw"])
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("scope", ["tensor", "global"])
+def test_bias_correction_option_matches_reference(kind, impl, scope):
+    """The optional Adam-style correction; tensor 2 misses steps, so tensors differ in their step counts."""
+    gen = torch.Generator().manual_seed(15)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64)) for s in SHAPES]
+    opt = make_optimizer(kind, params, impl, bias_correction=True, cosine_scope=scope)
+    ref = make_reference(kind, params, bias_correction=True, cosine_scope=scope)
+    for grads in gradient_stream(SHAPES, 12, seed=16):
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step()
+        ref.step(grads)
+        assert_matches(opt, ref, params, kind)
+
+
+def test_bias_correction_keeps_the_first_step_at_adamw_size():
+    """At the transfer-rule lr (AdamW's lr 1.0 x (1 - beta1) / 0.5 = 0.2) the corrected first step equals
+    AdamW's (lr x sign(g) = 1); the paper's form takes 0.2 x 0.5 / sqrt(1 - beta2) = 3.16 instead."""
+    for correct, expected in [(False, 0.2 * 0.5 / math.sqrt(0.001)), (True, 1.0)]:
+        p = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+        opt = AdaTAM([p], lr=0.2, bias_correction=correct)
+        p.grad = torch.ones(3, dtype=torch.float64)
+        opt.step()
+        assert -p.detach()[0].item() == pytest.approx(expected, rel=1e-6)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_maximize_matches_reference(impl):
     gen = torch.Generator().manual_seed(2)

@@ -73,6 +73,8 @@ BAD = {
     "missing required": (dict(optimizer__lr=...), ["optimizer.lr: required key is missing"]),
     "wrong type": (dict(data__max_length="long"), ["data.max_length: expected int, got str 'long'"]),
     "bool is not int": (dict(finetune={"method": "lora", "lora": {"r": True}}), ["finetune.lora.r: expected int"]),
+    "bias_correction on tam": (dict(optimizer__name="tam", optimizer__bias_correction=True),
+                               ["optimizer.bias_correction does not apply to tam"]),
     "fixed_damping out of range": (dict(optimizer__fixed_damping=1.5),
                                    ["optimizer.fixed_damping: 1.5 must be in [0, 1]"]),
     "bad enum": (dict(optimizer__name="adamtam"), ["optimizer.name: 'adamtam' is not one of", "did you mean 'adatam'?"]),

@@ -21,7 +21,7 @@ class ReferenceTorque:
 
     def __init__(self, params, *, adaptive, lr, beta1, beta2=0.999, eps=1e-8, weight_decay=0.0,
                  decoupled=False, maximize=False, decay_rate=0.9, damping_eps=1e-8, cosine_scope="tensor",
-                 fixed_damping=None):
+                 fixed_damping=None, bias_correction=False):
         self.params = [p.detach().clone().double() for p in params]
         self.m = [None] * len(self.params)
         self.v = [None] * len(self.params)
@@ -30,6 +30,8 @@ class ReferenceTorque:
         self.weight_decay, self.decoupled, self.maximize = weight_decay, decoupled, maximize
         self.gamma, self.damping_eps, self.scope = decay_rate, damping_eps, cosine_scope
         self.fixed_damping = fixed_damping
+        self.bias_correction = bias_correction
+        self.t = [0] * len(self.params)
 
     def step(self, grads):
         active = [i for i, g in enumerate(grads) if g is not None]
@@ -73,10 +75,15 @@ class ReferenceTorque:
                 self.params[i] = self.params[i] - self.lr * self.m[i]
                 continue
             self.v[i] = self.beta2 * self.v[i] + (1.0 - self.beta2) * g[i] * g[i]
+            self.t[i] += 1
+            m_hat, v_hat = self.m[i], self.v[i]
+            if self.bias_correction:
+                m_hat = m_hat / (1.0 - self.beta1 ** self.t[i])
+                v_hat = v_hat / (1.0 - self.beta2 ** self.t[i])
             p = self.params[i]
             if self.decoupled:
                 p = p * (1.0 - self.lr * self.weight_decay)
-            self.params[i] = p - self.lr * self.m[i] / (torch.sqrt(self.v[i]) + self.eps)
+            self.params[i] = p - self.lr * m_hat / (torch.sqrt(v_hat) + self.eps)
 
     @staticmethod
     def _cosine(dot, norm_m, norm_g):

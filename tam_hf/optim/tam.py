@@ -25,6 +25,7 @@ compiled, foreach on accelerators, and the single-tensor loop otherwise.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
@@ -59,6 +60,9 @@ class _Rule:
     decay_rate: float
     damping_eps: float
     fixed_damping: Optional[float] = None  # the control arm: d held constant, no cosine
+    bias_correction: bool = False  # AdaTAM only: Adam-style correction of both moments (an option, not the paper)
+    lr_factor: float = 1.0  # set by at_step() under bias_correction
+    eps_factor: float = 1.0
 
     @property
     def sign(self) -> float:
@@ -71,6 +75,23 @@ class _Rule:
     @property
     def decay(self) -> float:
         return 1.0 - self.lr * self.weight_decay if self.decoupled else 1.0
+
+    @property
+    def update_lr(self) -> float:
+        """The lr of AdaTAM's p update (decoupled decay keeps the plain lr, as in AdamW)."""
+        return self.lr * self.lr_factor
+
+    @property
+    def update_eps(self) -> float:
+        return self.eps * self.eps_factor
+
+    def at_step(self, t: float) -> "_Rule":
+        """Under bias_correction, fold m / (1 - beta1^t) and sqrt(v / (1 - beta2^t)) into lr and eps:
+        lr m_hat / (sqrt(v_hat) + eps) = lr sqrt(bc2) / bc1 * m / (sqrt(v) + eps sqrt(bc2))."""
+        if not self.bias_correction:
+            return self
+        bc1, bc2 = 1.0 - self.beta1 ** t, 1.0 - self.beta2 ** t
+        return _Rule(**{**self.__dict__, "lr_factor": math.sqrt(bc2) / bc1, "eps_factor": math.sqrt(bc2)})
 
     def folded(self) -> "_Rule":
         """The rule to apply to a gradient that already carries maximize and coupled weight decay."""
@@ -185,17 +206,19 @@ class _TorqueOptimizer(Optimizer):
             steps = [self.state[p]["step"] for p in params if "step" in self.state[p]]
             if steps:
                 torch._foreach_add_(steps, 1)
+            rule = self._rule(group)
+            counts = [t.item() for t in steps] if rule.bias_correction else None  # host sync only when asked
             ms, vs = buffers[0], buffers[1] if len(buffers) > 1 else None
-            work.append((group, self._rule(group), params, grads, ms, vs, s, self._impl(group, params)))
+            work.append((group, rule, params, grads, ms, vs, s, self._impl(group, params), counts))
         reduced = [None] * len(work)
         if self.stats_reducer is not None and work:
             # every group's statistics in ONE reduction (one all-reduce per step, not one per group)
             parts = [_group_statistics(rule, params, grads, ms, vs, s, impl)
-                     for _, rule, params, grads, ms, vs, s, impl in work]
+                     for _, rule, params, grads, ms, vs, s, impl, _ in work]
             reduced = list(self.stats_reducer(torch.cat(parts)).split([len(x) for x in parts]))
-        for (group, rule, params, grads, ms, vs, s, impl), stats in zip(work, reduced):
+        for (group, rule, params, grads, ms, vs, s, impl, counts), stats in zip(work, reduced):
             _torque_step(rule, params, grads, ms, vs, s, scope=group["cosine_scope"], impl=impl,
-                         stats_reducer=None, reduced_stats=stats)
+                         stats_reducer=None, reduced_stats=stats, steps=counts)
             if group["cosine_scope"] == "global":  # s belongs to the group: tensors without a grad follow it
                 for p in group["params"]:
                     if "s" in self.state[p] and self.state[p]["s"] is not s[0]:
@@ -312,7 +335,9 @@ class AdaTAM(_TorqueOptimizer):
         \end{aligned}
 
     No bias correction and no EMA on the first moment, as in the paper: use about
-    ``lr_AdamW * (1 - beta1) / 0.5`` and a warm-up.
+    ``lr_AdamW * (1 - beta1) / 0.5`` and a warm-up. Without bias correction the first ~1000 steps (beta2 =
+    0.999) are up to ~5x larger than AdamW's at that lr; ``bias_correction=True`` (not the paper's) divides
+    m by :math:`1-\beta_1^t` and v by :math:`1-\beta_2^t`, as Adam does, so the transfer rule holds from step 1.
 
     Args:
         params: parameters or param groups.
@@ -323,6 +348,7 @@ class AdaTAM(_TorqueOptimizer):
         weight_decay: :math:`\lambda`; coupled (L2, like ``torch.optim.Adam``) unless
             ``decoupled_weight_decay`` (then like AdamW; see :class:`AdaTAMW`).
         maximize, foreach, fused, cosine_scope, fixed_damping: as in :class:`TAM`.
+        bias_correction: Adam-style correction of both moments (default False, the paper's form).
 
     State per tensor: ``exp_avg``, ``exp_avg_sq`` (parameter-sized), ``s`` and ``step`` (0-dim).
     """
@@ -344,6 +370,7 @@ class AdaTAM(_TorqueOptimizer):
         fused: Optional[bool] = None,
         fixed_damping: Optional[float] = None,
         decoupled_weight_decay: bool = False,
+        bias_correction: bool = False,
     ):
         _validate_common(lr, decay_rate, damping_eps, weight_decay, cosine_scope, foreach, fused, fixed_damping)
         _check(len(betas) == 2, f"Invalid betas: {betas}")
@@ -354,6 +381,7 @@ class AdaTAM(_TorqueOptimizer):
             lr=lr, betas=tuple(betas), decay_rate=decay_rate, damping_eps=damping_eps, eps=eps,
             weight_decay=weight_decay, maximize=maximize, foreach=foreach, cosine_scope=cosine_scope,
             fused=fused, fixed_damping=fixed_damping, decoupled_weight_decay=decoupled_weight_decay,
+            bias_correction=bias_correction,
         )
         super().__init__(params, defaults)
 
@@ -361,6 +389,7 @@ class AdaTAM(_TorqueOptimizer):
         super().__setstate__(state)
         for group in self.param_groups:
             group.setdefault("decoupled_weight_decay", isinstance(self, AdaTAMW))
+            group.setdefault("bias_correction", False)
 
     def _init_state(self, p: Tensor, state: dict) -> None:
         super()._init_state(p, state)
@@ -372,7 +401,7 @@ class AdaTAM(_TorqueOptimizer):
             adaptive=True, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
             weight_decay=group["weight_decay"], decoupled=group["decoupled_weight_decay"],
             maximize=group["maximize"], decay_rate=group["decay_rate"], damping_eps=group["damping_eps"],
-            fixed_damping=group["fixed_damping"],
+            fixed_damping=group["fixed_damping"], bias_correction=group["bias_correction"],
         )
 
 
@@ -395,11 +424,12 @@ class AdaTAMW(AdaTAM):
         cosine_scope: str = "tensor",
         fused: Optional[bool] = None,
         fixed_damping: Optional[float] = None,
+        bias_correction: bool = False,
     ):
         super().__init__(
             params, lr=lr, betas=betas, decay_rate=decay_rate, damping_eps=damping_eps, eps=eps,
             weight_decay=weight_decay, maximize=maximize, foreach=foreach, cosine_scope=cosine_scope,
-            fused=fused, fixed_damping=fixed_damping, decoupled_weight_decay=True,
+            fused=fused, fixed_damping=fixed_damping, decoupled_weight_decay=True, bias_correction=bias_correction,
         )
 
 
@@ -427,23 +457,37 @@ def adatam(
     eps: float, weight_decay: float, decoupled_weight_decay: bool = False, maximize: bool = False,
     cosine_scope: str = "tensor", foreach: Optional[bool] = None, fused: Optional[bool] = None,
     fixed_damping: Optional[float] = None, stats_reducer: Optional[StatsReducer] = None,
+    bias_correction: bool = False, steps: Optional[list[float]] = None,
 ) -> None:
-    """Functional AdaTAM(W) step over tensors that all have gradients; see :class:`AdaTAM`."""
+    """Functional AdaTAM(W) step over tensors that all have gradients; see :class:`AdaTAM`. ``steps``: each
+    tensor's step count including this step, needed with ``bias_correction``."""
     rule = _Rule(True, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize, decay_rate,
-                 damping_eps, fixed_damping)
+                 damping_eps, fixed_damping, bias_correction)
     impl = "fused" if fused else ("foreach" if foreach else "single")
     _torque_step(rule, params, grads, exp_avgs, exp_avg_sqs, s, scope=cosine_scope, impl=impl,
-                 stats_reducer=stats_reducer)
+                 stats_reducer=stats_reducer, steps=steps)
+
+
+def _per_tensor_rules(rule: _Rule, steps: Optional[list[float]], n: int) -> list[_Rule]:
+    """One rule per tensor: they differ only under bias_correction, by each tensor's own step count."""
+    if not rule.bias_correction:
+        return [rule] * n
+    if steps is None:
+        raise ValueError("bias_correction needs each tensor's step count")
+    by_step = {t: rule.at_step(t) for t in set(steps)}
+    return [by_step[t] for t in steps]
 
 
 def _torque_step(rule: _Rule, params, grads, ms, vs, s, *, scope: str, impl: str, stats_reducer,
-                 reduced_stats: Optional[Tensor] = None) -> None:
+                 reduced_stats: Optional[Tensor] = None, steps: Optional[list[float]] = None) -> None:
     """One update of a param group. ``reduced_stats``: the group's statistics, already reduced by the caller
-    (the optimizer reduces all groups at once); else they are computed here and passed to ``stats_reducer``."""
+    (the optimizer reduces all groups at once); else they are computed here and passed to ``stats_reducer``.
+    ``steps``: each tensor's step count (after this step's increment), needed under bias_correction."""
     vs = vs if vs is not None else [None] * len(params)
+    rules = _per_tensor_rules(rule, steps, len(params))
     measured = rule.fixed_damping is None
     if impl == "fused" and scope == "tensor" and stats_reducer is None and reduced_stats is None and measured:
-        _fused_tensor_scope(rule, params, grads, ms, vs, s)
+        _fused_tensor_scope(rules, params, grads, ms, vs, s)
         return
     fusable, g_eff = _prepare(rule, params, grads, ms, vs, s, impl)
     if measured:
@@ -458,20 +502,22 @@ def _torque_step(rule: _Rule, params, grads, ms, vs, s, *, scope: str, impl: str
         coeffs = [torch.tensor(rule.fixed_damping + rule.damping_eps, dtype=x.dtype, device=x.device) for x in s]
 
     for i in [i for i, f in enumerate(fusable) if f]:
-        p, a = params[i], coeffs[i].item()
+        p, a, rule = params[i], coeffs[i].item(), rules[i]
         if rule.adaptive:
             _fused.kernel("adatam_update", p.dtype)(
                 p.numel(), p.data_ptr(), grads[i].data_ptr(), ms[i].data_ptr(), vs[i].data_ptr(), rule.sign,
-                rule.coupled_wd, a, rule.beta1, rule.beta2, rule.lr, rule.eps, rule.decay)
+                rule.coupled_wd, a, rule.beta1, rule.beta2, rule.update_lr, rule.update_eps, rule.decay)
         else:
             _fused.kernel("tam_update", p.dtype)(p.numel(), p.data_ptr(), grads[i].data_ptr(), ms[i].data_ptr(),
                                                  rule.sign, rule.coupled_wd, a, rule.beta1, rule.lr)
         torch.autograd.graph.increment_version(p)
-    eager_idx = [i for i, f in enumerate(fusable) if not f]
-    if eager_idx:
-        pick = lambda xs: [xs[i] for i in eager_idx]  # noqa: E731
-        update = _foreach_update if impl == "foreach" else _single_update
-        update(rule.folded(), pick(params), pick(g_eff), pick(ms), pick(vs), pick(coeffs))
+    by_rule: dict = {}
+    for i in [i for i, f in enumerate(fusable) if not f]:
+        by_rule.setdefault(rules[i], []).append(i)
+    update = _foreach_update if impl == "foreach" else _single_update
+    for tensor_rule, idx in by_rule.items():
+        pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
+        update(tensor_rule.folded(), pick(params), pick(g_eff), pick(ms), pick(vs), pick(coeffs))
 
 
 def _prepare(rule: _Rule, params, grads, ms, vs, s, impl: str):
@@ -583,7 +629,7 @@ def _single_update(rule: _Rule, params, grads, ms, vs, coeffs) -> None:
         v.mul_(rule.beta2).addcmul_(g, g, value=1.0 - rule.beta2)
         if rule.decoupled and rule.weight_decay:
             p.mul_(rule.decay)
-        p.addcdiv_(m, v.sqrt().add_(rule.eps), value=-rule.lr)
+        p.addcdiv_(m, v.sqrt().add_(rule.update_eps), value=-rule.update_lr)
 
 
 def _foreach_update(rule: _Rule, params, grads, ms, vs, coeffs) -> None:
@@ -603,29 +649,30 @@ def _foreach_update(rule: _Rule, params, grads, ms, vs, coeffs) -> None:
         if rule.decoupled and rule.weight_decay:
             torch._foreach_mul_(p, rule.decay)
         denom = torch._foreach_sqrt(v)
-        torch._foreach_add_(denom, rule.eps)
-        torch._foreach_addcdiv_(p, m, denom, value=-rule.lr)
+        torch._foreach_add_(denom, rule.update_eps)
+        torch._foreach_addcdiv_(p, m, denom, value=-rule.update_lr)
 
 
-def _fused_tensor_scope(rule: _Rule, params, grads, ms, vs, s) -> None:
+def _fused_tensor_scope(rules: list[_Rule], params, grads, ms, vs, s) -> None:
     """Tensor scope on one process: statistics, damping and update back to back per tensor, all tensors of
-    a dtype in one kernel call; tensors the kernels cannot take (bf16, DTensor, strided) take the eager loop."""
+    a dtype (and step count, under bias_correction) in one kernel call; tensors the kernels cannot take (bf16,
+    DTensor, strided) take the eager loop."""
     batches: dict = {}
-    for i, (p, g, m, v, x) in enumerate(zip(params, grads, ms, vs, s)):
+    for i, (p, g, m, v, x, rule) in enumerate(zip(params, grads, ms, vs, s, rules)):
         tensors = (p, g, m) if v is None else (p, g, m, v)
         if _fused.supports(*tensors) and x.dtype == p.dtype:
-            batches.setdefault(p.dtype, []).append(i)
+            batches.setdefault((p.dtype, rule), []).append(i)
             continue
         ge = _effective_grad(rule, p, g)
         a = _advance(_eager_stats([m], [ge], False), [x], rule, "tensor")
         _single_update(rule.folded(), [p], [ge], [m], [v], a)
-    for dtype, idx in batches.items():
+    for (dtype, rule), idx in batches.items():
         p, g, m, v, x = ([xs[i] for i in idx] for xs in (params, grads, ms, vs, s))
         common = (_fused.sizes(p), _fused.pointers(p), _fused.pointers(g), _fused.pointers(m))
         if rule.adaptive:
             _fused.kernel("adatam_step_batch", dtype)(
                 len(idx), *common, _fused.pointers(v), _fused.pointers(x), rule.sign, rule.coupled_wd,
-                rule.beta1, rule.beta2, rule.lr, rule.eps, rule.decay, rule.decay_rate, rule.damping_eps)
+                rule.beta1, rule.beta2, rule.update_lr, rule.update_eps, rule.decay, rule.decay_rate, rule.damping_eps)
         else:
             _fused.kernel("tam_step_batch", dtype)(
                 len(idx), *common, _fused.pointers(x), rule.sign, rule.coupled_wd, rule.beta1, rule.lr,
