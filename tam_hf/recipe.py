@@ -244,6 +244,9 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     return validate_recipe(raw, name=path.stem, source=str(path), problems=problems)
 
 
+_YAML11_BOOL_WORDS = {"yes", "no", "on", "off", "y", "n"}
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> list[str]:
     """Apply `a.b.c=value` overrides in place (value read as YAML); returns problems instead of raising."""
     problems = []
@@ -253,7 +256,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> list[str]:
             problems.append(f"override {item!r}: expected key.path=value")
             continue
         try:
-            value = yaml.safe_load(text)
+            # YAML 1.1 reads yes/no/on/off as booleans; on a command line `training.save_strategy=no` means "no"
+            value = text if text.strip().lower() in _YAML11_BOOL_WORDS else yaml.safe_load(text)
         except yaml.YAMLError:
             value = text
         node, parts = raw, key.split(".")

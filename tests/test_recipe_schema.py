@@ -143,6 +143,13 @@ def test_overrides_apply_before_validation(tmp_path):
         load_recipe(path, ["optimizer.lrr=1"])
 
 
+def test_override_no_stays_a_string(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(GOOD))
+    recipe = load_recipe(path, ["training.save_strategy=no", "training.disable_tqdm=true"])
+    assert recipe.training["save_strategy"] == "no" and recipe.training["disable_tqdm"] is True
+
+
 def test_lr_written_as_yaml_1_1_string_is_a_float():
     # YAML 1.1 reads `1e-4` (no dot) as a string; accepting it spares users a classic silent trap.
     assert validate_recipe(_recipe(optimizer__lr="1e-4")).optimizer.lr == 1e-4
