@@ -137,8 +137,11 @@ def _exact_match(recipe, model, tokenizer, raw_eval) -> float:
     rows = raw_eval.select(range(min(len(raw_eval), recipe.eval.max_generate_samples)))
     pairs = [prompt_and_answer(row, recipe.data) for row in rows]
     answers = _generate_answers(model, tokenizer, [p for p, _ in pairs], recipe.eval.max_new_tokens)
+    references = [ref for _, ref in pairs]
+    if recipe.eval.answer_pattern is not None:  # e.g. GSM8K: the number after '####' in a worked solution
+        return exact_match(answers, references, recipe.eval.answer_pattern)
     # A model that learned to stop emits EOS; anything after the first line is not part of the answer.
-    return exact_match([a.split("\n")[0] for a in answers], [ref for _, ref in pairs])
+    return exact_match([a.split("\n")[0] for a in answers], references)
 
 
 def save_resolved(recipe: Recipe, output_dir: Path) -> Path:

@@ -7,6 +7,7 @@ confusion matrix; Spearman = Pearson of average ranks).
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 
@@ -77,11 +78,22 @@ def _normalise(text: str) -> str:
     return " ".join(text.strip().lower().split())
 
 
-def exact_match(predictions: list[str], references: list[str]) -> float:
-    """Share of generated answers equal to the reference after trimming, lower-casing and collapsing spaces."""
+def exact_match(predictions: list[str], references: list[str], answer_pattern: str | None = None) -> float:
+    """Share of generated answers equal to the reference after trimming, lower-casing and collapsing spaces.
+
+    With ``answer_pattern`` (a regex whose first group is the answer, e.g. GSM8K's ``####\s*(-?[\d,.]+)``) the
+    answers are extracted from both first; a prediction without one is wrong. Commas in numbers are dropped."""
     if not references:
         return 0.0
-    return sum(_normalise(p) == _normalise(r) for p, r in zip(predictions, references)) / len(references)
+    if answer_pattern is None:
+        return sum(_normalise(p) == _normalise(r) for p, r in zip(predictions, references)) / len(references)
+    pattern = re.compile(answer_pattern)
+
+    def answer(text: str):
+        found = pattern.search(text)
+        return None if found is None else _normalise(found.group(1)).replace(",", "").rstrip(".")
+
+    return sum(answer(p) is not None and answer(p) == answer(r) for p, r in zip(predictions, references)) / len(references)
 
 
 # Metrics computed from (predictions, labels) of a classification eval; perplexity/exact_match are causal-LM.

@@ -188,6 +188,10 @@ class EvalConfig:
     metrics: Optional[list[str]] = _help("Metric names; default depends on the task.", None)
     max_new_tokens: int = _help("exact_match: tokens generated per answer.", 16)
     max_generate_samples: int = _help("exact_match: evaluation rows generated for (generation is slow).", 64)
+    answer_pattern: Optional[str] = _help(
+        "exact_match: a regular expression whose first group is the answer, searched in the generation and in the "
+        "reference (GSM8K: '####\\s*(-?[\\d,.]+)'); unset compares the first generated line with the reference.",
+        None)
 
 
 @dataclass
@@ -623,6 +627,16 @@ def _check_eval(r: Recipe, problems: list[str]) -> None:
                             + (f" with data.target {target}" if target else ""))
     if "exact_match" in r.eval.metrics and r.data.format not in ("prompt_completion", "instruction"):
         problems.append(f"eval.metrics: exact_match needs prompt_completion or instruction data (got {r.data.format})")
+    if r.eval.answer_pattern is not None:
+        try:
+            groups = re.compile(r.eval.answer_pattern).groups
+        except re.error as exc:
+            problems.append(f"eval.answer_pattern: {r.eval.answer_pattern!r} is not a regular expression ({exc})")
+        else:
+            if groups < 1:
+                problems.append(f"eval.answer_pattern: {r.eval.answer_pattern!r} needs a group, e.g. '####\\s*(\\S+)'")
+        if "exact_match" not in r.eval.metrics:
+            problems.append("eval.answer_pattern is set but eval.metrics has no exact_match")
     has_eval = any(getattr(r.data, k) is not None for k in ("eval_split", "eval_file", "eval_fraction"))
     if not has_eval and r.eval.metrics:
         problems.append("eval.metrics are set but there is no evaluation data: set data.eval_file, "

@@ -21,6 +21,15 @@ def test_hand_checked_values():
     assert exact_match([" 12", "Paris ", "no"], ["12", "paris", "yes"]) == pytest.approx(2 / 3)
 
 
+def test_exact_match_with_an_answer_pattern_compares_extracted_answers():
+    gsm8k = r"####\s*(-?[\d,.]+)"
+    references = ["She pays 3 * 4 = 12.\n#### 1,200", "Half of 10 is 5.\n#### 5", "#### -3"]
+    predictions = ["3 * 4 = 12, times 100\n#### 1200\nQuestion: next", "so the answer is 5", "#### -3."]
+    # 1,200 == 1200 (commas dropped, trailing full stop too); no '####' in the second prediction: wrong
+    assert exact_match(predictions, references, gsm8k) == pytest.approx(2 / 3)
+    assert exact_match(predictions, references) == 0.0  # without the pattern whole texts are compared
+
+
 def test_agrees_with_sklearn_and_scipy():
     sk = pytest.importorskip("sklearn.metrics")
     stats = pytest.importorskip("scipy.stats")

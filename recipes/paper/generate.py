@@ -114,7 +114,8 @@ DATASETS = {
         data={"dataset": "openai/gsm8k", "config_name": "main", "eval_split": "test", "format": "prompt_completion",
               "columns": {"prompt": "question", "completion": "answer"}, "max_length": 512},
         training={"num_train_epochs": 3, "eval_strategy": "epoch", "save_strategy": "epoch"},
-        eval={"metrics": ["perplexity"]},
+        eval={"metrics": ["perplexity", "exact_match"], "answer_pattern": r"####\s*(-?[\d,.]+)",
+              "max_new_tokens": 256, "max_generate_samples": 500},
         what="math word problems (GSM8K main, question -> worked solution ending in '#### <number>'; loss on "
              "the solution)",
     ),
@@ -131,9 +132,8 @@ def decoder_recipe(model: str, method: str, dataset: str) -> tuple[str, str, dic
              f"{' (Llama 3.2 is gated: accept its licence first)' if 'llama' in model else ''}; add training.bf16=true "
              "on a GPU that has it (left out so the recipe also validates on a CPU).")
     if dataset == "gsm8k":
-        about += (" Answer accuracy: tam_hf's exact_match compares the first generated line with the whole "
-                  "reference, but GSM8K needs the final '#### N' extracted from both first, which tam_hf does not "
-                  "do yet, so this recipe reports perplexity.")
+        about += (" Answer accuracy: exact_match of the number after '####' in the generated and the reference "
+                  "solution (eval.answer_pattern), on the first 500 test problems.")
     header = f"""tam-finetune {path}
   AdamW baseline:  tam-finetune {path} optimizer.name=adamw optimizer.lr={_lr(adamw_lr)}
   Both + control, 3 seeds: python -m tam_hf.compare {path} --optimizers adamw,adatamw,adatamw-const --seeds 3 \\
