@@ -8,9 +8,12 @@ fit the recipe, 130 interrupted before a checkpoint could be saved.
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 
 
+from tam_hf.launch import launch_command, launch_problems
 from tam_hf.recipe import RecipeError, load_recipe, to_yaml
 
 __all__ = ["main"]
@@ -27,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a recipe value (read as YAML), e.g. finetune.lora.r=8")
     p.add_argument("--validate", action="store_true", help="check the recipe, print it resolved, load nothing")
     p.add_argument("--print-config", action="store_true", help="print the resolved recipe before training")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="train on N processes (torchrun; with distributed.accelerate_config, accelerate launch's "
+                        "--num_processes)")
     return p
 
 
@@ -63,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         from tam_hf.finetune import build_training_arguments
 
         build_training_arguments(recipe)  # TrainingArguments' own checks, still before any loading
+        problems = launch_problems(recipe, args.nproc)
+        if problems:
+            raise RecipeError(problems, args.recipe)
     except RecipeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -71,6 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.validate:
         print(f"# {args.recipe}: valid", file=sys.stderr)
         return 0
+
+    command = launch_command(recipe, args.recipe, args.overrides, args.nproc,
+                             ["--print-config"] if args.print_config else [])
+    if command is not None:  # this process only starts the launcher; each launched process trains
+        print("+ " + " ".join(command), file=sys.stderr)
+        return subprocess.run(command).returncode
 
     from tam_hf.data import DataError
     from tam_hf.finetune import finetune
@@ -83,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\naborted (second Ctrl-C): no checkpoint was written for the current step", file=sys.stderr)
         return 130
-    print(_format_summary(summary))
+    if os.environ.get("RANK", "0") == "0":  # launched runs: one summary, from the first process
+        print(_format_summary(summary))
     return 0
 
 
