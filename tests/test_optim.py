@@ -422,3 +422,25 @@ def test_stats_reducer_is_called_once_per_step_for_all_groups(impl, scope):
     assert calls[-1] == (len(SHAPES), 3)  # rows of both groups in one call
     for a, b in zip(plain_params, hooked_params):
         torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
+
+
+def test_fused_statistics_are_the_same_bits_for_any_thread_count():
+    """DDP replicas and resumed runs must agree exactly: chunked sums, not an OpenMP reduction in arrival order."""
+    if not fused.available():
+        pytest.skip("fused kernels unavailable")
+    gen = torch.Generator().manual_seed(17)
+    m, g = torch.randn(1_000_003, generator=gen), torch.randn(1_000_003, generator=gen)
+    kernel = fused.kernel("tam_stats", torch.float32)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            out = torch.zeros(3, dtype=torch.float64)
+            kernel(m.numel(), m.data_ptr(), g.data_ptr(), m.data_ptr(), 1.0, 0.0, out.data_ptr())
+            results.append(out)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(results[0], r) for r in results[1:])
+    expected = torch.stack([torch.dot(m.double(), g.double()), m.double().square().sum(), g.double().square().sum()])
+    torch.testing.assert_close(results[0], expected, rtol=1e-12, atol=0)

@@ -9,6 +9,7 @@
  * cosine; `decay` is the decoupled (AdamW-style) factor 1 - lr * weight_decay applied to p first.
  * Built without -ffast-math on purpose: no reassociation, NaN/Inf behave as in torch.
  */
+#include <stdlib.h>
 #include <tgmath.h> /* sqrt is sqrtf for float */
 
 #define PARALLEL_MIN 32768L
@@ -28,23 +29,45 @@ static double cosine_of(const double *st) {
         return (1.0 + (double)s_new) / 2.0 + damping_eps;                                       \
     }
 
+/* The statistics are summed per fixed chunk of CHUNK elements, then the chunk sums in order: the result is the
+   same bits whatever the number of threads (an OpenMP reduction combines per-thread sums in arrival order), so
+   DDP replicas, reruns and resumes on another machine agree exactly. */
+#define CHUNK 65536L
+#define MAX_CHUNKS_ON_STACK 64
+
 #define DEFINE_KERNELS(T, S, SUF)                                                               \
-    void tam_stats_##SUF(long n, const T *m, const T *g, const T *p, T sign, T wd, double *out) { \
+    static void chunk_stats_##SUF(long lo, long hi, const T *m, const T *g, const T *p, T sign, T wd, \
+                                  double *out) {                                                \
         double mg = 0.0, mm = 0.0, gg = 0.0;                                                    \
         if (wd == (T)0) {                                                                       \
-            _Pragma("omp parallel for simd reduction(+:mg,mm,gg) schedule(static) if(n > PARALLEL_MIN)") \
-            for (long i = 0; i < n; i++) {                                                      \
+            _Pragma("omp simd reduction(+:mg,mm,gg)")                                           \
+            for (long i = lo; i < hi; i++) {                                                    \
                 double gi = (double)(sign * g[i]), mi = (double)m[i];                           \
                 mg += mi * gi; mm += mi * mi; gg += gi * gi;                                    \
             }                                                                                   \
         } else {                                                                                \
-            _Pragma("omp parallel for simd reduction(+:mg,mm,gg) schedule(static) if(n > PARALLEL_MIN)") \
-            for (long i = 0; i < n; i++) {                                                      \
+            _Pragma("omp simd reduction(+:mg,mm,gg)")                                           \
+            for (long i = lo; i < hi; i++) {                                                    \
                 double gi = (double)(sign * g[i] + wd * p[i]), mi = (double)m[i];               \
                 mg += mi * gi; mm += mi * mi; gg += gi * gi;                                    \
             }                                                                                   \
         }                                                                                       \
-        out[0] += mg; out[1] += mm; out[2] += gg;                                               \
+        out[0] = mg; out[1] = mm; out[2] = gg;                                                  \
+    }                                                                                           \
+    void tam_stats_##SUF(long n, const T *m, const T *g, const T *p, T sign, T wd, double *out) { \
+        long chunks = (n + CHUNK - 1) / CHUNK;                                                  \
+        double on_stack[3 * MAX_CHUNKS_ON_STACK];                                               \
+        double *part = chunks <= MAX_CHUNKS_ON_STACK ? on_stack : malloc(3 * chunks * sizeof(double)); \
+        if (part == NULL) { out[0] = out[1] = out[2] = NAN; return; } /* NaN: treated as cosine 0 */ \
+        _Pragma("omp parallel for schedule(static) if(n > PARALLEL_MIN)")                       \
+        for (long c = 0; c < chunks; c++) {                                                     \
+            long hi = (c + 1) * CHUNK < n ? (c + 1) * CHUNK : n;                                \
+            chunk_stats_##SUF(c * CHUNK, hi, m, g, p, sign, wd, part + 3 * c);                  \
+        }                                                                                       \
+        for (long c = 0; c < chunks; c++) {                                                     \
+            out[0] += part[3 * c]; out[1] += part[3 * c + 1]; out[2] += part[3 * c + 2];        \
+        }                                                                                       \
+        if (part != on_stack) free(part);                                                       \
     }                                                                                           \
     void tam_update_##SUF(long n, T *p, const T *g, T *m, T sign, T wd, T a, T momentum, T lr) { \
         _Pragma("omp parallel for simd schedule(static) if(n > PARALLEL_MIN)")                  \
