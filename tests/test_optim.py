@@ -444,3 +444,23 @@ def test_fused_statistics_are_the_same_bits_for_any_thread_count():
     assert all(torch.equal(results[0], r) for r in results[1:])
     expected = torch.stack([torch.dot(m.double(), g.double()), m.double().square().sum(), g.double().square().sum()])
     torch.testing.assert_close(results[0], expected, rtol=1e-12, atol=0)
+
+
+def test_a_compiler_without_openmp_still_gets_serial_kernels(monkeypatch, tmp_path):
+    cc = tmp_path / "cc-without-openmp"
+    cc.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = "-fopenmp" ] && { echo "no -fopenmp" >&2; exit 1; }; done\n'
+                  'exec "${REAL_CC:-cc}" "$@"\n')
+    cc.chmod(0o755)
+    monkeypatch.setattr(fused, "_lib", None)
+    monkeypatch.setattr(fused, "_error", None)
+    monkeypatch.setenv("CC", str(cc))
+    monkeypatch.setenv("TAM_HF_CACHE", str(tmp_path / "cache"))
+    assert fused.available()
+    p = torch.nn.Parameter(torch.randn(40, 3, dtype=torch.float64))
+    opt, ref = AdaTAM([p], lr=1e-2, fused=True), ReferenceTorque([p], adaptive=True, lr=1e-2, beta1=0.9)
+    for _ in range(3):
+        g = torch.randn(40, 3, dtype=torch.float64)
+        p.grad = g
+        opt.step()
+        ref.step([g])
+    torch.testing.assert_close(p.detach(), ref.params[0], rtol=1e-10, atol=1e-10)

@@ -45,8 +45,19 @@ def _compile() -> ctypes.CDLL:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise RuntimeError("no C compiler found (set CC)")
+    try:
+        return _build(compiler, _FLAGS)
+    except RuntimeError as with_openmp:
+        # Apple clang and some minimal toolchains have no OpenMP: the kernels still beat the eager loop serially.
+        try:
+            return _build(compiler, [f for f in _FLAGS if f != "-fopenmp"])
+        except RuntimeError:
+            raise with_openmp from None
+
+
+def _build(compiler: str, flags: list[str]) -> ctypes.CDLL:
     source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([compiler, *_FLAGS, _cpu_signature()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(source + " ".join([compiler, *flags, _cpu_signature()]).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("TAM_HF_CACHE", Path.home() / ".cache" / "tam_hf")) / "kernels"
     target = cache / f"tam_kernels_{key}.so"
     if not target.exists():
@@ -54,7 +65,7 @@ def _compile() -> ctypes.CDLL:
         # Build under a temporary name and rename: several ranks may compile at once.
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
         os.close(fd)
-        proc = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True)
+        proc = subprocess.run([compiler, *flags, str(_SOURCE), "-o", tmp], capture_output=True, text=True)
         if proc.returncode != 0:
             os.unlink(tmp)
             raise RuntimeError(f"{compiler} failed: {proc.stderr.strip()[-2000:]}")
