@@ -91,7 +91,7 @@ def main():
     p.add_argument("--threads", type=int, default=1, help="torch threads; 1 is steadiest on a shared machine")
     opts = p.parse_args()
 
-    tam_hf.register()
+    tam_hf.trainer.register()
     hf_logging.set_verbosity_error()
     config, init, data = build(opts)
     torch.set_num_threads(opts.threads)

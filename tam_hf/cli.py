@@ -1,5 +1,5 @@
 """`tam-finetune RECIPE.yaml [key.path=value ...] [--validate] [--print-config]`, and
-`tam-finetune compare RECIPE.yaml --optimizers adamw,adatamw --seeds 3` (see :mod:`tam_hf.compare`).
+`tam-finetune compare RECIPE.yaml --optimizers adamw,adatamw --seeds 3` (see :mod:`tam_hf.compare.study`).
 
 Exit codes: 0 done, 2 invalid recipe (every problem listed on stderr, nothing loaded), 1 data that does not
 fit the recipe, 130 interrupted before a checkpoint could be saved.
@@ -13,8 +13,8 @@ import subprocess
 import sys
 
 
-from tam_hf.launch import launch_command, launch_problems
-from tam_hf.recipe import RecipeError, load_recipe, to_yaml
+from tam_hf.finetune.launch import launch_command, launch_problems
+from tam_hf.finetune.recipe import RecipeError, load_recipe, to_yaml
 
 __all__ = ["main"]
 
@@ -60,13 +60,13 @@ def _format_summary(s: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["compare"]:  # tam-finetune compare RECIPE --optimizers ... (see tam_hf/compare.py)
-        from tam_hf.compare import main as compare_main
+        from tam_hf.compare.study import main as compare_main
 
         return compare_main(argv[1:])
     args = _parser().parse_intermixed_args(argv)  # flags may come before or after the overrides
     try:
         recipe = load_recipe(args.recipe, args.overrides)
-        from tam_hf.finetune import build_training_arguments
+        from tam_hf.finetune.runner import build_training_arguments
 
         build_training_arguments(recipe)  # TrainingArguments' own checks, still before any loading
         problems = launch_problems(recipe, args.nproc)
@@ -87,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         print("+ " + " ".join(command), file=sys.stderr)
         return subprocess.run(command).returncode
 
-    from tam_hf.data import DataError
-    from tam_hf.finetune import finetune
+    from tam_hf.finetune.data import DataError
+    from tam_hf.finetune.runner import finetune
 
     try:
         summary = finetune(recipe)

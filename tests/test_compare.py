@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from tam_hf import compare
-from tam_hf.finetune import training_arguments
-from tam_hf.recipe import RecipeError, load_recipe
-from tam_hf.report import aggregate, curves
+from tam_hf.compare import study as compare
+from tam_hf.finetune.runner import training_arguments
+from tam_hf.finetune.recipe import RecipeError, load_recipe
+from tam_hf.compare.report import aggregate, curves
 
 DEMO = Path(__file__).parents[1] / "recipes" / "examples" / "demo_tiny.yaml"
 # Short runs with a mid-run evaluation, so the eval-loss curve has two points; no checkpoints, no generation.

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tam_hf.distributed import DistributedConfigError, check_deepspeed_config, check_training_args
+from tam_hf.trainer.distributed import DistributedConfigError, check_deepspeed_config, check_training_args
 from tam_hf.optim import TAM, AdaTAM
 from tam_hf.optim.sharded import Fragment, ShardedSource, ShardedStats
 
@@ -276,7 +276,7 @@ def test_fsdp_version_1_is_refused():
 def test_launcher_deepspeed_config_is_checked_too(monkeypatch):
     """`accelerate launch --config_file zero2.yml` hands the DeepSpeed config to the Trainer through accelerate's
     state, not TrainingArguments: it is checked all the same."""
-    import tam_hf.distributed as td
+    import tam_hf.trainer.distributed as td
 
     monkeypatch.setattr(td, "_launcher_plugins", lambda: ({"optimizer": {"type": "AdamW"}}, None))
     with pytest.raises(DistributedConfigError, match='"optimizer" block'):
@@ -287,7 +287,7 @@ def test_launcher_deepspeed_config_is_checked_too(monkeypatch):
 
 
 def test_replaced_optimizer_is_caught_when_training_begins():
-    from tam_hf.distributed import TorqueStatsCallback
+    from tam_hf.trainer.distributed import TorqueStatsCallback
 
     wrapper = SimpleNamespace(optimizer=SimpleNamespace(optimizer=torch.optim.AdamW([torch.zeros(1,
                                                                                                 requires_grad=True)])))

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from tam_hf import cli
-from tam_hf.launch import launch_command
-from tam_hf.recipe import load_recipe
+from tam_hf.finetune.launch import launch_command
+from tam_hf.finetune.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "recipes" / "examples" / "demo_tiny.yaml"

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tam_hf import compare
-from tam_hf.finetune import build_training_arguments
-from tam_hf.recipe import load_recipe
+from tam_hf.compare import study as compare
+from tam_hf.finetune.runner import build_training_arguments
+from tam_hf.finetune.recipe import load_recipe
 
 ROOT = Path(__file__).parents[1]
 PAPER = ROOT / "recipes" / "paper"
@@ -93,8 +93,8 @@ def test_compare_derives_the_headers_adamw_lr(tmp_path, monkeypatch):
 
 
 def test_study_data_is_balanced_disjoint_and_reproducible():
-    gen = _module(ROOT / "tam_hf" / "data" / "study" / "generate.py")
-    data = ROOT / "tam_hf" / "data" / "study"
+    gen = _module(ROOT / "scripts" / "generate_study_data.py")
+    data = ROOT / "tam_hf" / "assets" / "study"
     train = [json.loads(l) for l in (data / "sentiment_train.jsonl").read_text().splitlines()]
     evaluation = [json.loads(l) for l in (data / "sentiment_eval.jsonl").read_text().splitlines()]
     assert (len(train), len(evaluation)) == (gen.N_TRAIN, gen.N_EVAL)

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from tam_hf.data import IGNORE, DataError, build_datasets, collator, load_raw, tokenize_row
-from tam_hf.model import load_tokenizer
-from tam_hf.recipe import DataConfig, ModelConfig, validate_recipe
+from tam_hf.finetune.data import IGNORE, DataError, build_datasets, collator, load_raw, tokenize_row
+from tam_hf.finetune.model import load_tokenizer
+from tam_hf.finetune.recipe import DataConfig, ModelConfig, validate_recipe
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from tam_hf.finetune import finetune, training_arguments
-from tam_hf.model import model_path
-from tam_hf.recipe import ModelConfig, validate_recipe
+from tam_hf.finetune.runner import finetune, training_arguments
+from tam_hf.finetune.model import model_path
+from tam_hf.finetune.recipe import ModelConfig, validate_recipe
 
 
 def _recipe(tmp_path, **sections):
@@ -92,8 +92,8 @@ def test_lora_on_an_8bit_base_trains(tmp_path):
 
 
 def test_merged_upload_holds_a_plain_model_and_card_links_hub_base(tmp_path):
-    from tam_hf.hub import model_card, prepare_upload
-    from tam_hf.model import load_model, load_tokenizer
+    from tam_hf.finetune.hub import model_card, prepare_upload
+    from tam_hf.finetune.model import load_model, load_tokenizer
 
     recipe = _recipe(tmp_path, hub={"repo_id": "someone/merged", "artifact": "merged"})
     tokenizer = load_tokenizer(recipe.model)
@@ -186,7 +186,7 @@ def test_optimizer_section_maps_onto_training_arguments(tmp_path):
 def test_push_calls_the_hub_with_the_prepared_folder(tmp_path, monkeypatch):
     import huggingface_hub
 
-    from tam_hf.hub import push
+    from tam_hf.finetune.hub import push
 
     calls = []
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from transformers import EvalPrediction
 
-from tam_hf.metrics import (accuracy, classification_metrics, exact_match, f1, mcc, pearson, perplexity,
+from tam_hf.finetune.metrics import (accuracy, classification_metrics, exact_match, f1, mcc, pearson, perplexity,
                             spearman)
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tam_hf.recipe import RecipeError, load_recipe, to_yaml, validate_recipe
+from tam_hf.finetune.recipe import RecipeError, load_recipe, to_yaml, validate_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))

@@ -23,8 +23,8 @@ def test_smollm2_lora_two_steps_saves_a_loadable_adapter(tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from tam_hf.finetune import finetune
-    from tam_hf.recipe import validate_recipe
+    from tam_hf.finetune.runner import finetune
+    from tam_hf.finetune.recipe import validate_recipe
 
     model_dir = spec.submodule_search_locations[0]
     recipe = validate_recipe({
@@ -47,9 +47,9 @@ def test_smollm2_lora_two_steps_saves_a_loadable_adapter(tmp_path):
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
 
     # The real chat template (ChatML plus a default system prompt) still yields assistant-only labels.
-    from tam_hf.data import IGNORE, tokenize_row
-    from tam_hf.model import load_tokenizer
-    from tam_hf.recipe import DataConfig
+    from tam_hf.finetune.data import IGNORE, tokenize_row
+    from tam_hf.finetune.model import load_tokenizer
+    from tam_hf.finetune.recipe import DataConfig
 
     tok = load_tokenizer(recipe.model)
     messages = [{"role": "user", "content": "What is 1 plus 1?"}, {"role": "assistant", "content": "2"}]

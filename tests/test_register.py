@@ -19,8 +19,8 @@ from transformers.training_args import OptimizerNames
 
 import tam_hf
 from tam_hf import AdaTAM
-from tam_hf.callbacks import KEYS, DampingCallback
-from tam_hf.register import check_transformers_version
+from tam_hf.trainer.callbacks import KEYS, DampingCallback
+from tam_hf.trainer.register import check_transformers_version
 
 from hf_tiny import ArithmeticTokens, tiny_llama, training_args
 
@@ -28,14 +28,14 @@ ROOT = Path(__file__).resolve().parents[1]
 STOCK_SCRIPT = ROOT / "tests" / "scripts" / "stock_clm.py"
 NAMES = ("tam", "adatam", "adatamw")
 
-tam_hf.register()
+tam_hf.trainer.register()
 
 
 def test_register_is_idempotent():
     members = [OptimizerNames(n) for n in NAMES]
     count = len(OptimizerNames)
-    assert tam_hf.register() == NAMES
-    assert tam_hf.register() == NAMES
+    assert tam_hf.trainer.register() == NAMES
+    assert tam_hf.trainer.register() == NAMES
     assert [OptimizerNames(n) for n in NAMES] == members and all(a is b for a, b in zip(members, [OptimizerNames(n) for n in NAMES]))
     assert len(OptimizerNames) == count
     assert trainer_module.DEFAULT_CALLBACKS.count(DampingCallback) == 1
@@ -85,7 +85,7 @@ def test_training_args_bin_refers_to_tam_hf(tmp_path):
     assert loaded.optim is OptimizerNames.ADATAM
 
     raw = pickle.dumps(args)
-    assert b"tam_hf.register" in raw and b"restore_optim_name" in raw
+    assert b"tam_hf.trainer.register" in raw and b"restore_optim_name" in raw
 
     class WithoutTamHF(pickle.Unpickler):  # what an environment without tam_hf sees
         def find_class(self, module, name):

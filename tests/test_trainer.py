@@ -7,11 +7,11 @@ from transformers import Trainer, TrainerCallback
 
 import tam_hf
 from tam_hf import TAM, AdaTAM, AdaTAMW, TAMTrainer
-from tam_hf.callbacks import KEYS, DampingCallback
+from tam_hf.trainer.callbacks import KEYS, DampingCallback
 
 from hf_tiny import ArithmeticTokens, losses, tiny_llama, training_args
 
-tam_hf.register()
+tam_hf.trainer.register()
 
 
 def unwrap(trainer):

@@ -12,7 +12,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from tam_hf.distributed import install_sharded_stats
+from tam_hf.trainer.distributed import install_sharded_stats
 from tam_hf.optim import TAM, AdaTAM, AdaTAMW
 
 SHAPES = [(5, 3), (7,), (1, 4), (2, 2)]  # 5 and 7 rows split unevenly; (1, 4) leaves one rank an empty shard

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-from tam_hf.distributed import attach, find_torque_optimizer
+from tam_hf.trainer.distributed import attach, find_torque_optimizer
 from tam_hf.optim import TAM, AdaTAM
 
 STEPS, SEQ, GLOBAL_BATCH = 4, 16, 8
@@ -75,7 +75,7 @@ class ParityTrainer(Trainer):
         if install:
             assert attach(self, force=True) is not None
         else:  # the control: register() put the statistics layer in every Trainer's default callbacks
-            from tam_hf.distributed import TorqueStatsCallback
+            from tam_hf.trainer.distributed import TorqueStatsCallback
 
             self.remove_callback(TorqueStatsCallback)
 
@@ -93,7 +93,7 @@ class ParityTrainer(Trainer):
 
 def tam_trainer_class():
     """The project's TAMTrainer (``--optim adatam``) plus the one-line hook it is meant to carry."""
-    from tam_hf.trainer import TAMTrainer
+    from tam_hf.trainer.tam_trainer import TAMTrainer
 
     class AttachedTAMTrainer(TAMTrainer):
         def __init__(self, *a, **kw):
@@ -199,7 +199,7 @@ def run(backend: str, case: str, out_dir: str) -> None:
     if "tamtrainer" in backend:
         import tam_hf
 
-        tam_hf.register()  # before TrainingArguments(optim="adatam")
+        tam_hf.trainer.register()  # before TrainingArguments(optim="adatam")
     tmp = os.path.join(out_dir, "work", f"{backend}-{case}")  # shared by the ranks: checkpoints live here
     if True:  # (one indentation level for the helpers below)
         def make_args(max_steps, **extra):
@@ -279,7 +279,7 @@ def _release(trainer, stage) -> None:
 
 def guard(out_dir: str) -> None:
     """A Trainer built with each silently-swapping DeepSpeed config must refuse to start."""
-    from tam_hf.distributed import DistributedConfigError
+    from tam_hf.trainer.distributed import DistributedConfigError
 
     bad = {
         "optimizer-block": {**ds_config(2), "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}},

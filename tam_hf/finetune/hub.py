@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 import tam_hf
-from tam_hf.recipe import HUB_ID, Recipe, to_yaml
+from tam_hf.finetune.recipe import HUB_ID, Recipe, to_yaml
 
 __all__ = ["prepare_upload", "model_card", "push"]
 

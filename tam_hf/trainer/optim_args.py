@@ -1,7 +1,7 @@
 """From ``TrainingArguments`` to a TAM optimizer class and its keyword arguments.
 
 One table (``OPTIMIZERS``) names the optimizers ``--optim`` may choose; ``TAMTrainer`` and the handler that
-``tam_hf.register()`` installs both read it, so a stock script and TAMTrainer build the same optimizer.
+``tam_hf.trainer.register()`` installs both read it, so a stock script and TAMTrainer build the same optimizer.
 
 Where each constructor argument comes from:
 

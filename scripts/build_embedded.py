@@ -1,15 +1,15 @@
-"""Regenerates the embedded demo files in this directory: `python tam_hf/data/build_embedded.py`.
+"""Regenerates the embedded demo files in tam_hf/assets: `python scripts/build_embedded.py`.
 
 Provenance and licence: every row of demo_train.jsonl / demo_eval.jsonl is produced by the templates below (no
 external text); the tokenizer is trained on those rows only. Released with tam_hf under Apache-2.0.
-The tiny model has no weights file here: tam_hf.model builds it from tiny-llama/config.json with a fixed seed.
+The tiny model has no weights file here: tam_hf.finetune.model builds it from tiny-llama/config.json with a fixed seed.
 """
 
 import json
 import random
 from pathlib import Path
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parent.parent / "tam_hf" / "assets"
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 SPECIAL = ["<unk>", "<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # ChatML, the template SmolLM2 uses too, so chat data behaves alike on the demo and the real model.

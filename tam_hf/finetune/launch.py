@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Optional
 
-from tam_hf.recipe import Recipe, resolve_path
+from tam_hf.finetune.recipe import Recipe, resolve_path
 
 __all__ = ["launched", "launch_command", "launch_problems"]
 

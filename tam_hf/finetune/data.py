@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from tam_hf.recipe import COMPLETION_FORMATS, FILE_SUFFIXES, FORMAT_COLUMNS, DataConfig, Recipe, resolve_path
+from tam_hf.finetune.recipe import COMPLETION_FORMATS, FILE_SUFFIXES, FORMAT_COLUMNS, DataConfig, Recipe, resolve_path
 
 __all__ = ["DataError", "load_raw", "tokenize_row", "build_datasets", "prompt_and_answer", "collator", "FORMATS"]
 

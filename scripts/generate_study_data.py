@@ -1,4 +1,4 @@
-"""Regenerates the mini-study data in this directory: `python tam_hf/data/study/generate.py`.
+"""Regenerates the mini-study data in tam_hf/assets/study: `python scripts/generate_study_data.py`.
 
 Provenance and licence: every sentence of sentiment_train.jsonl / sentiment_eval.jsonl is produced by the
 templates below from a fixed seed (random.Random(20241225)); no external text is used. Released with tam_hf
@@ -18,7 +18,7 @@ import json
 import random
 from pathlib import Path
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parent.parent / "tam_hf" / "assets" / "study"
 SEED = 20241225
 N_TRAIN, N_EVAL = 2000, 400
 

@@ -1,7 +1,7 @@
 """The comparison report: per-run results in, one folder of tables and plots out.
 
 Input is a list of finished runs, each ``{"label", "seed", "summary", "log_history"}`` (what
-:mod:`tam_hf.compare` stores as ``result.json``). Output, all in one folder:
+:mod:`tam_hf.compare.study` stores as ``result.json``). Output, all in one folder:
 
 * ``report.md``  every metric as mean ± std over seeds, with the difference of means to the first arm and the
   standard error of that difference (so "similar" has a scale: a difference within ~2 SE is noise);

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from tam_hf.recipe import EMBEDDED_PREFIX, ModelConfig, Recipe, resolve_path
+from tam_hf.finetune.recipe import EMBEDDED_PREFIX, ModelConfig, Recipe, resolve_path
 
 __all__ = ["model_path", "load_tokenizer", "load_model", "is_peft"]
 

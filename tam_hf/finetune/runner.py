@@ -2,7 +2,7 @@
 save → evaluate → optional push. The CLI (tam_hf.cli) is a thin layer over :func:`finetune`.
 
 The optimizer is chosen the way a stock HF script chooses it, through ``TrainingArguments.optim`` (made valid
-for tam/adatam/adatamw by ``tam_hf.register()``), so the Trainer builds the param groups (no weight decay on
+for tam/adatam/adatamw by ``tam_hf.trainer.register()``), so the Trainer builds the param groups (no weight decay on
 biases and norms) and a checkpoint resumes with the same optimizer.
 """
 
@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 
-from tam_hf.recipe import Recipe, RecipeError, resolve_path, to_yaml
+from tam_hf.finetune.recipe import Recipe, RecipeError, resolve_path, to_yaml
 
 __all__ = ["finetune", "training_arguments", "build_training_arguments", "GracefulStop", "OPTIM_NAMES"]
 
@@ -58,7 +58,7 @@ def build_training_arguments(recipe: Recipe):
     is loaded, and come back as a RecipeError like every other recipe problem."""
     from transformers import TrainingArguments
 
-    from tam_hf.register import register
+    from tam_hf.trainer.register import register
 
     register()  # makes optim="tam|adatam|adatamw" valid TrainingArguments values
     try:
@@ -131,8 +131,8 @@ def _generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int)
 
 
 def _exact_match(recipe, model, tokenizer, raw_eval) -> float:
-    from tam_hf.data import prompt_and_answer
-    from tam_hf.metrics import exact_match
+    from tam_hf.finetune.data import prompt_and_answer
+    from tam_hf.finetune.metrics import exact_match
 
     rows = raw_eval.select(range(min(len(raw_eval), recipe.eval.max_generate_samples)))
     pairs = [prompt_and_answer(row, recipe.data) for row in rows]
@@ -158,10 +158,10 @@ def finetune(recipe: Recipe, callbacks: list = ()) -> dict:
     from transformers import set_seed
 
     import tam_hf
-    from tam_hf.data import build_datasets, collator
-    from tam_hf.metrics import classification_metrics, perplexity
-    from tam_hf.model import load_model, load_tokenizer
-    from tam_hf.trainer import TAMTrainer
+    from tam_hf.finetune.data import build_datasets, collator
+    from tam_hf.finetune.metrics import classification_metrics, perplexity
+    from tam_hf.finetune.model import load_model, load_tokenizer
+    from tam_hf.trainer.tam_trainer import TAMTrainer
 
     started = time.time()
     args = build_training_arguments(recipe)
@@ -207,7 +207,7 @@ def finetune(recipe: Recipe, callbacks: list = ()) -> dict:
     summary["eval"] = metrics
     summary["wall_s"] = round(time.time() - started, 1)
     if recipe.hub.push or recipe.hub.repo_id:
-        from tam_hf.hub import prepare_upload, push
+        from tam_hf.finetune.hub import prepare_upload, push
 
         folder = prepare_upload(trainer.model, tokenizer, recipe, summary, output_dir)
         summary["hub_folder"] = str(folder)

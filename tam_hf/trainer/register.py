@@ -1,4 +1,4 @@
-"""``tam_hf.register()``: make ``--optim tam|adatam|adatamw`` valid wherever transformers reads ``optim``.
+"""``tam_hf.trainer.register()``: make ``--optim tam|adatam|adatamw`` valid wherever transformers reads ``optim``.
 
 transformers checks ``TrainingArguments.optim`` against the ``OptimizerNames`` enum three times: argparse
 choices (built from the enum when ``HfArgumentParser`` is created), ``TrainingArguments.__post_init__``
@@ -9,7 +9,7 @@ extension point, so ``register()`` is the single, explicit place where tam_hf to
 1. adds ``TAM``, ``ADATAM`` and ``ADATAMW`` as genuine members of ``OptimizerNames`` (iteration, lookup by
    value, ``is`` identity and ``isinstance`` all behave as for built-in members);
 2. maps them to a handler in the Trainer's table, which builds the optimizer from ``TrainingArguments``
-   (see :mod:`tam_hf.optim_args`);
+   (see :mod:`tam_hf.trainer.optim_args`);
 3. appends :class:`~tam_hf.callbacks.DampingCallback` to ``transformers.trainer.DEFAULT_CALLBACKS`` right
    after the flow callback. The handler only sees ``(args, model)``, never the Trainer, so the default
    callback list is the one place through which a plain ``Trainer`` gets the damping telemetry; the callback
@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from packaging.version import Version
 
-from tam_hf.optim_args import OPTIMIZERS, optimizer_cls_and_kwargs
+from tam_hf.trainer.optim_args import OPTIMIZERS, optimizer_cls_and_kwargs
 
 __all__ = ["register", "restore_optim_name", "SUPPORTED_TRANSFORMERS"]
 
@@ -44,7 +44,7 @@ def check_transformers_version(version: str) -> None:
     low, high = SUPPORTED_TRANSFORMERS
     if not (low <= Version(Version(version).base_version) < high):
         raise RuntimeError(
-            f"tam_hf.register() supports transformers>={low},<{high} (found {version}): it registers "
+            f"tam_hf.trainer.register() supports transformers>={low},<{high} (found {version}): it registers "
             f"--optim names in the Trainer's optimizer handler table, which older releases do not have. "
             f"Install a supported version: pip install 'transformers>={low},<{high}'. "
             f"Or pass optimizer_cls_and_kwargs=(tam_hf.AdaTAM, {{...}}) to your Trainer."
@@ -97,8 +97,8 @@ def register() -> tuple[str, ...]:
     from transformers import trainer_optimizer
     from transformers.training_args import OptimizerNames
 
-    from tam_hf.callbacks import DampingCallback, install
-    from tam_hf.distributed import TorqueStatsCallback
+    from tam_hf.trainer.callbacks import DampingCallback, install
+    from tam_hf.trainer.distributed import TorqueStatsCallback
 
     for name in OPTIMIZERS:
         member = _add_member(OptimizerNames, name.upper(), name)

@@ -1,7 +1,7 @@
 """`python -m tam_hf.compare RECIPE.yaml --optimizers adamw,adatamw,adatamw-const --seeds 3 --out DIR`
 
 Runs one recipe under several optimizers ("arms") and seeds, one run after another, then writes the report of
-:mod:`tam_hf.report` (markdown + CSV table of every metric as mean ± std with the difference to the first arm,
+:mod:`tam_hf.compare.report` (markdown + CSV table of every metric as mean ± std with the difference to the first arm,
 loss and damping plots) into DIR.
 
 Resumable: each run lives in ``DIR/runs/<arm>/seed<k>`` and is finished when its ``result.json`` exists and
@@ -39,7 +39,7 @@ from typing import Callable, Optional
 
 import yaml
 
-from tam_hf.recipe import OPTIMIZER_PARAMS, OptimizerConfig, Recipe, RecipeError, apply_overrides, to_dict, validate_recipe
+from tam_hf.finetune.recipe import OPTIMIZER_PARAMS, OptimizerConfig, Recipe, RecipeError, apply_overrides, to_dict, validate_recipe
 
 __all__ = ["ARMS", "Arm", "Run", "plan", "main"]
 
@@ -158,7 +158,7 @@ def plan(recipe_path: str | Path, optimizers: list[str], seeds: list[int], sets:
          sweeps: list[str] = (), out: str | Path = "compare") -> tuple[list[str], list[Run]]:
     """(arm labels in order, runs). Every run's recipe is validated here, before anything trains; a
     RecipeError lists the problems of every arm at once."""
-    from tam_hf.finetune import build_training_arguments
+    from tam_hf.finetune.runner import build_training_arguments
 
     recipe_path = Path(recipe_path)
     raw = yaml.safe_load(recipe_path.read_text()) or {}
@@ -247,7 +247,7 @@ def _prune(directory: Path) -> None:
 
 
 def execute(run: Run, keep_models: bool = False) -> dict:
-    from tam_hf.finetune import finetune
+    from tam_hf.finetune.runner import finetune
 
     _prepare(run)
     history = _history_callback()
@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     if not results:
         print("error: no finished runs to report", file=sys.stderr)
         return 1
-    from tam_hf.report import write_report
+    from tam_hf.compare.report import write_report
 
     present = [label for label in labels if any(r["label"] == label for r in results)]
     command = "python -m tam_hf.compare " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -7,7 +7,7 @@ biases and norms), honours ``optimizer_cls_and_kwargs`` and ``optimizers=``, and
 see it, and an early check of ``--optim_args`` so a typo fails when the trainer is built, not after the
 model and data are loaded.
 
-``TrainingArguments(optim="adatam")`` needs ``tam_hf.register()`` to have run first (the enum lives in
+``TrainingArguments(optim="adatam")`` needs ``tam_hf.trainer.register()`` to have run first (the enum lives in
 transformers). Without it, ``optimizer_cls_and_kwargs=(tam_hf.AdaTAM, {...})`` also works here.
 """
 
@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from transformers import Trainer
 
-from tam_hf.callbacks import DampingCallback, install
-from tam_hf.distributed import attach
-from tam_hf.optim_args import OPTIMIZERS, optimizer_cls_and_kwargs
+from tam_hf.trainer.callbacks import DampingCallback, install
+from tam_hf.trainer.distributed import attach
+from tam_hf.trainer.optim_args import OPTIMIZERS, optimizer_cls_and_kwargs
 
 __all__ = ["TAMTrainer"]
 

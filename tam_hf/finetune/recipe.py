@@ -6,7 +6,7 @@ or dataset is touched, so a typo costs seconds rather than an hour of training. 
 a tag that would build a Python object is refused, never executed.
 
 Relative file paths are read relative to the current directory (as ``trl`` and ``llamafactory-cli`` do);
-``embedded:NAME`` points into the package's own ``tam_hf/data`` directory.
+``embedded:NAME`` points into the package's own ``tam_hf/assets`` directory.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import yaml
 __all__ = ["Recipe", "RecipeError", "load_recipe", "validate_recipe", "apply_overrides", "to_dict", "to_yaml", "resolve_path"]
 
 EMBEDDED_PREFIX = "embedded:"
-DATA_DIR = Path(__file__).parent / "data"
-EMBEDDED_MODELS = ("tiny-llama",)  # directories under tam_hf/data holding config.json + tokenizer files
+DATA_DIR = Path(__file__).resolve().parent.parent / "assets"
+EMBEDDED_MODELS = ("tiny-llama",)  # directories under tam_hf/assets holding config.json + tokenizer files
 
 # Canonical columns each data format reads; `data.columns` maps them onto the dataset's own column names.
 FORMAT_COLUMNS = {
@@ -303,7 +303,7 @@ def to_yaml(recipe: Recipe) -> str:
 
 
 def resolve_path(value: str) -> Path:
-    """`embedded:x` -> the file shipped in tam_hf/data; anything else is a path relative to the current directory."""
+    """`embedded:x` -> the file shipped in tam_hf/assets; anything else is a path relative to the current directory."""
     if value.startswith(EMBEDDED_PREFIX):
         return DATA_DIR / value[len(EMBEDDED_PREFIX):]
     return Path(value).expanduser()

@@ -1,0 +1,1 @@
+"""The multi-seed optimizer study (``tam-finetune compare``) and its report."""

@@ -1,0 +1,160 @@
+"""The one table of the optimizers tam_hf offers: TAM's and the torch references the recipes and ``compare`` use.
+
+Everything that lists optimizers reads :data:`OPTIMIZERS`: recipe validation (``optimizer.name`` and the keys it
+may set), ``--optim`` registration with transformers, ``--optim_args`` parsing, the Trainer handler, the arms
+of ``tam-finetune compare`` and the distributed checks. Adding an optimizer is one :func:`add` call here.
+
+Each entry knows:
+
+* ``name``: the recipe's ``optimizer.name``; for TAM optimizers also the ``--optim`` value registered with
+  transformers. ``hf_optim`` is the ``TrainingArguments.optim`` value a recipe run uses (``adamw_torch`` for
+  torch's AdamW).
+* ``family``: ``"adam"`` or ``"sgd"``. It says which ``TrainingArguments`` fields feed the constructor (see
+  :data:`TRAINING_ARGS_FIELDS`) and which reference the learning rate transfers from (:meth:`OptimizerSpec.lr_factor`).
+* ``torque``: a TAM optimizer (damping statistics, telemetry, sharded statistics under ZeRO/FSDP2).
+* the keys a user may set, read from the constructor's signature (:meth:`OptimizerSpec.accepted_keys`); values
+  are checked once, by the constructor itself (:meth:`OptimizerSpec.check`).
+
+Imports torch only (the optimizer layer).
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from tam_hf.optim.tam import TAM, AdaTAM, AdaTAMW
+
+__all__ = ["OptimizerSpec", "OPTIMIZERS", "TRAINING_ARGS_FIELDS", "MEAN_DAMPING", "add", "get", "torque_names"]
+
+# E[d] with noisy gradients: the divisor of the learning-rate transfer rule (README, "The algorithm, and the
+# learning rate to use").
+MEAN_DAMPING = 0.5
+
+# Per family: constructor key -> the TrainingArguments field(s) that feed it. These keys are never taken from
+# --optim_args, so one setting has one source.
+TRAINING_ARGS_FIELDS: dict[str, dict[str, tuple[str, ...]]] = {
+    "adam": {
+        "lr": ("learning_rate",),
+        "betas": ("adam_beta1", "adam_beta2"),
+        "eps": ("adam_epsilon",),
+        "weight_decay": ("weight_decay",),
+    },
+    "sgd": {
+        "lr": ("learning_rate",),
+        "momentum": ("adam_beta1",),  # TAM's m = beta1 m + (d + eps_d) g: the same coefficient as AdaTAM's beta1
+        "weight_decay": ("weight_decay",),
+    },
+}
+
+# Constructor arguments that select a code path or are internal, never a recipe setting.
+_NOT_SETTINGS = ("params", "foreach", "fused", "differentiable", "capturable")
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """One optimizer tam_hf offers; see the module docstring."""
+
+    name: str
+    cls: type
+    family: str
+    torque: bool
+    hf_optim: str | None = None  # TrainingArguments.optim for recipe runs; None: the same as name
+    help: str = ""
+    aliases: tuple[str, ...] = field(default=())
+
+    def __post_init__(self):
+        if self.family not in TRAINING_ARGS_FIELDS:
+            raise ValueError(f"family must be one of {tuple(TRAINING_ARGS_FIELDS)}, got {self.family!r}")
+
+    @property
+    def optim(self) -> str:
+        """The ``TrainingArguments.optim`` value."""
+        return self.hf_optim or self.name
+
+    def accepted_keys(self) -> dict[str, Any]:
+        """Constructor keyword -> declared type, for every setting a recipe or ``--optim_args`` may give
+        (``lr`` included; code-path switches such as ``foreach``/``fused`` excluded)."""
+        hints = _type_hints(self.cls)
+        return {n: hints.get(n, Any) for n in inspect.signature(self.cls).parameters if n not in _NOT_SETTINGS}
+
+    def defaults(self) -> dict[str, Any]:
+        """The constructor's defaults for :meth:`accepted_keys` (keys without a default are absent)."""
+        params = inspect.signature(self.cls).parameters
+        return {n: params[n].default for n in self.accepted_keys() if params[n].default is not inspect.Parameter.empty}
+
+    def training_args_keys(self) -> dict[str, tuple[str, ...]]:
+        """Constructor key -> TrainingArguments fields, for the keys this optimizer accepts."""
+        accepted = self.accepted_keys()
+        return {k: v for k, v in TRAINING_ARGS_FIELDS[self.family].items() if k in accepted}
+
+    def kwargs_from_training_args(self, args) -> dict[str, Any]:
+        """Constructor kwargs taken from a ``TrainingArguments`` (``--optim_args`` not included)."""
+        out = {}
+        for key, fields in self.training_args_keys().items():
+            values = tuple(getattr(args, f) for f in fields)
+            out[key] = values if len(values) > 1 else values[0]
+        return out
+
+    def check(self, kwargs: dict[str, Any]) -> None:
+        """Build the optimizer once on a dummy tensor, so a bad value fails with the constructor's own message
+        (a ``ValueError``; an unknown key is a ``TypeError``)."""
+        self.cls([torch.zeros(1, requires_grad=True)], **kwargs)
+
+    def lr_factor(self, kwargs: dict[str, Any] | None = None) -> float:
+        """This optimizer's learning rate relative to its family's reference (AdamW, SGD-momentum) by the
+        steady-state transfer rule: AdaTAM ``(1 - beta1) / E[d]``, TAM ``1 / E[d]``, references 1."""
+        if not self.torque:
+            return 1.0
+        if self.family == "sgd":
+            return 1.0 / MEAN_DAMPING
+        betas = (kwargs or {}).get("betas") or self.defaults().get("betas", (0.9, 0.999))
+        return (1.0 - betas[0]) / MEAN_DAMPING
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(cls.__init__)
+    except Exception:  # unresolvable annotations (e.g. torch's own under postponed evaluation): fall back
+        return {n: p.annotation for n, p in inspect.signature(cls).parameters.items()
+                if p.annotation is not inspect.Parameter.empty and not isinstance(p.annotation, str)}
+
+
+OPTIMIZERS: dict[str, OptimizerSpec] = {}
+
+
+def add(spec: OptimizerSpec) -> OptimizerSpec:
+    """Add (or replace) one entry. Names added after ``tam_hf.register()`` reach ``--optim`` on its next call."""
+    OPTIMIZERS[spec.name] = spec
+    return spec
+
+
+def get(name: str) -> OptimizerSpec:
+    """The entry for ``name`` (an alias works too); a ``ValueError`` with a did-you-mean otherwise."""
+    if name in OPTIMIZERS:
+        return OPTIMIZERS[name]
+    for spec in OPTIMIZERS.values():
+        if name in spec.aliases:
+            return spec
+    close = difflib.get_close_matches(str(name), list(OPTIMIZERS), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ValueError(f"unknown optimizer {name!r}{hint}; known: {', '.join(OPTIMIZERS)}")
+
+
+def torque_names() -> tuple[str, ...]:
+    """The TAM optimizers' names (what ``register()`` adds to ``--optim``)."""
+    return tuple(n for n, s in OPTIMIZERS.items() if s.torque)
+
+
+add(OptimizerSpec("tam", TAM, "sgd", torque=True, help="TAM, the SGD form (about 2x an SGD-momentum lr)"))
+add(OptimizerSpec("adatam", AdaTAM, "adam", torque=True, help="AdaTAM, coupled weight decay (about 0.2x AdamW's lr)"))
+add(OptimizerSpec("adatamw", AdaTAMW, "adam", torque=True, help="AdaTAMW, decoupled weight decay (about 0.2x AdamW's lr)"))
+add(OptimizerSpec("adamw", torch.optim.AdamW, "adam", torque=False, hf_optim="adamw_torch",
+                  help="torch AdamW, the reference"))
+add(OptimizerSpec("sgd", torch.optim.SGD, "sgd", torque=False, hf_optim="sgd",
+                  help="torch SGD with momentum, the reference"))

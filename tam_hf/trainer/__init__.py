@@ -1,0 +1,15 @@
+"""The Hugging Face glue: ``register()`` (``--optim tam|adatam|adatamw`` in any Trainer), ``TAMTrainer``,
+``python -m tam_hf.run``, ``--optim_args`` parsing, telemetry callbacks and the DeepSpeed/FSDP checks."""
+
+from tam_hf.trainer.register import register
+
+__all__ = ["TAMTrainer", "register"]
+
+
+def __getattr__(name):
+    # TAMTrainer imports transformers' Trainer (seconds); register() alone should not pay for it.
+    if name == "TAMTrainer":
+        from tam_hf.trainer.tam_trainer import TAMTrainer
+
+        return TAMTrainer
+    raise AttributeError(f"module 'tam_hf.trainer' has no attribute {name!r}")
