@@ -29,7 +29,8 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 import tam_hf  # noqa: E402
 
-# AdaTAM's first moment is not normalised: it wants about 0.2x AdamW's learning rate (DESIGN.md section 1).
+# AdaTAM's first moment is not normalised: it wants about 0.2x AdamW's learning rate (the transfer rule in
+# README.md, "The algorithm, and the learning rate to use").
 LR = {"adamw_torch": 2.5e-3, "adamw_torch_fused": 2.5e-3, "adatam": 5e-4, "adatamw": 5e-4, "tam": 1e-2}
 
 

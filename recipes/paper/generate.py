@@ -5,7 +5,8 @@ of GLUE tasks, one of encoders, one of decoder setups. tests/test_paper_recipes.
 equal what this script renders, so edit here and rerun rather than editing a YAML by hand.
 
 Learning rates: every recipe runs AdaTAMW at the AdamW lr of the usual fine-tuning setting times
-(1 - beta1) / E[d] = 0.1 / 0.5 = 0.2 (DESIGN.md §1); its header gives the AdamW command with the AdamW lr,
+(1 - beta1) / E[d] = 0.1 / 0.5 = 0.2 (the transfer rule: README.md, "The algorithm, and the learning rate to
+use"); every header points there in one line (LR_RULE) and gives the AdamW command with the AdamW lr,
 and the `compare` command that runs both (plus the constant-damping control) over seeds.
 """
 
@@ -18,6 +19,7 @@ import yaml
 
 HERE = Path(__file__).parent
 TRANSFER = 0.2  # lr_AdaTAMW / lr_AdamW at beta1 = 0.9, E[d] = 0.5
+LR_RULE = 'Why 0.2x: the lr-transfer rule, README.md section "The algorithm, and the learning rate to use".'
 
 
 def _lr(x: float) -> str:
@@ -62,8 +64,9 @@ def glue_recipe(model: str, task: str) -> tuple[str, str, dict]:
 
 Reproduces the paper's encoder study (arXiv 2412.18790, LM fine-tuning): {model} fine-tuned in full on GLUE
 {task.upper()} ({', '.join(metrics)} on {eval_split}), AdamW vs AdaTAMW. Usual GLUE settings for {model}; AdaTAMW at
-{TRANSFER}x the AdamW lr {_lr(m['lr'])} (transfer rule, DESIGN.md §1). Needs the Hub (model + nyu-mll/glue).
-On a GPU add training.bf16=true (mixed precision; left out so the recipe also validates on a CPU)."""
+{TRANSFER}x the AdamW lr {_lr(m['lr'])}. Needs the Hub (model + nyu-mll/glue).
+On a GPU add training.bf16=true (mixed precision; left out so the recipe also validates on a CPU).
+{LR_RULE}"""
     if task == "mnli":
         header += "\nMismatched validation: add data.eval_split=validation_mismatched."
     recipe = {
@@ -128,7 +131,7 @@ def decoder_recipe(model: str, method: str, dataset: str) -> tuple[str, str, dic
     path = f"recipes/paper/decoder/{model}-{method}-{dataset}.yaml"
     about = (f"Extends the paper's LM study to decoder LLMs (asked for by its reviewers): "
              f"{'LoRA' if method == 'lora' else 'full'} fine-tuning of {DECODERS[model]} on {d['what']}. AdaTAMW at "
-             f"{TRANSFER}x the AdamW lr {_lr(adamw_lr)} (DESIGN.md §1). Needs a GPU and the Hub"
+             f"{TRANSFER}x the AdamW lr {_lr(adamw_lr)}. Needs a GPU and the Hub"
              f"{' (Llama 3.2 is gated: accept its licence first)' if 'llama' in model else ''}; add training.bf16=true "
              "on a GPU that has it (left out so the recipe also validates on a CPU).")
     if dataset == "gsm8k":
@@ -139,7 +142,7 @@ def decoder_recipe(model: str, method: str, dataset: str) -> tuple[str, str, dic
   Both + control, 3 seeds: python -m tam_hf.compare {path} --optimizers adamw,adatamw,adatamw-const --seeds 3 \\
     --out runs/{model}-{method}-{dataset}
 
-""" + textwrap.fill(about, 112, break_on_hyphens=False)
+""" + textwrap.fill(about, 112, break_on_hyphens=False) + "\n" + LR_RULE
     recipe = {
         "model": {"name": DECODERS[model], "dtype": "bfloat16" if method == "lora" else "float32"},
         "task": "causal_lm",
