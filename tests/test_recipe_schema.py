@@ -1,14 +1,23 @@
-"""The recipe schema: shipped recipes validate; bad recipes fail with every problem named, before any loading."""
+"""The recipe schema: shipped recipes validate; bad recipes fail with every problem named, before any loading;
+hostile or careless input (non-finite numbers, duplicate keys, deep nesting, alias bombs, huge values, an
+output directory that cannot be written) is a recipe error, never a crash or a silent run."""
 
+import math
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
-from tam_hf.finetune.recipe import RecipeError, load_recipe, to_yaml, validate_recipe
+from tam_hf.finetune.recipe import (RecipeError, apply_overrides, load_recipe, read_yaml, to_dict, to_yaml,
+                                    validate_recipe)
+from tam_hf.optim import registry
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
+EXAMPLES = sorted((ROOT / "recipes" / "examples").glob("*.yaml"))
 GOOD = {
     "model": {"name": "embedded:tiny-llama"},
     "data": {"format": "prompt_completion", "train_file": "embedded:demo_train.jsonl",
@@ -18,7 +27,7 @@ GOOD = {
 
 
 def _recipe(**changes) -> dict:
-    """GOOD with dotted-path changes; a value of ... deletes the key."""
+    """GOOD with changes at double-underscore paths (optimizer__lr); a value of ... deletes the key."""
     raw = yaml.safe_load(yaml.safe_dump(GOOD))
     for path, value in changes.items():
         node, *keys = raw, *path.split("__")
@@ -37,7 +46,15 @@ def _problems(raw: dict) -> list[str]:
     return info.value.problems
 
 
-EXAMPLES = sorted((ROOT / "recipes" / "examples").glob("*.yaml"))
+def _load_problems(tmp_path, text: str, overrides=()) -> list[str]:
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, list(overrides))
+    return info.value.problems
+
+
+# ------------------------------------------------------------------------------------------ shipped recipes
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[str(p.relative_to(ROOT / "recipes")) for p in RECIPES])
@@ -59,46 +76,100 @@ def test_there_is_an_example_for_each_method_and_task():
     assert methods == {"lora", "qlora", "full"} and tasks == {"causal_lm", "sequence_classification"}
 
 
+# ------------------------------------------------------------------------------------- defaults, resolution
+
+
 def test_good_recipe_gets_defaults():
     recipe = validate_recipe(_recipe())
     assert recipe.finetune.method == "lora" and recipe.finetune.lora.r == 16
     assert recipe.hub.artifact == "adapter" and recipe.eval.metrics == ["perplexity"]
-    assert recipe.training["report_to"] == "none"
+    assert recipe.training == {"output_dir": "outputs/recipe", "report_to": "none"}
     assert validate_recipe(yaml.safe_load(to_yaml(recipe))) == recipe  # the saved resolved recipe reloads as is
+
+
+def test_validation_leaves_the_input_alone():
+    raw = _recipe(finetune={"method": "qlora"})
+    before = yaml.safe_dump(raw)
+    validate_recipe(raw)
+    assert yaml.safe_dump(raw) == before
+
+
+def test_qlora_fills_in_4bit():
+    assert validate_recipe(_recipe(finetune={"method": "qlora"})).model.quantization == "4bit"
+
+
+def test_default_metrics_follow_the_task():
+    cls = _recipe(task="sequence_classification", model__name="embedded:tiny-llama",
+                  data={"format": "classification", "train_file": "embedded:study/sentiment_train.jsonl",
+                        "eval_file": "embedded:study/sentiment_eval.jsonl"})
+    assert validate_recipe(cls).eval.metrics == ["accuracy", "f1"]
+    cls["data"]["target"] = "score"
+    assert validate_recipe(cls).eval.metrics == ["pearson", "spearman"]
+
+
+def test_lr_written_as_yaml_1_1_string_is_a_float():
+    # YAML 1.1 reads `1e-4` (no dot) as a string; accepting it spares users a classic silent trap.
+    assert validate_recipe(_recipe(optimizer__lr="1e-4")).optimizer.lr == 1e-4
+    assert validate_recipe(_recipe(optimizer__betas=["9e-1", 0.99])).optimizer.kwargs()["betas"] == (0.9, 0.99)
+
+
+def test_training_ints_stay_ints_and_numeric_strings_become_numbers():
+    recipe = validate_recipe(_recipe(training={"logging_steps": 25, "warmup_steps": "1e1"}))
+    assert recipe.training["logging_steps"] == 25 and type(recipe.training["logging_steps"]) is int
+    assert recipe.training["warmup_steps"] == 10.0
+
+
+# ------------------------------------------------------------------------------------------- bad recipes
 
 
 BAD = {
     "unknown key with did-you-mean": (dict(model__nmae="x"), ["model.nmae: unknown key (did you mean 'name'?)"]),
+    "unknown nested key": (dict(finetune={"lora": {"rank": 8}}), ["finetune.lora.rank: unknown key"]),
     "unknown section": (dict(optimiser={"name": "tam"}), ["optimiser: unknown key (did you mean 'optimizer'?)"]),
     "missing required": (dict(optimizer__lr=...), ["optimizer.lr: required key is missing"]),
+    "missing section": (dict(model=...), ["model: required key is missing (Base model.)"]),
+    "section not a mapping": (dict(data="train.jsonl"), ["data: expected a mapping, got str 'train.jsonl'"]),
     "wrong type": (dict(data__max_length="long"), ["data.max_length: expected int, got str 'long'"]),
+    "float for int": (dict(data__max_length=64.0), ["data.max_length: expected int, got float 64.0"]),
     "bool is not int": (dict(finetune={"method": "lora", "lora": {"r": True}}), ["finetune.lora.r: expected int"]),
+    "bool is not float": (dict(optimizer__lr=True), ["optimizer.lr: expected float, got bool True"]),
+    "str or list": (dict(data__train_file=3), ["data.train_file: expected a string or a list of strings, got int 3"]),
+    "list item type": (dict(eval={"metrics": ["perplexity", 3]}), ["eval.metrics[1]: expected str, got int 3"]),
     "bias_correction on tam": (dict(optimizer__name="tam", optimizer__bias_correction=True),
-                               ["optimizer.bias_correction does not apply to tam"]),
+                               ["optimizer.bias_correction does not apply to tam (it takes lr, momentum,"]),
     "answer_pattern not a regex": (dict(eval={"metrics": ["exact_match"], "answer_pattern": "(#"}),
                                    ["eval.answer_pattern: '(#' is not a regular expression"]),
     "answer_pattern without a group": (dict(eval={"metrics": ["exact_match"], "answer_pattern": "####"}),
                                        ["eval.answer_pattern: '####' needs a group"]),
     "fixed_damping out of range": (dict(optimizer__fixed_damping=1.5),
-                                   ["optimizer.fixed_damping: 1.5 must be in [0, 1]"]),
+                                   ["optimizer: Invalid fixed_damping value: 1.5 (AdaTAMW)"]),
+    "bad betas": (dict(optimizer__betas=[0.9, 1.5]), ["optimizer: Invalid beta parameter at index 1: 1.5"]),
+    "betas of the wrong length": (dict(optimizer__betas=[0.9]), ["optimizer.betas: expected a tuple of 2"]),
+    "negative lr": (dict(optimizer__lr=-1e-3), ["optimizer: Invalid learning rate: -0.001"]),
+    "optimizer setting of the wrong type": (dict(optimizer__cosine_scope=3), ["optimizer.cosine_scope: expected str"]),
     "bad enum": (dict(optimizer__name="adamtam"), ["optimizer.name: 'adamtam' is not one of", "did you mean 'adatam'?"]),
-    "bad quantization": (dict(model__quantization="3bit"), ["model.quantization: '3bit' is not one of"]),
+    "bad quantization": (dict(model__quantization="3bit"),
+                         ["model.quantization: '3bit' is not one of 'none', '4bit', '8bit' (did you mean '"]),
     "missing data file": (dict(data__train_file="nope/train.jsonl"), ["data.train_file: file not found: nope/train.jsonl"]),
     "bad file type": (dict(data__train_file="x.xlsx"), ["unsupported file type '.xlsx'"]),
     "missing model dir": (dict(model__name="./no/such/model"), ["model.name: local model directory not found"]),
     "unknown embedded": (dict(model__name="embedded:tiny-lama"), ["no embedded model 'tiny-lama'", "'tiny-llama'"]),
     "dataset and file": (dict(data__dataset="org/ds"), ["set exactly one of data.dataset"]),
     "two eval sources": (dict(data__eval_fraction=0.1), ["data.eval_file and data.eval_fraction exclude each other"]),
+    "eval_fraction out of range": (dict(data__eval_file=..., data__eval_fraction=1.0),
+                                   ["data.eval_fraction: 1.0 must be < 1"]),
+    "max_length too short": (dict(data__max_length=4), ["data.max_length: 4 must be >= 8"]),
+    "lora rank 0": (dict(finetune={"lora": {"r": 0}}), ["finetune.lora.r: 0 must be >= 1"]),
+    "lora dropout 1": (dict(finetune={"lora": {"dropout": 1}}), ["finetune.lora.dropout: 1 must be < 1"]),
     "full with lora section": (dict(finetune={"method": "full", "lora": {"r": 8}}), ["finetune.lora is set but"]),
     "full on quantized": (dict(finetune={"method": "full"}, model__quantization="4bit"), ["quantized weights"]),
     "qlora on 8bit": (dict(finetune={"method": "qlora"}, model__quantization="8bit"), ["qlora needs a 4-bit base"]),
     "lora on 4bit": (dict(model__quantization="4bit"), ["lora on a 4-bit base is qlora: set finetune.method: qlora"]),
     "param of other optimizer": (dict(optimizer__momentum=0.9), ["optimizer.momentum does not apply to adatamw"]),
-    "bad betas": (dict(optimizer__betas=[0.9, 1.5]), ["optimizer.betas: [0.9, 1.5] must be two values in [0, 1)"]),
     "unknown training arg": (dict(training={"num_train_epoch": 1}),
                              ["training.num_train_epoch: not a TrainingArguments field (did you mean 'num_train_epochs'?)"]),
     "training key owned elsewhere": (dict(training={"learning_rate": 1e-4}), ["training.learning_rate: set optimizer.lr"]),
-    "training wrong type": (dict(training={"max_steps": "ten"}), ["training.max_steps: expected int"]),
+    "training wrong type": (dict(training={"max_steps": "ten"}), ["training.max_steps: expected int, got str 'ten'"]),
     "metric for other task": (dict(eval={"metrics": ["accuracy"]}), ["accuracy does not apply to task causal_lm"]),
     "unknown metric": (dict(eval={"metrics": ["perplexty"]}), ["unknown metric 'perplexty' (did you mean 'perplexity'?)"]),
     "push without repo": (dict(hub={"push": True}), ["hub.push is true but hub.repo_id is not set"]),
@@ -107,17 +178,49 @@ BAD = {
     "completion loss on text": (dict(data__format="text", data__completion_only_loss=True), ["format text has no completion"]),
     "missing distributed file": (dict(distributed={"deepspeed": "ds.json"}), ["distributed.deepspeed: file not found"]),
     "missing resume checkpoint": (dict(resume="outputs/none/checkpoint-9"), ["resume: checkpoint directory not found"]),
+    "resume not bool or path": (dict(resume=3), ["resume: expected true/false or a checkpoint path, got int 3"]),
     "resume with nothing to resume": (dict(resume=True, training={"output_dir": "outputs/never-ran"}),
                                       ["resume: true but outputs/never-ran holds no checkpoint"]),
+    # ranges: numbers a run cannot use are found here, not after the model is loaded (or never)
+    "max_steps -5 (trained silently before)": (dict(training={"max_steps": -5}),
+                                               ["training.max_steps: -5 must be -1 (no limit) or > 0"]),
+    "max_steps 0": (dict(training={"max_steps": 0}), ["training.max_steps: 0 must be -1 (no limit) or > 0"]),
+    "batch size 0": (dict(training={"per_device_train_batch_size": 0}),
+                     ["training.per_device_train_batch_size: 0 must be >= 1"]),
+    "eval batch size negative": (dict(training={"per_device_eval_batch_size": -2}),
+                                 ["training.per_device_eval_batch_size: -2 must be >= 1"]),
+    "accumulation 0": (dict(training={"gradient_accumulation_steps": 0}),
+                       ["training.gradient_accumulation_steps: 0 must be >= 1"]),
+    "epochs 0": (dict(training={"num_train_epochs": 0}), ["training.num_train_epochs: 0 must be > 0"]),
+    "negative warmup": (dict(training={"warmup_steps": -1}), ["training.warmup_steps: -1 must be >= 0"]),
+    "logging_steps 0": (dict(training={"logging_steps": 0}), ["training.logging_steps: 0 must be > 0"]),
+    "negative seed": (dict(training={"seed": -1}), ["training.seed: -1 must be >= 0"]),
+    "max_new_tokens 0": (dict(eval={"metrics": ["exact_match"], "max_new_tokens": 0}),
+                         ["eval.max_new_tokens: 0 must be >= 1"]),
+    # non-finite numbers, wherever they are
+    "lr inf": (dict(optimizer__lr=math.inf), ["optimizer.lr: inf is not a finite number"]),
+    "lr nan": (dict(optimizer__lr=math.nan), ["optimizer.lr: nan is not a finite number"]),
+    "weight decay nan": (dict(optimizer__weight_decay=math.nan), ["optimizer.weight_decay: nan is not a finite number"]),
+    "nan in betas": (dict(optimizer__betas=[0.9, math.nan]), ["optimizer.betas[1]: nan is not a finite number"]),
+    "nan eval_fraction": (dict(data__eval_file=..., data__eval_fraction=math.nan),
+                          ["data.eval_fraction: nan is not a finite number"]),
+    "inf lora dropout": (dict(finetune={"lora": {"dropout": -math.inf}}),
+                         ["finetune.lora.dropout: -inf is not a finite number"]),
+    "nan training field": (dict(training={"max_grad_norm": math.nan}),
+                           ["training.max_grad_norm: nan is not a finite number"]),
+    "inf deep in a training passthrough": (dict(training={"lr_scheduler_kwargs": {"min_lr": [1e-6, math.inf]}}),
+                                           ["training.lr_scheduler_kwargs.min_lr[1]: inf is not a finite number"]),
 }
 
 
 @pytest.mark.parametrize("case", BAD, ids=list(BAD))
 def test_bad_recipe_names_the_problem(case):
     changes, expected = BAD[case]
-    text = "\n".join(_problems(_recipe(**changes)))
+    problems = _problems(_recipe(**changes))
+    text = "\n".join(problems)
     for fragment in expected:
         assert fragment in text, text
+    assert len(problems) == 1, problems  # one mistake, one message
 
 
 def test_every_problem_is_collected_at_once():
@@ -129,6 +232,75 @@ def test_every_problem_is_collected_at_once():
         "model.nmae", "data.max_length", "optimizer.name", "training.bogus", "hub.push"}
 
 
+def test_every_optimizer_problem_is_collected_at_once():
+    problems = _problems(_recipe(optimizer={"name": "tam", "lr": "fast", "betas": [0.9, 0.9], "nesterov": True,
+                                            "momentum": math.inf}))
+    assert sorted(p.split(":")[0].split(" ")[0] for p in problems) == [
+        "optimizer.betas", "optimizer.lr", "optimizer.momentum", "optimizer.nesterov"], problems
+
+
+def test_error_message_quotes_only_a_prefix_of_a_huge_value():
+    huge = "x" * 100_000
+    for raw in (_recipe(model__quantization=huge), _recipe(data__max_length=huge), _recipe(optimizer__name=huge),
+                _recipe(training={"max_steps": [huge] * 1000}), _recipe(**{"model__" + huge: 1})):
+        (problem,) = _problems(raw)
+        assert len(problem) < 260 and "xxxx" in problem, problem[:300]
+
+
+# --------------------------------------------------------------------------------- the optimizer registry
+
+
+@pytest.fixture
+def adagrad():
+    spec = registry.add(registry.OptimizerSpec("adagrad", torch.optim.Adagrad, "adam", torque=False))
+    yield spec
+    del registry.OPTIMIZERS["adagrad"]
+
+
+def test_an_optimizer_added_to_the_registry_is_accepted_with_no_other_edit(adagrad):
+    recipe = validate_recipe(_recipe(optimizer={"name": "adagrad", "lr": 0.01, "lr_decay": 1e-4,
+                                                "initial_accumulator_value": 0.1}))
+    assert recipe.optimizer.kwargs() == {"lr": 0.01, "lr_decay": 1e-4, "initial_accumulator_value": 0.1}
+    (problem,) = _problems(_recipe(optimizer={"name": "adagrad", "lr": 0.01, "momentum": 0.9}))
+    assert problem.startswith("optimizer.momentum does not apply to adagrad (it takes lr, lr_decay, weight_decay, "
+                              "initial_accumulator_value, eps, maximize)"), problem
+    (problem,) = _problems(_recipe(optimizer={"name": "adagrad", "lr": 0.01, "lr_decay": -1.0}))
+    assert problem == "optimizer: Invalid lr_decay value: -1.0 (Adagrad)"  # the constructor's own check
+
+
+def test_optimizer_keys_come_from_the_constructor():
+    for name, spec in registry.OPTIMIZERS.items():
+        keys = {k: v for k, v in spec.defaults().items() if k != "lr" and v is not None}
+        recipe = validate_recipe(_recipe(optimizer={"name": name, "lr": 0.01, **keys}))
+        assert recipe.optimizer.kwargs() == {"lr": 0.01, **keys}, name
+
+
+def test_optimizer_alias_resolves_to_its_name():
+    spec = registry.OPTIMIZERS["adatamw"]
+    registry.add(registry.OptimizerSpec(spec.name, spec.cls, spec.family, spec.torque, aliases=("adatam-w",)))
+    try:
+        assert validate_recipe(_recipe(optimizer__name="adatam-w")).optimizer.name == "adatamw"
+    finally:
+        registry.add(spec)
+
+
+def test_unset_keys_written_by_older_versions_still_load():
+    # resolved recipes of earlier releases list every optimizer's keys, unset ones as null
+    raw = _recipe(optimizer={"name": "adatamw", "lr": 1e-3, "momentum": None, "nesterov": None, "betas": None})
+    assert validate_recipe(raw).optimizer.kwargs() == {"lr": 1e-3}
+    assert "optimizer.momentun: unknown key" in "\n".join(_problems(_recipe(optimizer__momentun=None)))
+
+
+def test_unset_optimizer_keys_read_as_none():
+    opt = validate_recipe(_recipe(optimizer__betas=[0.8, 0.9])).optimizer
+    assert opt.betas == [0.8, 0.9] and opt.weight_decay is None
+    with pytest.raises(AttributeError):
+        opt.momentum  # noqa: B018 - adatamw has no momentum
+
+
+# ------------------------------------------------------------------------------------------------- YAML
+
+
 def test_python_tag_is_refused_not_executed(tmp_path):
     marker = tmp_path / "executed"
     path = tmp_path / "evil.yaml"
@@ -136,6 +308,56 @@ def test_python_tag_is_refused_not_executed(tmp_path):
     with pytest.raises(RecipeError, match="could not determine a constructor"):
         load_recipe(path)
     assert not marker.exists()
+
+
+def test_duplicate_keys_are_an_error_naming_key_and_lines(tmp_path):
+    text = yaml.safe_dump(GOOD, sort_keys=False) + "optimizer:\n  name: tam\n  lr: 1.0\n"
+    (problem,) = _load_problems(tmp_path, text)
+    assert "duplicate key 'optimizer' (first at line 7)" in problem and "line 10" in problem, problem
+    nested = "model:\n  name: embedded:tiny-llama\n  dtype: auto\n  dtype: float32\n"
+    (problem,) = _load_problems(tmp_path, nested)
+    assert "duplicate key 'dtype' (first at line 3)" in problem and "line 4" in problem, problem
+
+
+def test_merge_keys_may_be_overridden():
+    data = read_yaml("a: &a {x: 1, y: 2}\nb:\n  <<: *a\n  x: 3\n")
+    assert data == {"a": {"x": 1, "y": 2}, "b": {"x": 3, "y": 2}}
+
+
+def test_deep_nesting_is_a_recipe_error(tmp_path):
+    # 1000 levels raised RecursionError (a traceback); block style is refused at the same depth
+    (problem,) = _load_problems(tmp_path, "model: " + "[" * 1000 + "]" * 1000 + "\n")
+    assert "nested deeper than 32 levels" in problem and "line 1" in problem, problem
+    block = "".join(" " * i + f"k{i}:\n" for i in range(40)) + " " * 40 + "v\n"
+    (problem,) = _load_problems(tmp_path, block)
+    assert "nested deeper than 32 levels" in problem, problem
+
+
+def test_alias_bomb_is_a_recipe_error(tmp_path):
+    # "billion laughs": 10**9 strings once expanded; it ran 87 s into a MemoryError
+    lines = ['a0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"a{i}: &a{i} [{','.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    (problem,) = _load_problems(tmp_path, "\n".join(lines) + "\n")
+    assert "more than 100000 values once aliases are expanded" in problem and "line 5" in problem, problem
+
+
+def test_huge_plain_list_is_refused_as_it_is_read(tmp_path):
+    (problem,) = _load_problems(tmp_path, "model: [" + "1," * 200_000 + "1]\n")
+    assert "more than 100000 values" in problem, problem
+
+
+def test_aliases_may_nest_deep_only_within_the_bound(tmp_path):
+    lines = ["a0: &a0 " + "[" * 10 + "1" + "]" * 10] + [f"a{i}: &a{i} [[[[*a{i - 1}]]]]" for i in range(1, 8)]
+    (problem,) = _load_problems(tmp_path, "\n".join(lines) + "\n")
+    assert "nested deeper than 32 levels" in problem, problem
+
+
+def test_recursive_alias_is_a_recipe_error(tmp_path):
+    (problem,) = _load_problems(tmp_path, "model: &m [*m]\n")
+    assert "refers to a node that contains it" in problem, problem
+
+
+# --------------------------------------------------------------------------------------------- overrides
 
 
 def test_overrides_apply_before_validation(tmp_path):
@@ -154,10 +376,100 @@ def test_override_no_stays_a_string(tmp_path):
     assert recipe.training["save_strategy"] == "no" and recipe.training["disable_tqdm"] is True
 
 
-def test_lr_written_as_yaml_1_1_string_is_a_float():
-    # YAML 1.1 reads `1e-4` (no dot) as a string; accepting it spares users a classic silent trap.
-    assert validate_recipe(_recipe(optimizer__lr="1e-4")).optimizer.lr == 1e-4
+def test_override_to_inf_is_a_recipe_error(tmp_path):
+    (problem,) = _load_problems(tmp_path, yaml.safe_dump(GOOD), ["optimizer.lr=.inf"])
+    assert problem == "optimizer.lr: inf is not a finite number"
 
 
-def test_qlora_fills_in_4bit():
-    assert validate_recipe(_recipe(finetune={"method": "qlora"})).model.quantization == "4bit"
+def test_override_into_a_section_written_as_null(tmp_path):
+    # a resolved full fine-tuning recipe says `lora: null` and `distributed: null`
+    text = to_yaml(validate_recipe(_recipe(finetune={"method": "full"})))
+    path = tmp_path / "resolved.yaml"
+    path.write_text(text)
+    recipe = load_recipe(path, ["finetune.method=lora", "finetune.lora.r=8"])
+    assert recipe.finetune.lora.r == 8 and recipe.finetune.lora.alpha == 32
+
+
+def test_bad_overrides_are_reported_not_applied():
+    raw = _recipe()
+    deep = ".".join(["a"] * 40)
+    problems = apply_overrides(raw, ["optimizer.lr", "=3", "model..name=x", "model.name.x=1", deep + "=1"])
+    assert problems[:4] == ["override 'optimizer.lr': expected key.path=value",
+                            "override '=3': expected key.path=value",
+                            "override 'model..name': empty key in the path",
+                            "override 'model.name.x': model.name is not a section"], problems
+    assert problems[4].startswith("override 'a.a.a.a.") and problems[4].endswith(": nested deeper than 32 levels")
+    assert len(problems[4]) < 120 and len(problems) == 5
+    assert raw == _recipe()
+
+
+def _leaves(node, prefix=""):
+    if isinstance(node, dict) and node:
+        for key, value in node.items():
+            yield from _leaves(value, f"{prefix}{key}.")
+    else:
+        yield prefix[:-1], node
+
+
+def _as_override(value) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+    return text.removesuffix("...").strip()
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_every_key_of_a_written_recipe_can_be_overridden(path, tmp_path):
+    """`--print-config` writes a recipe; each of its keys, set back to its own value from the command line,
+    gives the same recipe."""
+    recipe = load_recipe(path)
+    written = tmp_path / "resolved.yaml"
+    written.write_text(to_yaml(recipe))
+    assert load_recipe(written) == recipe
+    leaves = list(_leaves(yaml.safe_load(written.read_text())))
+    assert len(leaves) > 40
+    overrides = [f"{key}={_as_override(value)}" for key, value in leaves]
+    assert load_recipe(written, overrides) == recipe
+
+
+# ----------------------------------------------------------------------------------------- output_dir
+
+
+def test_output_dir_under_a_file_is_found_at_validation(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    (problem,) = _problems(_recipe(training={"output_dir": str(tmp_path / "afile" / "run")}))
+    assert problem == f"training.output_dir: {tmp_path / 'afile'} is a file, not a directory"
+    (problem,) = _problems(_recipe(training={"output_dir": str(tmp_path / "afile")}))
+    assert problem == f"training.output_dir: {tmp_path / 'afile'} is a file, not a directory"
+
+
+def test_output_dir_under_a_read_only_directory_is_found_at_validation():
+    base = Path(tempfile.mkdtemp())
+    locked = base / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    base.chmod(0o755)
+    raw = _recipe(training={"output_dir": str(locked / "sub" / "run")})
+    try:
+        if os.geteuid() == 0:  # root writes anywhere: check as an ordinary user
+            os.seteuid(65534)
+        try:
+            (problem,) = _problems(raw)
+        finally:
+            if os.getuid() == 0:
+                os.seteuid(0)
+        assert problem == f"training.output_dir: cannot create {locked / 'sub' / 'run'}: {locked} is not writable"
+    finally:
+        locked.chmod(0o755)
+        locked.rmdir()
+        base.rmdir()
+
+
+def test_validation_creates_nothing(tmp_path):
+    out = tmp_path / "new" / "run"
+    recipe = validate_recipe(_recipe(training={"output_dir": str(out)}))
+    assert recipe.output_dir == str(out) and not (tmp_path / "new").exists()
+
+
+def test_to_dict_is_plain_data():
+    d = to_dict(validate_recipe(_recipe(optimizer__betas=[0.8, 0.9])))
+    assert d["optimizer"] == {"name": "adatamw", "lr": 1e-3, "betas": [0.8, 0.9]}
+    assert yaml.safe_load(yaml.safe_dump(d)) == d

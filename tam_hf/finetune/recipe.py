@@ -1,9 +1,20 @@
-"""The recipe schema: one YAML file describes a whole fine-tuning run.
+"""The recipe: one YAML file describes a whole fine-tuning run.
 
-Loading is strict and eager. Every problem (unknown key with a did-you-mean, wrong type, bad enum value, missing
-file, settings that exclude each other) is collected and raised once as a :class:`RecipeError`, before any model
-or dataset is touched, so a typo costs seconds rather than an hour of training. Only ``yaml.safe_load`` is used:
-a tag that would build a Python object is refused, never executed.
+Loading is strict and eager, in three steps, before any model or dataset is touched (a typo costs seconds
+rather than an hour of training):
+
+1. **parse**: each section is checked against its pydantic model (:mod:`tam_hf.finetune.schema`): unknown keys
+   (with a did-you-mean), types, ranges, nan/inf anywhere. ``optimizer`` is checked against the optimizer
+   registry (its keys are the chosen constructor's arguments; their values are checked by building the
+   optimizer once), ``training`` against ``transformers.TrainingArguments``.
+2. **resolve**: every default that depends on another setting is filled in, in :func:`_resolve` only.
+3. **cross-check**: settings that exclude or need each other, files and directories that must exist (or be
+   creatable: nothing is created here).
+
+Every problem of every step is collected and raised once as a :class:`RecipeError`; a check that reads a
+section that failed step 1 is skipped rather than reported twice. YAML is read by a ``yaml.SafeLoader``
+subclass (:mod:`tam_hf.finetune.recipe_yaml`): plain data only, no duplicate keys, bounded nesting and alias
+expansion. Messages quote at most a short prefix of a bad value.
 
 Relative file paths are read relative to the current directory (as ``trl`` and ``llamafactory-cli`` do);
 ``embedded:NAME`` points into the package's own ``tam_hf/assets`` directory.
@@ -13,71 +24,31 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import math
+import os
 import re
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from types import SimpleNamespace
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
+from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, TypeAdapter, ValidationError, create_model
+from pydantic_core import PydanticCustomError
 
-__all__ = ["Recipe", "RecipeError", "load_recipe", "validate_recipe", "apply_overrides", "to_dict", "to_yaml", "resolve_path"]
+from tam_hf.finetune.recipe_yaml import MAX_DEPTH, clip, dump_yaml, read_yaml, short
+from tam_hf.finetune.schema import (COMPLETION_FORMATS, DATA_DIR, DEFAULT_METRICS, EMBEDDED_MODELS, EMBEDDED_PREFIX,
+                                    FILE_SUFFIXES, FORMAT_COLUMNS, HUB_ID, METRIC_TASKS, STRICT, TRAINING_OWNED,
+                                    TRAINING_RANGES, DataConfig, DistributedConfig, EvalConfig, FinetuneConfig,
+                                    Float, HubConfig, LoraConfig, ModelConfig, OptimizerConfig, Recipe)
 
-EMBEDDED_PREFIX = "embedded:"
-DATA_DIR = Path(__file__).resolve().parent.parent / "assets"
-EMBEDDED_MODELS = ("tiny-llama",)  # directories under tam_hf/assets holding config.json + tokenizer files
-
-# Canonical columns each data format reads; `data.columns` maps them onto the dataset's own column names.
-FORMAT_COLUMNS = {
-    "text": ("text",),
-    "prompt_completion": ("prompt", "completion"),
-    "instruction": ("instruction", "input", "output"),
-    "chat": ("messages",),
-    "classification": ("text", "text_pair", "label"),
-}
-COMPLETION_FORMATS = ("prompt_completion", "instruction", "chat")
-FILE_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
-
-# Which keyword arguments each optimizer accepts (besides lr); anything else set in the recipe is an error.
-OPTIMIZER_PARAMS = {
-    "tam": ("momentum", "decay_rate", "damping_eps", "weight_decay", "cosine_scope", "fixed_damping"),
-    "adatam": ("betas", "eps", "decay_rate", "damping_eps", "weight_decay", "cosine_scope", "fixed_damping",
-               "bias_correction"),
-    "adatamw": ("betas", "eps", "decay_rate", "damping_eps", "weight_decay", "cosine_scope", "fixed_damping",
-                "bias_correction"),
-    "adamw": ("betas", "eps", "weight_decay"),
-    "sgd": ("momentum", "weight_decay", "nesterov"),
-}
-
-# Metric name -> the (task, target) pairs it makes sense for; checked here, computed in tam_hf.metrics.
-METRIC_TASKS = {
-    "accuracy": {("sequence_classification", "label")},
-    "f1": {("sequence_classification", "label")},
-    "mcc": {("sequence_classification", "label")},
-    "pearson": {("sequence_classification", "score")},
-    "spearman": {("sequence_classification", "score")},
-    "perplexity": {("causal_lm", None)},
-    "exact_match": {("causal_lm", None)},
-}
-
-# TrainingArguments fields that another recipe section owns: one place per setting.
-TRAINING_OWNED = {
-    "learning_rate": "optimizer.lr",
-    "optim": "optimizer.name",
-    "optim_args": "optimizer.*",
-    "weight_decay": "optimizer.weight_decay",
-    "adam_beta1": "optimizer.betas",
-    "adam_beta2": "optimizer.betas",
-    "adam_epsilon": "optimizer.eps",
-    "resume_from_checkpoint": "resume",
-    "deepspeed": "distributed.deepspeed",
-    "push_to_hub": "hub.push",
-    "hub_model_id": "hub.repo_id",
-    "hub_token": "the huggingface_hub login (never the recipe)",
-}
-
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+__all__ = ["Recipe", "RecipeError", "load_recipe", "validate_recipe", "apply_overrides", "to_dict", "to_yaml",
+           "resolve_path", "read_yaml", "ModelConfig", "DataConfig", "LoraConfig", "FinetuneConfig",
+           "OptimizerConfig", "EvalConfig", "HubConfig", "DistributedConfig", "EMBEDDED_PREFIX", "DATA_DIR",
+           "EMBEDDED_MODELS", "FORMAT_COLUMNS", "COMPLETION_FORMATS", "FILE_SUFFIXES", "METRIC_TASKS",
+           "TRAINING_OWNED", "HUB_ID"]
 
 
 class RecipeError(ValueError):
@@ -89,146 +60,6 @@ class RecipeError(ValueError):
         super().__init__(f"{source} is not valid, found {len(self.problems)} problem(s):\n{lines}")
 
 
-def _help(text: str, default=dataclasses.MISSING, factory=dataclasses.MISSING):
-    kw = {"metadata": {"help": text}}
-    if default is not dataclasses.MISSING:
-        kw["default"] = default
-    if factory is not dataclasses.MISSING:
-        kw["default_factory"] = factory
-    return field(**kw)
-
-
-@dataclass
-class ModelConfig:
-    name: str = _help("Hub id, local directory, or embedded:tiny-llama (shipped in the package, offline).")
-    gguf_file: Optional[str] = _help("GGUF file inside `name` to load (dequantised by transformers).", None)
-    revision: Optional[str] = _help("Hub revision (branch, tag or commit).", None)
-    tokenizer: Optional[str] = _help("Tokenizer id or path when it differs from `name`.", None)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _help("Weights dtype; auto keeps the checkpoint's.", "auto")
-    quantization: Literal["none", "4bit", "8bit"] = _help("Load the base through bitsandbytes.", "none")
-    trust_remote_code: bool = _help("Run code shipped with the checkpoint. Off unless you trust it.", False)
-    attn_implementation: Optional[str] = _help("eager, sdpa, flash_attention_2 ...; None lets transformers pick.", None)
-
-
-@dataclass
-class DataConfig:
-    format: Literal["text", "prompt_completion", "instruction", "chat", "classification"] = _help(
-        "How rows become tokens; see FORMAT_COLUMNS for the columns each reads."
-    )
-    dataset: Optional[str] = _help("Hub dataset id or local dataset directory (exclusive with train_file).", None)
-    config_name: Optional[str] = _help("Dataset configuration (subset) name.", None)
-    train_file: Optional[Union[str, list[str]]] = _help("Local json/jsonl/csv/parquet/txt file(s).", None)
-    eval_file: Optional[Union[str, list[str]]] = _help("Local evaluation file(s).", None)
-    train_split: str = _help("Split to train on.", "train")
-    eval_split: Optional[str] = _help("Split to evaluate on.", None)
-    eval_fraction: Optional[float] = _help("Hold this fraction of the training rows out for evaluation.", None)
-    columns: dict[str, str] = _help("Canonical column -> dataset column, e.g. {prompt: question}.", factory=dict)
-    max_length: int = _help("Longest tokenised example; longer ones are truncated (completions from the end).", 512)
-    completion_only_loss: Optional[bool] = _help(
-        "Loss on completion/assistant tokens only. Default true for prompt_completion, instruction and chat.", None
-    )
-    instruction_template: str = _help(
-        "Prompt for the instruction format; {instruction} and {input} are filled in.",
-        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n",
-    )
-    target: Literal["label", "score"] = _help("classification: class labels, or a regression score.", "label")
-    num_labels: Optional[int] = _help("classification: number of classes (default: counted in the train split).", None)
-    max_train_samples: Optional[int] = _help("Use only the first N training rows.", None)
-    max_eval_samples: Optional[int] = _help("Use only the first N evaluation rows.", None)
-
-
-@dataclass
-class LoraConfig:
-    r: int = _help("LoRA rank.", 16)
-    alpha: int = _help("LoRA alpha (scale = alpha / r).", 32)
-    dropout: float = _help("Dropout on the LoRA input.", 0.05)
-    target_modules: Union[str, list[str]] = _help("Module names, or all-linear.", "all-linear")
-    bias: Literal["none", "all", "lora_only"] = _help("Which biases train.", "none")
-    modules_to_save: Optional[list[str]] = _help("Modules trained in full beside the adapter (e.g. a head).", None)
-
-
-@dataclass
-class FinetuneConfig:
-    method: Literal["lora", "qlora", "full"] = _help("qlora = lora on a 4-bit bitsandbytes base.", "lora")
-    lora: Optional[LoraConfig] = _help("LoRA settings (lora and qlora only).", None)
-
-
-@dataclass
-class OptimizerConfig:
-    name: Literal["tam", "adatam", "adatamw", "adamw", "sgd"] = _help("Optimizer; TAM family from tam_hf.optim.")
-    lr: float = _help("Peak learning rate. AdaTAM(W) wants ~0.2x AdamW's (DESIGN.md §1); TAM ~2x SGDM's.")
-    weight_decay: Optional[float] = _help(
-        "Coupled for tam/adatam/sgd, decoupled for adatamw/adamw; unset means 0 (TrainingArguments' default). "
-        "The Trainer never decays biases and norms.", None)
-    momentum: Optional[float] = _help("tam/sgd momentum.", None)
-    betas: Optional[list[float]] = _help("adatam/adatamw/adamw (beta1, beta2).", None)
-    eps: Optional[float] = _help("Adam-style denominator epsilon.", None)
-    decay_rate: Optional[float] = _help("TAM family: gamma, smoothing of the cosine (paper: 0.9).", None)
-    damping_eps: Optional[float] = _help("TAM family: floor added to the damping (paper: 1e-8).", None)
-    cosine_scope: Optional[Literal["tensor", "global"]] = _help("TAM family: cosine per tensor or per group.", None)
-    fixed_damping: Optional[float] = _help(
-        "TAM family, a control: hold the damping d at this value in [0, 1] instead of measuring the angle.", None)
-    bias_correction: Optional[bool] = _help(
-        "adatam/adatamw: Adam-style correction of both moments (not the paper's form; off by default). With it "
-        "the 0.2x transfer rule holds from the first step instead of only after ~1000 steps.", None)
-    nesterov: Optional[bool] = _help("sgd only.", None)
-
-    def kwargs(self) -> dict[str, Any]:
-        """The constructor keyword arguments the recipe sets (unset ones keep the optimizer's defaults)."""
-        out = {"lr": self.lr}
-        for key in OPTIMIZER_PARAMS[self.name]:
-            value = getattr(self, key)
-            if value is not None:
-                out[key] = tuple(value) if key == "betas" else value
-        return out
-
-
-@dataclass
-class EvalConfig:
-    metrics: Optional[list[str]] = _help("Metric names; default depends on the task.", None)
-    max_new_tokens: int = _help("exact_match: tokens generated per answer.", 16)
-    max_generate_samples: int = _help("exact_match: evaluation rows generated for (generation is slow).", 64)
-    answer_pattern: Optional[str] = _help(
-        "exact_match: a regular expression whose first group is the answer, searched in the generation and in the "
-        "reference (GSM8K: '####\\s*(-?[\\d,.]+)'); unset compares the first generated line with the reference.",
-        None)
-
-
-@dataclass
-class HubConfig:
-    push: bool = _help("Push after training. Uses your huggingface_hub login; the token never enters the recipe.", False)
-    repo_id: Optional[str] = _help("Target repository, user/name. Set without push: only prepare hub_upload/.", None)
-    private: bool = _help("Create the repository private.", True)
-    artifact: Optional[Literal["adapter", "merged"]] = _help(
-        "lora/qlora: push the adapter (default) or the base with the adapter merged in. Full fine-tuning pushes the model.",
-        None,
-    )
-
-
-@dataclass
-class DistributedConfig:
-    accelerate_config: Optional[str] = _help("accelerate config file for the launcher.", None)
-    deepspeed: Optional[str] = _help("DeepSpeed JSON config, passed to TrainingArguments.deepspeed.", None)
-
-
-@dataclass
-class Recipe:
-    model: ModelConfig = _help("Base model.")
-    data: DataConfig = _help("Datasets and how they are tokenised.")
-    optimizer: OptimizerConfig = _help("Optimizer and its hyperparameters.")
-    task: Literal["causal_lm", "sequence_classification"] = _help("What the model learns.", "causal_lm")
-    finetune: FinetuneConfig = _help("lora, qlora or full.", factory=FinetuneConfig)
-    training: dict[str, Any] = _help("transformers.TrainingArguments fields (unknown keys rejected).", factory=dict)
-    eval: EvalConfig = _help("Evaluation metrics.", factory=EvalConfig)
-    hub: HubConfig = _help("Hub push.", factory=HubConfig)
-    distributed: Optional[DistributedConfig] = _help("Launcher configuration (validated and passed on).", None)
-    resume: Union[bool, str] = _help("true: continue from the last checkpoint in output_dir; or a checkpoint path.", False)
-
-    @property
-    def output_dir(self) -> str:
-        return self.training["output_dir"]
-
-
 # ------------------------------------------------------------------------------------------------ loading
 
 
@@ -238,8 +69,10 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     if not path.is_file():
         raise RecipeError([f"recipe file not found: {path}"], str(path))
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:  # includes tags such as !!python/object, which safe_load refuses
+        raw = read_yaml(path.read_text(encoding="utf-8"), str(path))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError([f"recipe could not be read: {clip(exc, 200)}"], str(path)) from None
+    except yaml.YAMLError as exc:  # syntax, duplicate keys, nesting, aliases, and tags such as !!python/object
         raise RecipeError([f"YAML could not be read: {exc}".replace("\n", " ")], str(path)) from None
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
@@ -252,54 +85,68 @@ _YAML11_BOOL_WORDS = {"yes", "no", "on", "off", "y", "n"}
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> list[str]:
-    """Apply `a.b.c=value` overrides in place (value read as YAML); returns problems instead of raising."""
+    """Apply `a.b.c=value` overrides in place (value read as YAML); returns problems instead of raising.
+
+    Any key of a recipe this tool wrote can be set, also under a section written as null (`lora: null`)."""
     problems = []
     for item in overrides:
         key, sep, text = item.partition("=")
+        parts = key.split(".")
         if not sep or not key:
-            problems.append(f"override {item!r}: expected key.path=value")
-            continue
-        try:
-            # YAML 1.1 reads yes/no/on/off as booleans; on a command line `training.save_strategy=no` means "no"
-            value = text if text.strip().lower() in _YAML11_BOOL_WORDS else yaml.safe_load(text)
-        except yaml.YAMLError:
-            value = text
-        node, parts = raw, key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                problems.append(f"override {key}: {part} is not a section")
-                break
+            problems.append(f"override {short(item)}: expected key.path=value")
+        elif "" in parts:
+            problems.append(f"override {short(key)}: empty key in the path")
+        elif len(parts) > MAX_DEPTH:
+            problems.append(f"override {short(key)}: nested deeper than {MAX_DEPTH} levels")
         else:
-            node[parts[-1]] = value
+            node = raw
+            for i, part in enumerate(parts[:-1]):
+                node = node.get(part) if isinstance(node, dict) else None
+                if node is not None and not isinstance(node, dict):
+                    problems.append(f"override {short(key)}: {'.'.join(parts[:i + 1])} is not a section")
+                    break
+            else:
+                _set(raw, parts, _override_value(text))
     return problems
 
 
+def _override_value(text: str):
+    # YAML 1.1 reads yes/no/on/off as booleans; on a command line `training.save_strategy=no` means "no"
+    if text.strip().lower() in _YAML11_BOOL_WORDS:
+        return text
+    try:
+        return read_yaml(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _set(raw: dict, parts: list[str], value) -> None:
+    node = raw
+    for part in parts[:-1]:
+        if node.get(part) is None:
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+
+
 def validate_recipe(raw: dict, name: str = "recipe", source: str = "recipe", problems: list[str] = ()) -> Recipe:
+    """The validated, resolved recipe; a RecipeError lists every problem. ``raw`` is not modified."""
     problems = list(problems)
-    recipe = _build(Recipe, raw, "", problems)
-    if recipe is not None:
-        _check_recipe(recipe, name, problems)
+    sections = _parse(raw, problems)
+    if sections is not None:
+        _resolve(sections, name)
+        _cross_check(sections, problems)
     if problems:
         raise RecipeError(problems, source)
-    return recipe
+    return Recipe.model_validate(sections)
 
 
 def to_dict(recipe: Recipe) -> dict:
-    return dataclasses.asdict(recipe)
-
-
-class _Dumper(yaml.SafeDumper):
-    """Multi-line strings (the instruction template) as readable literal blocks."""
-
-
-_Dumper.add_representer(
-    str, lambda d, s: d.represent_scalar("tag:yaml.org,2002:str", s, style="|" if "\n" in s else None)
-)
+    return recipe.model_dump()
 
 
 def to_yaml(recipe: Recipe) -> str:
-    return yaml.dump(to_dict(recipe), Dumper=_Dumper, sort_keys=False)
+    return dump_yaml(to_dict(recipe))
 
 
 def resolve_path(value: str) -> Path:
@@ -309,188 +156,437 @@ def resolve_path(value: str) -> Path:
     return Path(value).expanduser()
 
 
-# ------------------------------------------------------------------------------------------ generic typing
+# ---------------------------------------------------------------------------------- step 1: parse sections
 
 
-def _did_you_mean(word: str, options) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+_INVALID = object()  # a section that failed its own checks
+
+
+def _parse(raw, problems: list[str]) -> dict[str, Any] | None:
+    """Section name -> validated value, for the sections that passed; problems appended for the others."""
+    if not isinstance(raw, dict):
+        problems.append(f"recipe: expected a mapping of sections, got {type(raw).__name__} {short(raw)}")
+        return None
+    fields = Recipe.model_fields
+    for key in raw:
+        if key not in fields:
+            problems.append(f"{_key(key)}: unknown key{_did_you_mean(key, fields)}")
+    sections = {}
+    for name, info in fields.items():
+        if name not in raw:
+            if info.is_required():
+                problems.append(f"{name}: required key is missing ({info.description})")
+            else:
+                sections[name] = info.get_default(call_default_factory=True)
+            continue
+        value = _PARSERS.get(name, _parse_plain)(name, raw[name], problems)
+        if value is not _INVALID:
+            sections[name] = value
+    return sections
+
+
+def _parse_plain(name: str, value, problems: list[str]):
+    try:
+        return _section_adapter(name).validate_python(value)
+    except ValidationError as exc:
+        problems += _explain(exc, (name,), Recipe.model_fields[name].annotation)
+        return _INVALID
+
+
+@functools.cache
+def _section_adapter(name: str) -> TypeAdapter:
+    info = Recipe.model_fields[name]
+    tp = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+    return TypeAdapter(tp) if _model_of(tp) is tp else TypeAdapter(tp, config=STRICT)
+
+
+def _parse_optimizer(name: str, raw, problems: list[str]):
+    """``name`` must be in the registry; every other key must be an argument of that optimizer's constructor,
+    of the type it declares; the values are then checked once, by building the optimizer (its own messages)."""
+    from tam_hf.optim.registry import OPTIMIZERS
+
+    if not isinstance(raw, dict):
+        return _parse_plain(name, raw, problems)
+    before = len(problems)
+    try:
+        OptimizerConfig.model_validate({k: raw[k] for k in ("name", "lr") if k in raw})
+    except ValidationError as exc:
+        problems += _explain(exc, ("optimizer",), OptimizerConfig)
+    spec = _optimizer_spec(raw.get("name"))
+    if spec is None and isinstance(raw.get("name"), str):
+        choices = [*OPTIMIZERS, *(a for s in OPTIMIZERS.values() for a in s.aliases)]
+        problems.append(f"optimizer.name: {short(raw['name'])} is not one of {', '.join(map(repr, OPTIMIZERS))}"
+                        f"{_did_you_mean(raw['name'], choices)}")
+    if spec is None:
+        return _INVALID
+    accepted = spec.accepted_keys()
+    anywhere = {k for s in OPTIMIZERS.values() for k in s.accepted_keys()}
+    settings = {}
+    for key, value in raw.items():
+        if key in ("name", "lr") or (value is None and key in anywhere):
+            continue  # null = unset; resolved recipes of earlier releases list every optimizer's keys as null
+        takes = f"{spec.name} takes {', '.join(accepted)}"
+        if key not in accepted:
+            problems.append(f"optimizer.{_key(key)} does not apply to {spec.name} (it takes {', '.join(accepted)})"
+                            if key in anywhere else
+                            f"optimizer.{_key(key)}: unknown key{_did_you_mean(key, accepted)}; {takes}")
+            continue
+        setting_type, free = _setting_adapter(accepted[key])
+        try:
+            settings[key] = _plain(setting_type.validate_python(value))
+        except ValidationError as exc:
+            problems += _explain(exc, ("optimizer", key), None)
+        else:
+            if free:
+                problems += _non_finite(value, f"optimizer.{key}")
+    if len(problems) > before:
+        return _INVALID
+    config = OptimizerConfig.model_validate({"name": raw["name"], "lr": raw["lr"], **settings})
+    try:
+        spec.check(config.kwargs())
+    except (ValueError, TypeError, RuntimeError) as exc:
+        problems.append(f"optimizer: {clip(exc, 160)} ({spec.cls.__name__})")
+        return _INVALID
+    return config
+
+
+def _optimizer_spec(name):
+    from tam_hf.optim import registry
+
+    if not isinstance(name, str):
+        return None
+    try:
+        return registry.get(name)
+    except ValueError:
+        return None
+
+
+@functools.cache
+def _setting_adapter(hint) -> tuple[TypeAdapter, bool]:
+    """(validator for a constructor argument declared as ``hint``, whether it is free-form)."""
+    tp = _setting_type(hint)
+    return TypeAdapter(tp, config=STRICT), tp is Any
+
+
+def _setting_type(hint):
+    """A constructor annotation as a strict recipe type: float -> Float, tuple[float, float] -> two Floats
+    (a YAML list is accepted), float | Tensor -> Float (a recipe gives numbers); anything else free-form."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is float:
+        return Float
+    if hint in (int, bool, str, type(None)) or origin is Literal:
+        return hint
+    if origin in (Union, types.UnionType):
+        kept = [_setting_type(a) for a in args if getattr(a, "__name__", "") != "Tensor"]
+        if not kept or Any in kept:
+            return Any
+        return kept[0] if len(kept) == 1 else Union[tuple(kept)]
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        items = tuple(_setting_type(a) for a in args)
+        return Any if Any in items else Annotated[tuple[items], BeforeValidator(_tuple_of(len(items)))]
+    return Any
+
+
+def _tuple_of(n: int):
+    def convert(value):
+        if isinstance(value, (list, tuple)):
+            if len(value) != n:
+                raise PydanticCustomError("recipe_type", "expected a tuple of {n} values, got {got}",
+                                          {"n": n, "got": f"{type(value).__name__} {short(value)}"})
+            return tuple(value)
+        return value
+
+    return convert
+
+
+def _plain(value):
+    """Stored as YAML writes it: tuples as lists."""
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def _parse_training(name: str, raw, problems: list[str]):
+    """TrainingArguments fields: known, not owned by another section, simple ones typed and range-checked
+    (:data:`TRAINING_RANGES`), free-form ones (dicts, lists) free of nan/inf."""
+    if not isinstance(raw, dict):
+        return _parse_plain(name, raw, problems)
+    model, free = _training_model()
+    before = len(problems)
+    for key in raw:
+        if key in TRAINING_OWNED:
+            problems.append(f"training.{key}: set {TRAINING_OWNED[key]} instead")
+    checked = {k: v for k, v in raw.items() if k not in TRAINING_OWNED}
+    try:
+        validated = model.model_validate(checked)
+    except ValidationError as exc:
+        problems += _explain(exc, ("training",), model, unknown="not a TrainingArguments field")
+        validated = None
+    for key in free.intersection(checked):
+        problems += _non_finite(checked[key], f"training.{key}")
+    if len(problems) > before:
+        return _INVALID
+    out = dict(raw)
+    for key, value in raw.items():  # `1e-4` read by YAML 1.1 as text becomes the number; ints stay ints
+        if isinstance(value, str) and isinstance(getattr(validated, key), (int, float)):
+            out[key] = getattr(validated, key)
+    return out
+
+
+@functools.cache
+def _training_model() -> tuple[type[BaseModel], frozenset[str]]:
+    """(a pydantic model of the TrainingArguments fields a recipe may set, the names of its free-form fields)."""
+    from transformers import TrainingArguments  # imported here: reading a recipe's YAML needs no transformers
+
+    fields, free = {}, set()
+    for f in dataclasses.fields(TrainingArguments):
+        if not f.init or f.name in TRAINING_OWNED:
+            continue
+        tp = _simple_type(f.type)
+        if f.name == "max_steps":
+            tp = Annotated[int, AfterValidator(_steps)]
+        if tp is Any:
+            free.add(f.name)
+        fields[f.name] = (Optional[tp], Field(None, **TRAINING_RANGES.get(f.name, {})))
+    return create_model("TrainingArgumentsSection", __config__=STRICT, **fields), frozenset(free)
+
+
+def _simple_type(tp):
+    """int/float/bool/str (optionally Optional) annotations are checked here; richer ones (enums, unions, dicts)
+    are left to TrainingArguments itself."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (Union, types.UnionType) and len(args) == 1:
+        tp = args[0]
+    return {int: int, float: Float, bool: bool, str: str}.get(tp, Any) if isinstance(tp, type) else Any
+
+
+def _steps(value: int) -> int:
+    if value != -1 and value < 1:
+        raise PydanticCustomError("recipe_range", "{value} must be -1 (no limit) or > 0", {"value": value})
+    return value
+
+
+_PARSERS = {"optimizer": _parse_optimizer, "training": _parse_training}
+
+
+# ------------------------------------------------------------------------------------------ error messages
+
+
+_EXPECTED = {"int_type": "int", "int_parsing": "int", "int_from_float": "int", "float_type": "float",
+             "float_parsing": "float", "bool_type": "bool", "bool_parsing": "bool", "string_type": "str",
+             "list_type": "a list", "tuple_type": "a list", "dict_type": "a mapping", "model_type": "a mapping",
+             "model_attributes_type": "a mapping"}
+_BOUNDS = {"greater_than": (">", "gt"), "greater_than_equal": (">=", "ge"), "less_than": ("<", "lt"),
+           "less_than_equal": ("<=", "le")}
+
+
+def _explain(exc: ValidationError, where: tuple, root, unknown: str = "unknown key") -> list[str]:
+    """One line per pydantic error: the dotted path, then what is wrong in the recipe's words."""
+    out = []
+    for err in exc.errors(include_url=False):
+        loc, kind, value, ctx = err["loc"], err["type"], err.get("input"), err.get("ctx") or {}
+        path = _path(where + tuple(loc))
+        if kind == "missing":
+            info = _field_at(root, loc)
+            out.append(f"{path}: required key is missing" + (f" ({info.description})" if info and info.description else ""))
+        elif kind == "extra_forbidden":
+            out.append(f"{path}: {unknown}{_did_you_mean(str(loc[-1]), _names_at(root, loc[:-1]))}")
+        elif kind == "literal_error":
+            choices = _literal_at(root, loc)
+            out.append(f"{path}: {short(value)} is not one of {', '.join(map(repr, choices))}"
+                       f"{_did_you_mean(str(value), [str(c) for c in choices])}")
+        elif kind == "finite_number":
+            out.append(f"{path}: {short(value)} is not a finite number")
+        elif kind in _BOUNDS:
+            symbol, bound = _BOUNDS[kind]
+            out.append(f"{path}: {short(value)} must be {symbol} {ctx[bound]}")
+        elif kind in _EXPECTED:
+            out.append(f"{path}: expected {_EXPECTED[kind]}, got {type(value).__name__} {short(value)}")
+        else:  # our own PydanticCustomErrors carry a complete message; pydantic's are understandable as they are
+            out.append(f"{path}: {err['msg']}")
+    return out
+
+
+def _path(loc: tuple) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else ("." if text else "") + _key(part)
+    return text
+
+
+def _key(key) -> str:
+    key = str(key)
+    return key if len(key) <= 60 else key[:57] + "..."
+
+
+def _model_of(tp):
+    """The pydantic model a (possibly Optional / Annotated) annotation holds, else None."""
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return tp
+    for arg in typing.get_args(tp):
+        found = _model_of(arg) if not isinstance(arg, (str, int, float)) else None
+        if found is not None:
+            return found
+    return None
+
+
+def _field_at(root, loc: tuple):
+    info = None
+    for part in loc:
+        model = _model_of(root)
+        if model is None or part not in model.model_fields:
+            return None
+        info = model.model_fields[part]
+        root = info.annotation
+    return info
+
+
+def _names_at(root, loc: tuple) -> list[str]:
+    info = _field_at(root, loc) if loc else None
+    model = _model_of(info.annotation if info else root)
+    return list(model.model_fields) if model else []
+
+
+def _literal_at(root, loc: tuple) -> tuple:
+    info = _field_at(root, loc)
+    tp = info.annotation if info else None
+    for candidate in (tp, *typing.get_args(tp)):
+        if typing.get_origin(candidate) is Literal:
+            return typing.get_args(candidate)
+    return ()
+
+
+def _did_you_mean(word, options) -> str:
+    word = str(word)
+    if len(word) > 100:
+        return ""
+    close = difflib.get_close_matches(word, [str(o) for o in options], n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _type_name(tp) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin is Union:
-        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
-    if origin in (list, dict):
-        return f"{origin.__name__}[{', '.join(_type_name(a) for a in typing.get_args(tp))}]"
-    return getattr(tp, "__name__", str(tp))
+def _non_finite(value, where: str) -> list[str]:
+    """Every nan/inf inside a free-form value (dicts and lists walked without recursion)."""
+    out, stack = [], [(where, value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            out.append(f"{path}: {item!r} is not a finite number")
+        elif isinstance(item, dict):
+            stack += reversed([(f"{path}.{_key(k)}", v) for k, v in item.items()])
+        elif isinstance(item, (list, tuple)):
+            stack += reversed([(f"{path}[{i}]", v) for i, v in enumerate(item)])
+    return out
 
 
-class _Invalid:
-    """Stands in for a value that failed its check, so the other sections can still be checked."""
-
-    def __repr__(self):
-        return "<invalid>"
+# ------------------------------------------------------------------------------------ step 2: resolve
 
 
-INVALID = _Invalid()
+def _resolve(s: dict[str, Any], name: str) -> None:
+    """Fill in every default that depends on another setting; sections that failed to parse are skipped."""
+    finetune, model, hub, training = s.get("finetune"), s.get("model"), s.get("hub"), s.get("training")
+    if finetune is not None:
+        if finetune.method != "full" and finetune.lora is None:
+            finetune.lora = LoraConfig()
+        if finetune.method == "qlora" and model is not None and model.quantization == "none":
+            model.quantization = "4bit"  # qlora means a 4-bit base: fill it in rather than ask twice
+        if finetune.method != "full" and hub is not None and hub.artifact is None:
+            hub.artifact = "adapter"
+    if training is not None:
+        training.setdefault("output_dir", f"outputs/{name}")
+        training.setdefault("report_to", "none")  # no surprise wandb/tensorboard logins from a recipe
+    if all(k in s for k in ("eval", "data", "task")) and s["eval"].metrics is None:
+        s["eval"].metrics = list(DEFAULT_METRICS[_target(s["task"], s["data"])])
+    if "optimizer" in s:
+        s["optimizer"].name = _optimizer_spec(s["optimizer"].name).name  # an alias becomes the registry name
 
 
-def _clean(obj) -> bool:
-    """True when no value inside `obj` failed its check."""
-    if obj is INVALID:
-        return False
-    if dataclasses.is_dataclass(obj):
-        return all(_clean(getattr(obj, f.name)) for f in dataclasses.fields(obj))
-    return True
+def _target(task: str, data: DataConfig) -> str | None:
+    return data.target if task == "sequence_classification" else None
 
 
-def _build(cls, raw, where: str, problems: list[str]):
-    """Turn a mapping into dataclass `cls`, appending every problem found; failed fields hold INVALID."""
-    if not isinstance(raw, dict):
-        problems.append(f"{where or 'recipe'}: expected a mapping, got {type(raw).__name__} {raw!r}")
-        return None
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    for key in raw:
-        if key not in fields:
-            problems.append(f"{where}{key}: unknown key{_did_you_mean(str(key), fields)}")
-    values = {}
-    for name, f in fields.items():
-        if name in raw:
-            ok, value = _coerce(hints[name], raw[name], f"{where}{name}", problems)
-            values[name] = value if ok else INVALID
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            problems.append(f"{where}{name}: required key is missing ({f.metadata.get('help', '')})")
-            values[name] = INVALID
-    return cls(**values)
+# -------------------------------------------------------------------------------- step 3: cross-checks
 
 
-def _coerce(tp, value, where: str, problems: list[str]) -> tuple[bool, Any]:
-    """Check `value` against annotation `tp`; numbers written as strings (YAML reads `1e-4` as a str) become floats."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        obj = _build(tp, value, where + ".", problems)
-        return obj is not None and _clean(obj), obj
-    if origin is Union:
-        if value is None and type(None) in args:
-            return True, None
-        options = [a for a in args if a is not type(None)]
-        for option in options:  # first option that fits, silently
-            scratch = []
-            ok, out = _coerce(option, value, where, scratch)
-            if ok and not scratch:
-                return True, out
-        if len(options) == 1:
-            return _coerce(options[0], value, where, problems)
-        problems.append(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
-        return False, None
-    if origin is Literal:
-        if value in args:
-            return True, value
-        hint = _did_you_mean(str(value), [str(a) for a in args])
-        problems.append(f"{where}: {value!r} is not one of {', '.join(repr(a) for a in args)}{hint}")
-        return False, None
-    if origin is list:
-        if not isinstance(value, list):
-            problems.append(f"{where}: expected a list, got {type(value).__name__} {value!r}")
-            return False, None
-        out, ok = [], True
-        for i, item in enumerate(value):
-            item_ok, item_value = _coerce(args[0], item, f"{where}[{i}]", problems)
-            ok &= item_ok
-            out.append(item_value)
-        return ok, out
-    if origin is dict:
-        if not isinstance(value, dict):
-            problems.append(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
-            return False, None
-        ok = True
-        for key, item in value.items():
-            ok &= _coerce(args[1], item, f"{where}.{key}", problems)[0]
-        return ok, dict(value)
-    if tp is Any:
-        return True, value
-    if tp is bool:
-        if isinstance(value, bool):
-            return True, value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True, float(value)
-        if isinstance(value, str):
-            try:
-                return True, float(value)
-            except ValueError:
-                pass
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return True, value
-    elif tp is str:
-        if isinstance(value, str):
-            return True, value
-    problems.append(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
-    return False, None
-
-
-# ------------------------------------------------------------------------------------ cross-field checks
-
-
-def _check_recipe(r: Recipe, name: str, problems: list[str]) -> None:
-    """Cross-field checks; each runs only when the sections it reads passed their own checks."""
+def _cross_check(s: dict[str, Any], problems: list[str]) -> None:
+    """Each check runs only when the sections it reads parsed (else their own problems are already listed)."""
+    r = SimpleNamespace(**s)
     checks = [
         (_check_model, ("model",)),
         (_check_data, ("data", "task")),
         (_check_finetune, ("finetune", "model", "hub")),
-        (lambda r, p: _check_optimizer(r.optimizer, p), ("optimizer",)),
-        (lambda r, p: _check_training(r, name, p), ("training",)),
         (_check_eval, ("eval", "data", "task")),
         (_check_hub, ("hub", "finetune")),
         (_check_launch, ("distributed", "resume", "training")),
+        (_check_output_dir, ("training",)),
     ]
-    for check, sections in checks:
-        if all(_clean(getattr(r, s)) for s in sections):
+    for check, needs in checks:
+        if all(k in s for k in needs):
             check(r, problems)
 
 
-def _check_launch(r: Recipe, problems: list[str]) -> None:
+def _check_launch(r, problems: list[str]) -> None:
     if r.distributed is not None:
         for key in ("accelerate_config", "deepspeed"):
             value = getattr(r.distributed, key)
             if value is not None and not resolve_path(value).is_file():
-                problems.append(f"distributed.{key}: file not found: {value}")
+                problems.append(f"distributed.{key}: file not found: {clip(value)}")
     if isinstance(r.resume, str) and not resolve_path(r.resume).is_dir():
-        problems.append(f"resume: checkpoint directory not found: {r.resume}")
+        problems.append(f"resume: checkpoint directory not found: {clip(r.resume)}")
     output_dir = r.training.get("output_dir")
     if r.resume is True and isinstance(output_dir, str) and not any(Path(output_dir).glob("checkpoint-*")):
         problems.append(f"resume: true but {output_dir} holds no checkpoint-* directory to continue from")
 
 
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # e.g. a parent that cannot be searched: look further up
+        return False
+
+
+def _writable(path: Path) -> bool:
+    return os.access(path, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids)
+
+
+def _check_output_dir(r, problems: list[str]) -> None:
+    """The run will create ``output_dir``: its nearest existing ancestor must be a writable directory. Found
+    now rather than after the model is loaded; nothing is created here."""
+    output_dir = r.training.get("output_dir")
+    if not isinstance(output_dir, str):
+        return
+    path = Path(output_dir).expanduser()
+    existing = path
+    while not _exists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        problems.append(f"training.output_dir: {existing} is a file, not a directory")
+    elif not _writable(existing):
+        problems.append(f"training.output_dir: {existing} is not writable" if existing == path else
+                        f"training.output_dir: cannot create {path}: {existing} is not writable")
+
+
 def _is_pathlike(value: str) -> bool:
-    return value.startswith(("/", "./", "../", "~", EMBEDDED_PREFIX)) or Path(value).expanduser().exists()
+    return value.startswith(("/", "./", "../", "~", EMBEDDED_PREFIX)) or _exists(Path(value).expanduser())
 
 
-def _check_model(r: Recipe, problems: list[str]) -> None:
+def _check_model(r, problems: list[str]) -> None:
     m = r.model
     if m.name.startswith(EMBEDDED_PREFIX):
-        short = m.name[len(EMBEDDED_PREFIX):]
-        if short not in EMBEDDED_MODELS:
-            problems.append(f"model.name: no embedded model {short!r}{_did_you_mean(short, EMBEDDED_MODELS)}; "
+        embedded = m.name[len(EMBEDDED_PREFIX):]
+        if embedded not in EMBEDDED_MODELS:
+            problems.append(f"model.name: no embedded model {short(embedded)}{_did_you_mean(embedded, EMBEDDED_MODELS)}; "
                             f"embedded: {', '.join(EMBEDDED_MODELS)}")
     elif _is_pathlike(m.name):
         if not resolve_path(m.name).is_dir():
-            problems.append(f"model.name: local model directory not found: {m.name}")
+            problems.append(f"model.name: local model directory not found: {clip(m.name)}")
         elif m.gguf_file and not (resolve_path(m.name) / m.gguf_file).is_file():
-            problems.append(f"model.gguf_file: {m.gguf_file} not found in {m.name}")
+            problems.append(f"model.gguf_file: {short(m.gguf_file)} not found in {clip(m.name)}")
     elif not HUB_ID.match(m.name):
-        problems.append(f"model.name: {m.name!r} is neither an existing directory nor a Hub id (org/name)")
+        problems.append(f"model.name: {short(m.name)} is neither an existing directory nor a Hub id (org/name)")
     if m.gguf_file is not None and m.quantization != "none":
         problems.append("model.gguf_file and model.quantization: a GGUF checkpoint is dequantised on load; "
                         "it cannot also be loaded through bitsandbytes")
 
 
-def _check_data(r: Recipe, problems: list[str]) -> None:
+def _check_data(r, problems: list[str]) -> None:
     d = r.data
     if (d.dataset is None) == (d.train_file is None):
         problems.append("data: set exactly one of data.dataset (Hub id or directory) and data.train_file")
@@ -504,23 +600,20 @@ def _check_data(r: Recipe, problems: list[str]) -> None:
         for item in [value] if isinstance(value, str) else value or []:
             path = resolve_path(item)
             if path.suffix not in FILE_SUFFIXES:
-                problems.append(f"data.{key}: {item}: unsupported file type {path.suffix!r}; "
+                problems.append(f"data.{key}: {clip(item)}: unsupported file type {short(path.suffix)}; "
                                 f"use one of {', '.join(sorted(FILE_SUFFIXES))}")
             elif not path.is_file():
-                problems.append(f"data.{key}: file not found: {item}")
-    if d.dataset is not None and _is_pathlike(d.dataset) and not resolve_path(d.dataset).exists():
-        problems.append(f"data.dataset: local dataset not found: {d.dataset}")
+                problems.append(f"data.{key}: file not found: {clip(item)}")
+    if d.dataset is not None and _is_pathlike(d.dataset) and not _exists(resolve_path(d.dataset)):
+        problems.append(f"data.dataset: local dataset not found: {clip(d.dataset)}")
     allowed = FORMAT_COLUMNS[d.format]
     for key in d.columns:
         if key not in allowed:
-            problems.append(f"data.columns.{key}: format {d.format} reads {', '.join(allowed)}{_did_you_mean(key, allowed)}")
+            problems.append(f"data.columns.{_key(key)}: format {d.format} reads {', '.join(allowed)}"
+                            f"{_did_you_mean(key, allowed)}")
     if d.completion_only_loss and d.format not in COMPLETION_FORMATS:
         problems.append(f"data.completion_only_loss: format {d.format} has no completion; "
                         f"it applies to {', '.join(COMPLETION_FORMATS)}")
-    if d.eval_fraction is not None and not 0.0 < d.eval_fraction < 1.0:
-        problems.append(f"data.eval_fraction: {d.eval_fraction} must be between 0 and 1")
-    if d.max_length < 8:
-        problems.append(f"data.max_length: {d.max_length} is too short (minimum 8)")
     if d.format == "classification":
         if r.task != "sequence_classification":
             problems.append(f"data.format classification needs task: sequence_classification (got {r.task})")
@@ -532,7 +625,7 @@ def _check_data(r: Recipe, problems: list[str]) -> None:
         problems.append("data.instruction_template must contain {instruction}")
 
 
-def _check_finetune(r: Recipe, problems: list[str]) -> None:
+def _check_finetune(r, problems: list[str]) -> None:
     f, q = r.finetune, r.model.quantization
     if f.method == "full":
         if f.lora is not None:
@@ -542,85 +635,17 @@ def _check_finetune(r: Recipe, problems: list[str]) -> None:
                             "trained directly; use finetune.method qlora (or lora on 8bit)")
         if r.hub.artifact is not None:
             problems.append("hub.artifact applies to lora/qlora; full fine-tuning pushes the whole model")
-        return
-    if f.lora is None:
-        f.lora = LoraConfig()
-    if f.method == "qlora":
-        if q == "none":
-            r.model.quantization = "4bit"  # qlora means a 4-bit base: fill it in rather than ask twice
-        elif q != "4bit":
-            problems.append(f"finetune.method qlora needs a 4-bit base, but model.quantization is {q}")
-    elif q == "4bit":
+    elif f.method == "qlora" and q != "4bit":
+        problems.append(f"finetune.method qlora needs a 4-bit base, but model.quantization is {q}")
+    elif f.method == "lora" and q == "4bit":
         problems.append("lora on a 4-bit base is qlora: set finetune.method: qlora")
-    if f.lora.r < 1:
-        problems.append(f"finetune.lora.r: {f.lora.r} must be >= 1")
-    if not 0.0 <= f.lora.dropout < 1.0:
-        problems.append(f"finetune.lora.dropout: {f.lora.dropout} must be in [0, 1)")
 
 
-def _check_optimizer(o: OptimizerConfig, problems: list[str]) -> None:
-    accepted = OPTIMIZER_PARAMS[o.name]
-    for key in ("weight_decay", "momentum", "betas", "eps", "decay_rate", "damping_eps", "cosine_scope", "fixed_damping",
-                "bias_correction", "nesterov"):
-        if getattr(o, key) is not None and key not in accepted:
-            problems.append(f"optimizer.{key} does not apply to {o.name} (it takes lr, {', '.join(accepted)})")
-    if not o.lr > 0:
-        problems.append(f"optimizer.lr: {o.lr} must be > 0")
-    if o.betas is not None and (len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas)):
-        problems.append(f"optimizer.betas: {o.betas} must be two values in [0, 1)")
-    for key in ("momentum", "decay_rate"):
-        value = getattr(o, key)
-        if value is not None and not 0.0 <= value < 1.0:
-            problems.append(f"optimizer.{key}: {value} must be in [0, 1)")
-    for key in ("weight_decay", "eps", "damping_eps"):
-        value = getattr(o, key)
-        if value is not None and value < 0:
-            problems.append(f"optimizer.{key}: {value} must be >= 0")
-    if o.fixed_damping is not None and not 0.0 <= o.fixed_damping <= 1.0:
-        problems.append(f"optimizer.fixed_damping: {o.fixed_damping} must be in [0, 1]")
-
-
-def _training_fields() -> dict[str, Any]:
-    from transformers import TrainingArguments  # imported here: the schema itself loads without torch
-
-    return {f.name: f.type for f in dataclasses.fields(TrainingArguments) if f.init}
-
-
-def _check_training(r: Recipe, name: str, problems: list[str]) -> None:
-    known = _training_fields()
-    for key, value in r.training.items():
-        if key in TRAINING_OWNED:
-            problems.append(f"training.{key}: set {TRAINING_OWNED[key]} instead")
-        elif key not in known:
-            problems.append(f"training.{key}: not a TrainingArguments field{_did_you_mean(key, known)}")
-        elif value is not None:
-            simple = _simple_type(known[key])
-            if simple is not None:
-                scratch = []
-                ok, coerced = _coerce(simple, value, f"training.{key}", scratch)
-                problems.extend(scratch)
-                if ok and not isinstance(value, int):  # keep `logging_steps: 25` an int in the resolved recipe
-                    r.training[key] = coerced
-    r.training.setdefault("output_dir", f"outputs/{name}")
-    r.training.setdefault("report_to", "none")  # no surprise wandb/tensorboard logins from a recipe
-
-
-def _simple_type(tp):
-    """int/float/bool/str (optionally Optional) annotations are checked; richer ones are left to transformers."""
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if typing.get_origin(tp) in (Union, types.UnionType) and len(args) == 1:
-        tp = args[0]
-    return tp if tp in (int, float, bool, str) else None
-
-
-def _check_eval(r: Recipe, problems: list[str]) -> None:
-    target = r.data.target if r.task == "sequence_classification" else None
-    if r.eval.metrics is None:
-        defaults = {"label": ["accuracy", "f1"], "score": ["pearson", "spearman"], None: ["perplexity"]}
-        r.eval.metrics = list(defaults[target])
+def _check_eval(r, problems: list[str]) -> None:
+    target = _target(r.task, r.data)
     for metric in r.eval.metrics:
         if metric not in METRIC_TASKS:
-            problems.append(f"eval.metrics: unknown metric {metric!r}{_did_you_mean(metric, METRIC_TASKS)}; "
+            problems.append(f"eval.metrics: unknown metric {short(metric)}{_did_you_mean(metric, METRIC_TASKS)}; "
                             f"known: {', '.join(METRIC_TASKS)}")
         elif (r.task, target) not in METRIC_TASKS[metric]:
             problems.append(f"eval.metrics: {metric} does not apply to task {r.task}"
@@ -631,10 +656,11 @@ def _check_eval(r: Recipe, problems: list[str]) -> None:
         try:
             groups = re.compile(r.eval.answer_pattern).groups
         except re.error as exc:
-            problems.append(f"eval.answer_pattern: {r.eval.answer_pattern!r} is not a regular expression ({exc})")
+            problems.append(f"eval.answer_pattern: {short(r.eval.answer_pattern)} is not a regular expression ({exc})")
         else:
             if groups < 1:
-                problems.append(f"eval.answer_pattern: {r.eval.answer_pattern!r} needs a group, e.g. '####\\s*(\\S+)'")
+                problems.append(f"eval.answer_pattern: {short(r.eval.answer_pattern)} needs a group, "
+                                "e.g. '####\\s*(\\S+)'")
         if "exact_match" not in r.eval.metrics:
             problems.append("eval.answer_pattern is set but eval.metrics has no exact_match")
     has_eval = any(getattr(r.data, k) is not None for k in ("eval_split", "eval_file", "eval_fraction"))
@@ -643,13 +669,11 @@ def _check_eval(r: Recipe, problems: list[str]) -> None:
                         "data.eval_split or data.eval_fraction (or eval.metrics: [])")
 
 
-def _check_hub(r: Recipe, problems: list[str]) -> None:
+def _check_hub(r, problems: list[str]) -> None:
     h = r.hub
     if h.push and not h.repo_id:
         problems.append("hub.push is true but hub.repo_id is not set")
     if h.repo_id is not None and not re.match(r"^[\w.-]+/[\w.-]+$", h.repo_id):
-        problems.append(f"hub.repo_id: {h.repo_id!r} must look like user/name")
+        problems.append(f"hub.repo_id: {short(h.repo_id)} must look like user/name")
     if r.finetune.method == "qlora" and h.artifact == "merged":
         problems.append("hub.artifact merged with qlora: merging into a 4-bit base is lossy; push the adapter")
-    if r.finetune.method != "full" and h.artifact is None:
-        h.artifact = "adapter"

@@ -18,12 +18,12 @@ from pathlib import Path
 
 from tam_hf.finetune.recipe import Recipe, RecipeError, resolve_path, to_yaml
 
-__all__ = ["finetune", "training_arguments", "build_training_arguments", "GracefulStop", "OPTIM_NAMES"]
+__all__ = ["finetune", "training_arguments", "build_training_arguments", "GracefulStop"]
 
-# recipe optimizer.name -> TrainingArguments.optim
-OPTIM_NAMES = {"tam": "tam", "adatam": "adatam", "adatamw": "adatamw", "adamw": "adamw_torch", "sgd": "sgd"}
-# recipe optimizer fields that have their own TrainingArguments field; the rest travel in optim_args.
-_ARGS_FIELDS = {"lr": "learning_rate", "weight_decay": "weight_decay", "eps": "adam_epsilon"}
+# Constructor keys transformers' own optimizers (adamw_torch, sgd) read from TrainingArguments fields; the rest
+# travel in optim_args. TAM optimizers follow the registry's mapping (OptimizerSpec.training_args_keys).
+_HF_FIELDS = {"lr": ("learning_rate",), "weight_decay": ("weight_decay",), "eps": ("adam_epsilon",),
+              "betas": ("adam_beta1", "adam_beta2")}
 
 
 def training_arguments(recipe: Recipe) -> dict:
@@ -31,13 +31,15 @@ def training_arguments(recipe: Recipe) -> dict:
     optim / learning_rate / weight_decay / adam_* / optim_args."""
     kwargs = dict(recipe.training)
     opt = recipe.optimizer
-    kwargs["optim"] = OPTIM_NAMES[opt.name]
+    from tam_hf.optim.registry import get as optimizer_spec
+
+    spec = optimizer_spec(opt.name)
+    kwargs["optim"] = spec.optim
+    fed = spec.training_args_keys() if spec.torque else _HF_FIELDS
     extra = {}
     for key, value in opt.kwargs().items():
-        if key in _ARGS_FIELDS:
-            kwargs[_ARGS_FIELDS[key]] = value
-        elif key == "betas":
-            kwargs["adam_beta1"], kwargs["adam_beta2"] = value
+        if key in fed:
+            kwargs.update(zip(fed[key], value if len(fed[key]) > 1 else (value,)))
         else:
             extra[key] = value
     if extra:
