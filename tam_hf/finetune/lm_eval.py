@@ -1,0 +1,270 @@
+"""lm-evaluation-harness on a fine-tuned model: after training (recipe section ``eval.lm_eval``) and on a finished
+run (``tam-finetune eval RUN_DIR``).
+
+lm-eval is an optional extra: :func:`check_available` is what recipe validation asks, so a recipe that wants it
+without the extra fails before anything is loaded, with the install command. :func:`task_problems` checks the
+task list the same way (unknown names with close matches, missing YAML files).
+
+Tasks are lm-eval task, group or tag names (``gsm8k``) or paths to task YAML files. In a task YAML, relative
+``dataset_kwargs.data_files`` are read next to the YAML file (lm-eval alone reads them from the current
+directory), so a task and its data can travel together; ``embedded:lm_eval/tiny_arith_choice.yaml`` is a tiny
+one shipped with the package.
+
+Results: ``<output_dir>/lm_eval/results.json`` holds lm-eval's results keyed by task (``{"gsm8k":
+{"exact_match,strict-match": 0.41, ...}}``), ``results_full.json`` the rest of lm-eval's report (n-shot,
+versions, configuration) and ``table.md`` lm-eval's table, which the run's summary prints.
+
+After training the model in memory is evaluated as it is (a peft model keeps its adapter: nothing is merged into
+the weights a Hub push may still need). ``tam-finetune eval RUN_DIR`` loads the base the run's recipe names, the
+saved adapter on top (or the saved full model), and evaluates that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import importlib.util
+import json
+import sys
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Optional, Union
+
+__all__ = ["INSTALL", "LMEvalError", "check_available", "task_problems", "run_lm_eval", "evaluate_saved_run",
+           "load_run_model", "summary_table", "main"]
+
+INSTALL = 'pip install "tam_hf[eval]"   (from a checkout: pip install -e ".[eval]")'
+YAML_SUFFIXES = (".yaml", ".yml")
+COMMON_TASKS = ("gsm8k", "hellaswag", "arc_easy", "arc_challenge", "mmlu", "truthfulqa_mc2", "winogrande", "piqa")
+
+
+class LMEvalError(RuntimeError):
+    """lm-eval could not run or failed. After training the model is already saved; the message says where."""
+
+
+def check_available() -> Optional[str]:
+    """None when lm-evaluation-harness can be imported, else the problem with the command that installs it."""
+    if importlib.util.find_spec("lm_eval") is None:
+        return f"eval.lm_eval needs lm-evaluation-harness, an optional extra: {INSTALL}"
+    return None
+
+
+def _is_path(task: str) -> bool:
+    return task.endswith(YAML_SUFFIXES) or "/" in task
+
+
+def _resolve(task: str) -> Path:
+    from tam_hf.finetune.recipe import resolve_path
+
+    return resolve_path(task)
+
+
+@lru_cache(maxsize=4)
+def _task_manager(include: tuple[str, ...], defaults: bool):
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=list(include) or None, include_defaults=defaults)
+
+
+def _manager_for(tasks: list[str]):
+    """A TaskManager that knows the named tasks; lm-eval's own index (thousands of YAML files, seconds to build)
+    only when a task is given by name."""
+    return _task_manager((), any(not _is_path(t) for t in tasks))
+
+
+def task_problems(tasks: list[str]) -> list[str]:
+    """Problems with ``eval.lm_eval.tasks``: missing YAML files, unknown names (with close matches, else a few of
+    lm-eval's tasks). Empty when every task can be loaded by name or path."""
+    problems = []
+    if not tasks:
+        return ["eval.lm_eval.tasks: list at least one lm-eval task name or task YAML file"]
+    for task in tasks:
+        if _is_path(task):
+            path = _resolve(task)
+            if not path.is_file():
+                problems.append(f"eval.lm_eval.tasks: task file not found: {task}")
+            elif path.suffix not in YAML_SUFFIXES:
+                problems.append(f"eval.lm_eval.tasks: {task} is not a task YAML file (.yaml/.yml)")
+    names = [t for t in tasks if not _is_path(t)]
+    if names:
+        known = set(_manager_for(names).all_tasks)
+        for name in names:
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
+                examples = [t for t in COMMON_TASKS if t in known] or sorted(known)[:8]
+                hint = f"did you mean {', '.join(close)}?" if close else f"known tasks include {', '.join(examples)}"
+                problems.append(f"eval.lm_eval.tasks: unknown lm-eval task {name!r}; {hint} "
+                                "(`lm-eval ls tasks` lists them; a task YAML file works too)")
+    return problems
+
+
+def _absolute_files(value, base: Path):
+    if isinstance(value, str):
+        candidate = base / value
+        return str(candidate) if not Path(value).is_absolute() and candidate.exists() else value
+    if isinstance(value, list):
+        return [_absolute_files(v, base) for v in value]
+    if isinstance(value, dict):
+        return {k: _absolute_files(v, base) for k, v in value.items()}
+    return value
+
+
+def _task_spec(task: str) -> Union[str, dict]:
+    """What lm-eval's TaskManager.load takes for one recipe task: the name, the path, or (a YAML whose data
+    files are relative) the YAML's config with those files made absolute next to it."""
+    if not _is_path(task):
+        return task
+    path = _resolve(task).resolve()
+    from lm_eval.tasks._yaml_loader import load_yaml  # lm-eval's loader: `include:` and `!function` work
+
+    config = load_yaml(path)
+    files = (config.get("dataset_kwargs") or {}).get("data_files")
+    if files is None or "task" not in config:
+        return str(path)
+    config["dataset_kwargs"] = {**config["dataset_kwargs"], "data_files": _absolute_files(files, path.parent)}
+    return config
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def summary_table(results: dict) -> dict[str, dict[str, float]]:
+    """task -> {metric[,filter]: value} without standard errors, aliases and sample counts: what a summary prints."""
+    return {task: {k: float(v) for k, v in metrics.items()
+                   if isinstance(v, (int, float)) and "_stderr" not in k and k not in ("sample_len", "sample_count")}
+            for task, metrics in results.items()}
+
+
+def run_lm_eval(model, tokenizer, tasks: list[str], output_dir: Union[str, Path], *, num_fewshot: Optional[int] = None,
+                limit: Optional[Union[int, float]] = None, batch_size: int = 1, saved_at: Optional[str] = None) -> dict:
+    """Run lm-eval on ``model`` (a transformers or peft model, evaluated in place) and write
+    ``<output_dir>/lm_eval/``. Returns ``{"tasks": summary_table, "results_file": ..., "table": markdown}``.
+
+    Any failure is raised as :class:`LMEvalError`; with ``saved_at`` (the run's output directory) its message
+    says the trained model is saved there and how to evaluate it again."""
+    after = (f" The trained model is saved at {saved_at}; evaluate it again with: tam-finetune eval {saved_at}"
+             if saved_at else "")
+    problem = check_available()
+    if problem:
+        raise LMEvalError(problem + "." + after)
+    problems = task_problems(tasks)
+    if problems:
+        raise LMEvalError("; ".join(problems) + "." + after)
+    try:
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.utils import make_table
+
+        specs = [_task_spec(t) for t in tasks]
+        was_training = model.training
+        model.eval()
+        try:
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+            out = simple_evaluate(model=lm, tasks=specs, num_fewshot=num_fewshot, limit=limit,
+                                  task_manager=_manager_for(tasks), log_samples=False)
+        finally:
+            model.train(was_training)
+    except Exception as exc:  # lm-eval raises many kinds; the message and the saved model are what matter
+        raise LMEvalError(f"lm-eval failed: {type(exc).__name__}: {exc}.{after}") from exc
+    folder = Path(output_dir) / "lm_eval"
+    folder.mkdir(parents=True, exist_ok=True)
+    results = _jsonable(out["results"])
+    (folder / "results.json").write_text(json.dumps(results, indent=2))
+    rest = {k: _jsonable(v) for k, v in out.items() if k not in ("results", "samples")}
+    (folder / "results_full.json").write_text(json.dumps(rest, indent=2))
+    table = make_table(out)
+    (folder / "table.md").write_text(table)
+    return {"tasks": summary_table(results), "results_file": str(folder / "results.json"), "table": table}
+
+
+# ------------------------------------------------------------------------------------------- finished runs
+
+
+def load_run_model(run_dir: Union[str, Path]):
+    """(model, tokenizer, recipe) of a finished run: the base its recipe names with the saved adapter on top, or
+    the saved full model; on the GPU when there is one (a bitsandbytes base stays where it was loaded)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tam_hf.finetune.model import DTYPES, load_model
+    from tam_hf.finetune.recipe import load_recipe
+
+    run_dir = Path(run_dir)
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    tokenizer = AutoTokenizer.from_pretrained(run_dir)
+    if (run_dir / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        # The base exactly as training loaded it (dtype, GGUF, 4/8-bit, attention), without a fresh adapter.
+        recipe.finetune.method, recipe.finetune.lora = "full", None
+        model = PeftModel.from_pretrained(load_model(recipe, tokenizer), run_dir)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(run_dir, dtype=DTYPES[recipe.model.dtype])
+    if torch.cuda.is_available() and recipe.model.quantization == "none":
+        model = model.to("cuda")
+    return model, tokenizer, recipe
+
+
+def _recipe_settings(run_dir: Path) -> dict:
+    import yaml
+
+    raw = yaml.safe_load((run_dir / "recipe.yaml").read_text()) or {}
+    return dict(((raw.get("eval") or {}).get("lm_eval")) or {})
+
+
+def evaluate_saved_run(run_dir: Union[str, Path], tasks: Optional[list[str]] = None, **overrides) -> dict:
+    """lm-eval on a finished run; settings from its recipe's ``eval.lm_eval``, ``tasks`` / ``overrides``
+    (num_fewshot, limit, batch_size) replacing them."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "recipe.yaml").is_file():
+        raise LMEvalError(f"{run_dir} is not a finished tam-finetune run (no recipe.yaml in it)")
+    settings = _recipe_settings(run_dir)
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    tasks = tasks or settings.get("tasks")
+    if not tasks:
+        raise LMEvalError("no lm-eval tasks: the run's recipe has no eval.lm_eval.tasks; give --tasks")
+    problem = check_available()
+    problems = [problem] if problem else task_problems(tasks)
+    if problems:
+        raise LMEvalError("; ".join(problems))
+    try:
+        model, tokenizer, _ = load_run_model(run_dir)
+    except Exception as exc:
+        raise LMEvalError(f"could not load the model of {run_dir}: {type(exc).__name__}: {exc}") from exc
+    return run_lm_eval(model, tokenizer, tasks, run_dir, num_fewshot=settings.get("num_fewshot"),
+                       limit=settings.get("limit"), batch_size=settings.get("batch_size") or 1)
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Run lm-evaluation-harness on a finished run's model; "
+                                "settings default to the run's recipe (eval.lm_eval).")
+    p.add_argument("run_dir", help="the run's output directory (holds recipe.yaml and the saved model or adapter)")
+    p.add_argument("--tasks", help="comma-separated lm-eval task names or task YAML files")
+    p.add_argument("--num-fewshot", type=int, default=None)
+    p.add_argument("--limit", type=float, default=None, help="rows per task (a fraction when < 1)")
+    p.add_argument("--batch-size", type=int, default=None)
+    return p
+
+
+def main(argv: Optional[list[str]] = None, prog: str = "tam-finetune eval") -> int:
+    """``tam-finetune eval RUN_DIR [--tasks a,b] [--num-fewshot K] [--limit N] [--batch-size B]``: prints lm-eval's
+    table; exit 0 done, 2 nothing to evaluate / unknown task / lm-eval missing, 1 lm-eval failed."""
+    args = _parser(prog).parse_args(sys.argv[1:] if argv is None else argv)
+    limit = args.limit if args.limit is None or args.limit < 1 else int(args.limit)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    try:
+        result = evaluate_saved_run(args.run_dir, tasks, num_fewshot=args.num_fewshot, limit=limit,
+                                    batch_size=args.batch_size)
+    except LMEvalError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1 if isinstance(exc.__cause__, Exception) else 2
+    print(result["table"])
+    print(f"results: {result['results_file']}")
+    return 0
