@@ -1,0 +1,111 @@
+"""The ``run`` command: `tam-finetune RECIPE.yaml [key.path=value ...] [--validate] [--print-config] [--nproc N]`.
+
+One recipe, one run: validate (every problem at once, nothing loaded), launch under torchrun / accelerate when
+asked to, else train in this process and print the summary. :func:`run_recipe` returns the exit code:
+
+* 0 done (or ``--validate`` found the recipe valid);
+* 2 invalid recipe: every problem listed on stderr, nothing loaded;
+* 1 data that does not fit the recipe;
+* 130 interrupted (a second Ctrl-C) before a checkpoint could be saved.
+
+Errors raised by the run itself map to exit codes in :data:`RUN_ERRORS`: a new kind of failure that should end
+in a clear message instead of a traceback is one entry there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+from tam_hf.finetune.data import DataError
+from tam_hf.finetune.launch import launch_command, launch_problems
+from tam_hf.finetune.recipe import RecipeError, load_recipe, to_yaml
+
+__all__ = ["run_recipe", "format_summary", "parser", "RUN_ERRORS"]
+
+# What the run may raise that deserves a message, not a traceback: exception -> (exit code, message on stderr).
+# The first matching entry wins, so put subclasses first.
+RUN_ERRORS: list[tuple[type[BaseException], int, str]] = [
+    (DataError, 1, "error: data does not fit the recipe: {exc}"),
+    (KeyboardInterrupt, 130, "\naborted (second Ctrl-C): no checkpoint was written for the current step"),
+]
+
+
+def parser(prog: str = "tam-finetune") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Fine-tune a Hugging Face model with Torque-Aware Momentum from a YAML recipe.",
+        epilog="example: tam-finetune recipes/examples/demo_tiny.yaml training.max_steps=10 optimizer.lr=2e-3",
+    )
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value",
+                   help="override a recipe value (read as YAML), e.g. finetune.lora.r=8")
+    p.add_argument("--validate", action="store_true", help="check the recipe, print it resolved, load nothing")
+    p.add_argument("--print-config", action="store_true", help="print the resolved recipe before training")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="train on N processes (torchrun; with distributed.accelerate_config, accelerate launch's "
+                        "--num_processes)")
+    return p
+
+
+def format_summary(s: dict) -> str:
+    """The summary a finished (or interrupted) run prints: the numbers of ``summary.json`` for a reader."""
+    lines = ["", "== tam-finetune summary =="]
+    if s.get("interrupted"):
+        lines.append(f"interrupted at step {s['steps']}; checkpoint: {s['checkpoint']}")
+        lines.append("continue with: tam-finetune <recipe> resume=true")
+    lines.append(f"optimizer: {s['optimizer']}   steps: {s['steps']}   final train loss: {s['train_loss']:.4f}")
+    for key, value in (s.get("eval") or {}).items():
+        lines.append(f"eval {key}: {value:.4f}" if isinstance(value, float) else f"eval {key}: {value}")
+    d = s.get("damping")
+    if d:
+        lines.append(f"damping: mean {d['mean']:.3f}  min {d['min']:.3f}  max {d['max']:.3f}  "
+                     f"below 0.5: {d['frac_below_half']:.0%} of tensors")
+    lines.append(f"wall time: {s['wall_s']:.1f} s")
+    lines.append(f"outputs: {s['output_dir']} (model, recipe.yaml, summary.json, checkpoints)")
+    if "hub_folder" in s:
+        lines.append(f"hub upload folder: {s['hub_folder']}")
+    if "hub" in s:
+        lines.append(f"hub: {s['hub']}")
+    return "\n".join(lines)
+
+
+def run_recipe(argv: list[str], prog: str = "tam-finetune") -> int:
+    """Parse the run command's arguments, validate, launch or train; returns the exit code."""
+    args = parser(prog).parse_intermixed_args(argv)  # flags may come before or after the overrides
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        from tam_hf.finetune.runner import build_training_arguments
+
+        build_training_arguments(recipe)  # TrainingArguments' own checks, still before any loading
+        problems = launch_problems(recipe, args.nproc)
+        if problems:
+            raise RecipeError(problems, args.recipe)
+    except RecipeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.validate or args.print_config:
+        print(to_yaml(recipe), end="")
+    if args.validate:
+        print(f"# {args.recipe}: valid", file=sys.stderr)
+        return 0
+
+    command = launch_command(recipe, args.recipe, args.overrides, args.nproc,
+                             ["--print-config"] if args.print_config else [])
+    if command is not None:  # this process only starts the launcher; each launched process trains
+        print("+ " + " ".join(command), file=sys.stderr)
+        return subprocess.run(command).returncode
+
+    from tam_hf.finetune.runner import finetune
+
+    try:
+        summary = finetune(recipe)
+    except tuple(kind for kind, _, _ in RUN_ERRORS) as exc:
+        code, message = next((c, m) for kind, c, m in RUN_ERRORS if isinstance(exc, kind))
+        print(message.format(exc=exc), file=sys.stderr)
+        return code
+    if os.environ.get("RANK", "0") == "0":  # launched runs: one summary, from the first process
+        print(format_summary(summary))
+    return 0
