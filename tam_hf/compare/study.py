@@ -8,15 +8,18 @@ Resumable: each run lives in ``DIR/runs/<arm>/seed<k>`` and is finished when its
 was produced by the same resolved recipe; a rerun of the same command skips those and only does the rest
 (a partial run is continued from its last checkpoint when it saved one, else started again).
 
-Learning rates. The recipe's ``optimizer.lr`` is read as the lr of the recipe's own optimizer; every arm of
-the same family gets the lr the transfer rule of DESIGN.md §1 gives (Adam family: lr_AdaTAM = lr_AdamW *
-(1 - beta1) / 0.5; SGD family: lr_TAM = lr_SGDM / 0.5). Write ``NAME@LR`` (``adamw@2e-5``) to set an arm's lr
-yourself, which is required across families (AdamW vs TAM).
+Arms come from the optimizer registry (:mod:`tam_hf.optim.registry`): every entry is an arm under its own
+name, and every TAM entry that takes ``fixed_damping`` also gets a ``<name>-const`` control arm that holds the
+damping at d = 0.5 (no cosine) at the same lr as its TAM arm: same step size on average, no angle. The gap
+between ``adatamw`` and ``adatamw-const`` is the effect of the angle; the gap between ``adatamw-const`` and
+``adamw`` is the effect of the different normalisation. ``constant-damping`` is another name for
+``adatamw-const``. An optimizer added to the registry is an arm with no edit here.
 
-Arms (``ARMS``): adamw, adatamw, adatam, adatamw-const (alias constant-damping), sgd, tam, tam-const. The
-``-const`` arms hold the damping at d = 0.5 (``fixed_damping=0.5``: no cosine) at the same lr as their TAM
-arm: same step size on average, no angle. The gap between ``adatamw`` and ``adatamw-const`` is the effect of
-the angle; the gap between ``adatamw-const`` and ``adamw`` is the effect of the different normalisation.
+Learning rates. The recipe's ``optimizer.lr`` is read as the lr of the recipe's own optimizer; every arm of the
+same family gets the lr the transfer rule gives (each entry's ``lr_factor``, relative to its family's reference:
+AdamW for the Adam family, SGD-momentum for the SGD family; AdaTAM ``(1 - beta1) / 0.5``, TAM ``1 / 0.5``; see
+the README, "The algorithm, and the learning rate to use"). Write ``NAME@LR`` (``adamw@2e-5``) to set an arm's
+lr yourself, which is required across families (AdamW vs TAM).
 
 Sweeps: ``--sweep optimizer.decay_rate=0.5,0.9,0.99`` multiplies every arm the key applies to (adamw has no
 decay_rate, the -const arms ignore it) into one arm per value, labelled ``adatamw decay_rate=0.5``.
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import difflib
 import hashlib
 import itertools
 import json
@@ -35,54 +39,74 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import yaml
 
-from tam_hf.finetune.recipe import OPTIMIZER_PARAMS, OptimizerConfig, Recipe, RecipeError, apply_overrides, to_dict, validate_recipe
+from tam_hf.finetune.recipe import Recipe, RecipeError, apply_overrides, to_dict, validate_recipe
+from tam_hf.optim import registry
+from tam_hf.optim.registry import OptimizerSpec
 
-__all__ = ["ARMS", "Arm", "Run", "plan", "main"]
+__all__ = ["Arm", "Run", "arms", "plan", "main"]
 
-MEAN_DAMPING = 0.5  # E[d] for noisy gradients: the transfer rule's divisor (DESIGN.md §1)
 # TrainingArguments fields that cannot change a run's numbers: a rerun that differs only in these is not redone.
 COSMETIC = ("output_dir", "disable_tqdm", "report_to", "run_name", "logging_dir")
 KEEP_FILES = ("result.json", "summary.json", "recipe.yaml", "fingerprint.txt")
-
-
-def _adam_transfer(opt: OptimizerConfig) -> float:
-    beta1 = opt.betas[0] if opt.betas else 0.9
-    return (1.0 - beta1) / MEAN_DAMPING
-
-
-def _sgd_transfer(opt: OptimizerConfig) -> float:
-    return 1.0 / MEAN_DAMPING
+CONTROL_SUFFIX = "-const"
+# The control holds d at its mean under noisy gradients, the E[d] the transfer rule divides by: its lr is its
+# TAM arm's, and its step is on average the same.
+CONTROL_DAMPING = registry.MEAN_DAMPING
+ALIASES = {"constant-damping": "adatamw-const"}
 
 
 @dataclass(frozen=True)
 class Arm:
-    """One optimizer setting to compare. ``lr_factor`` is its lr relative to its family's reference optimizer
-    (AdamW for "adam", SGD-momentum for "sgd"), given the validated optimizer section."""
+    """One optimizer setting to compare: a registry entry, optionally with the damping held fixed."""
 
-    optimizer: str
-    family: str
-    lr_factor: Callable[[OptimizerConfig], float]
+    name: str
+    spec: OptimizerSpec
     fixed_damping: Optional[float] = None
-    help: str = ""
+
+    @property
+    def help(self) -> str:
+        if self.fixed_damping is None:
+            return self.spec.help
+        return f"control: {self.spec.name} with d held at {self.fixed_damping:g} (no angle), same lr"
+
+    def settings(self) -> dict:
+        """The keys a recipe may set for this arm's optimizer (``lr`` included)."""
+        return self.spec.accepted_keys()
+
+    def lr_factor(self, kwargs: dict) -> float:
+        """This arm's lr relative to its family's reference, given the recipe's optimizer settings (the keys
+        this optimizer does not take are left out first)."""
+        return self.spec.lr_factor({k: v for k, v in kwargs.items() if k in self.settings()})
 
 
-ARMS: dict[str, Arm] = {
-    "adamw": Arm("adamw", "adam", lambda o: 1.0, help="torch AdamW, the reference"),
-    "adatamw": Arm("adatamw", "adam", _adam_transfer, help="AdaTAMW at the transfer-rule lr"),
-    "adatam": Arm("adatam", "adam", _adam_transfer, help="AdaTAM (coupled weight decay)"),
-    "adatamw-const": Arm("adatamw", "adam", _adam_transfer, fixed_damping=0.5,
-                         help="control: AdaTAMW with d held at 0.5 (no angle), same lr"),
-    "sgd": Arm("sgd", "sgd", lambda o: 1.0, help="torch SGD with momentum, the reference"),
-    "tam": Arm("tam", "sgd", _sgd_transfer, help="TAM at 2x the SGD lr"),
-    "tam-const": Arm("tam", "sgd", _sgd_transfer, fixed_damping=0.5, help="control: TAM with d held at 0.5"),
-}
-ALIASES = {"constant-damping": "adatamw-const"}
-# The recipe's own optimizer -> the arm that reads its lr as given.
-RECIPE_ARM = {"adamw": "adamw", "adatamw": "adatamw", "adatam": "adatam", "sgd": "sgd", "tam": "tam"}
+def arms() -> dict[str, Arm]:
+    """Every arm ``--optimizers`` may name, read from the registry now (entries added later are included)."""
+    out = {}
+    for spec in registry.OPTIMIZERS.values():
+        out[spec.name] = Arm(spec.name, spec)
+        if spec.torque and "fixed_damping" in spec.accepted_keys():
+            out[spec.name + CONTROL_SUFFIX] = Arm(spec.name + CONTROL_SUFFIX, spec, CONTROL_DAMPING)
+    return out
+
+
+def find_arm(name: str) -> Arm:
+    """The arm called ``name``: an arm name, ``constant-damping``, or a registry alias (``<alias>-const`` too)."""
+    table = arms()
+    name = ALIASES.get(name, name)
+    if name in table:
+        return table[name]
+    base, control = (name[: -len(CONTROL_SUFFIX)], CONTROL_SUFFIX) if name.endswith(CONTROL_SUFFIX) else (name, "")
+    for spec in registry.OPTIMIZERS.values():
+        if base in spec.aliases and spec.name + control in table:
+            return table[spec.name + control]
+    known = [*table, *ALIASES]
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ValueError(f"unknown optimizer {name!r} in --optimizers{hint}; known: {', '.join(known)}")
 
 
 @dataclass
@@ -110,15 +134,13 @@ class Run:
 # ------------------------------------------------------------------------------------------------ planning
 
 
-def _parse_arm(spec: str) -> tuple[str, Arm, Optional[float]]:
-    name, _, lr = spec.strip().partition("@")
-    name = ALIASES.get(name, name)
-    if name not in ARMS:
-        raise ValueError(f"unknown optimizer {name!r} in --optimizers; known: {', '.join([*ARMS, *ALIASES])}")
+def _parse_arm(text: str) -> tuple[Arm, Optional[float]]:
+    name, _, lr = text.strip().partition("@")
+    arm = find_arm(name)
     try:
-        return name, ARMS[name], float(lr) if lr else None
+        return arm, float(lr) if lr else None
     except ValueError:
-        raise ValueError(f"--optimizers {spec!r}: the lr after @ must be a number") from None
+        raise ValueError(f"--optimizers {text!r}: the lr after @ must be a number") from None
 
 
 def _parse_seeds(text: str) -> list[int]:
@@ -147,11 +169,44 @@ def _applies(key: str, arm: Arm) -> bool:
     field_name = key.split(".", 1)[1]
     if arm.fixed_damping is not None and field_name == "decay_rate":
         return False  # d is held: the smoothing of the cosine has nothing to act on
-    return field_name in OPTIMIZER_PARAMS[arm.optimizer] or field_name == "lr"
+    return field_name in arm.settings()
 
 
 def _slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", label.replace(" ", "__"))
+
+
+def expand(raw: dict, base: Recipe, optimizers: list[str], sweeps: list[str] = ()) -> tuple[list[tuple[str, Arm, dict]], list[str]]:
+    """(label, arm, the arm's recipe as a raw dict) for every arm and sweep value, in order, plus the problems
+    found (an arm without an lr transfer). ``raw`` is the recipe after ``--set``, ``base`` the same validated."""
+    base_spec = registry.get(base.optimizer.name)
+    settings = base.optimizer.kwargs()  # what the recipe sets; each arm reads the keys its optimizer takes
+    reference_lr = base.optimizer.lr / base_spec.lr_factor(settings)
+    out, problems = [], []
+    sweep_axes = _parse_sweeps(list(sweeps))
+    for text in optimizers:
+        arm, explicit_lr = _parse_arm(text)
+        if explicit_lr is None and arm.spec.family != base_spec.family:
+            problems.append(f"{arm.name}: no lr transfer from the recipe's {base.optimizer.name}; write {arm.name}@LR")
+            continue
+        head = arm.name if explicit_lr is None else f"{arm.name}@{explicit_lr:g}"  # adatamw, adatamw@8e-06: two arms
+        axes = [(k, vals) for k, vals in sweep_axes if _applies(k, arm)]
+        for combo in itertools.product(*(vals for _, vals in axes)):
+            label = " ".join([head] + [f"{k.rsplit('.', 1)[-1]}={v}" for (k, _), v in zip(axes, combo)])
+            if label in (done[0] for done in out):
+                continue
+            arm_raw = copy.deepcopy(raw)
+            opt = arm_raw.setdefault("optimizer", {})
+            opt["name"] = arm.spec.name
+            for key in list(opt):  # settings the arm's optimizer does not take (adamw has no decay_rate)
+                if key != "name" and key not in arm.settings():
+                    del opt[key]
+            opt["lr"] = explicit_lr if explicit_lr is not None else reference_lr * arm.lr_factor(settings)
+            if arm.fixed_damping is not None:
+                opt["fixed_damping"] = arm.fixed_damping
+            problems += [f"{label}: {p}" for p in apply_overrides(arm_raw, [f"{k}={v}" for (k, _), v in zip(axes, combo)])]
+            out.append((label, arm, arm_raw))
+    return out, problems
 
 
 def plan(recipe_path: str | Path, optimizers: list[str], seeds: list[int], sets: list[str] = (),
@@ -164,48 +219,24 @@ def plan(recipe_path: str | Path, optimizers: list[str], seeds: list[int], sets:
     raw = yaml.safe_load(recipe_path.read_text()) or {}
     problems = apply_overrides(raw, list(sets))
     base = validate_recipe(copy.deepcopy(raw), name=recipe_path.stem, source=str(recipe_path), problems=problems)
-    base_arm = ARMS[RECIPE_ARM[base.optimizer.name]]
-    reference_lr = base.optimizer.lr / base_arm.lr_factor(base.optimizer)
-
-    labels, runs, problems = [], [], []
-    sweep_axes = _parse_sweeps(list(sweeps))
-    for spec in optimizers:
-        name, arm, explicit_lr = _parse_arm(spec)
-        if explicit_lr is None and arm.family != base_arm.family:
-            problems.append(f"{name}: no lr transfer from the recipe's {base.optimizer.name}; write {name}@LR")
-            continue
-        axes = [(k, vals) for k, vals in sweep_axes if _applies(k, arm)]
-        for combo in itertools.product(*(vals for _, vals in axes)):
-            head = name if explicit_lr is None else f"{name}@{explicit_lr:g}"  # adatamw and adatamw@8e-06 may meet
-            label = " ".join([head] + [f"{k.rsplit('.', 1)[-1]}={v}" for (k, _), v in zip(axes, combo)])
-            if label in labels:
-                continue
-            arm_raw = copy.deepcopy(raw)
-            opt = arm_raw.setdefault("optimizer", {})
-            opt["name"] = arm.optimizer
-            for key in list(opt):  # settings the arm's optimizer does not take (adamw has no decay_rate)
-                if key not in ("name", "lr") and key not in OPTIMIZER_PARAMS[arm.optimizer]:
-                    del opt[key]
-            opt["lr"] = explicit_lr if explicit_lr is not None else reference_lr * arm.lr_factor(base.optimizer)
-            if arm.fixed_damping is not None:
-                opt["fixed_damping"] = arm.fixed_damping
-            problems += [f"{label}: {p}" for p in apply_overrides(arm_raw, [f"{k}={v}" for (k, _), v in zip(axes, combo)])]
-            labels.append(label)
-            for seed in seeds:
-                seed_raw = copy.deepcopy(arm_raw)
-                directory = Path(out) / "runs" / _slug(label) / f"seed{seed}"
-                seed_raw.setdefault("training", {}).update(seed=seed, output_dir=str(directory))
-                try:
-                    recipe = validate_recipe(seed_raw, name=recipe_path.stem, source=f"{recipe_path} [{label}]")
-                    if seed == seeds[0]:
-                        build_training_arguments(recipe)  # TrainingArguments' own checks, before any run
-                except RecipeError as exc:
-                    problems += [f"{label}: {p}" for p in exc.problems]
-                    break
-                runs.append(Run(label, seed, recipe, arm.fixed_damping, directory))
+    arm_recipes, problems = expand(raw, base, optimizers, sweeps)
+    runs = []
+    for label, arm, arm_raw in arm_recipes:
+        for seed in seeds:
+            seed_raw = copy.deepcopy(arm_raw)
+            directory = Path(out) / "runs" / _slug(label) / f"seed{seed}"
+            seed_raw.setdefault("training", {}).update(seed=seed, output_dir=str(directory))
+            try:
+                recipe = validate_recipe(seed_raw, name=recipe_path.stem, source=f"{recipe_path} [{label}]")
+                if seed == seeds[0]:
+                    build_training_arguments(recipe)  # TrainingArguments' own checks, before any run
+            except RecipeError as exc:
+                problems += [f"{label}: {p}" for p in exc.problems]
+                break
+            runs.append(Run(label, seed, recipe, arm.fixed_damping, directory))
     if problems:
         raise RecipeError(sorted(set(problems), key=problems.index), f"compare {recipe_path}")
-    return labels, runs
+    return [label for label, _, _ in arm_recipes], runs
 
 
 # ------------------------------------------------------------------------------------------------- running
@@ -268,8 +299,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="tam-finetune compare",
         description="Run a recipe under several optimizers and seeds; write a mean ± std report with plots.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="arms:\n" + "\n".join(f"  {k:14s} {a.help}" for k, a in ARMS.items())
-        + "\n  constant-damping = adatamw-const\n\nexample: tam-finetune compare recipes/examples/demo_tiny.yaml "
+        epilog="arms (one per optimizer in tam_hf.optim.registry, plus a -const control per TAM optimizer):\n"
+        + "\n".join(f"  {k:16s} {a.help}" for k, a in arms().items())
+        + "".join(f"\n  {alias} = {name}" for alias, name in ALIASES.items()) + "\n\nexample: tam-finetune compare recipes/examples/demo_tiny.yaml "
         "--optimizers adamw,adatamw,adatamw-const --seeds 3 --out runs/demo",
     )
     p.add_argument("recipe", help="recipe YAML file")
