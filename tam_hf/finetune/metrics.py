@@ -1,73 +1,82 @@
-"""Evaluation metrics in plain numpy: they must work offline, where `evaluate.load(...)` cannot reach the Hub.
+"""Evaluation metrics. Classification and correlation metrics are scikit-learn's and scipy's, with the
+definitions GLUE's evaluation uses: accuracy (MNLI, SST-2, ...), F1 binary on class 1 for a two-class task
+(MRPC, QQP) and macro-averaged over the classes present otherwise, Matthews correlation (CoLA), Pearson and
+Spearman correlation (STS-B). Perplexity and exact match are a few lines of their own. Everything works
+offline (``evaluate.load`` fetches its metric scripts from the Hub).
 
-Definitions follow scikit-learn / scipy (F1 binary on label 1, macro otherwise; multiclass MCC from the
-confusion matrix; Spearman = Pearson of average ranks).
+Degenerate evaluation sets get defined numbers, never NaN (which is not JSON) and never a warning:
+
+* no rows: every metric is 0.0;
+* F1 of a class never predicted and never present, MCC with constant predictions or a single class: 0.0
+  (scikit-learn's ``zero_division=0`` convention, what GLUE's scripts report, here without the warning);
+* Pearson/Spearman with a constant (or non-finite) side, or fewer than two rows: 0.0, no measurable
+  correlation (scipy returns NaN with a ``ConstantInputWarning``).
 """
 
 from __future__ import annotations
 
 import math
 import re
+import warnings
 
 import numpy as np
+from scipy import stats
+from sklearn import metrics as sk
 
 __all__ = ["accuracy", "f1", "mcc", "pearson", "spearman", "perplexity", "exact_match", "classification_metrics",
            "METRICS"]
 
 
+def _classes(values) -> np.ndarray:
+    return np.asarray(values).ravel().astype(np.int64)
+
+
 def accuracy(pred, label) -> float:
-    pred, label = np.asarray(pred), np.asarray(label)
-    return float((pred == label).mean()) if label.size else 0.0
+    pred, label = _classes(pred), _classes(label)
+    return float(sk.accuracy_score(label, pred)) if label.size else 0.0
 
 
-def _confusion(pred, label, n: int) -> np.ndarray:
-    matrix = np.zeros((n, n), dtype=np.int64)
-    np.add.at(matrix, (np.asarray(label, dtype=np.int64), np.asarray(pred, dtype=np.int64)), 1)
-    return matrix
-
-
-def f1(pred, label) -> float:
-    """Binary F1 of class 1 when only labels 0/1 occur; macro-average F1 otherwise."""
-    pred, label = np.asarray(pred, dtype=np.int64), np.asarray(label, dtype=np.int64)
-    n = int(max(pred.max(initial=0), label.max(initial=0))) + 1
-    m = _confusion(pred, label, max(n, 2))
-    tp = np.diag(m).astype(float)
-    precision_den, recall_den = m.sum(axis=0), m.sum(axis=1)
-    den = precision_den + recall_den
-    scores = np.divide(2 * tp, den, out=np.zeros_like(tp), where=den > 0)
-    return float(scores[1]) if m.shape[0] == 2 else float(scores.mean())
+def f1(pred, label, num_classes: int | None = None) -> float:
+    """Binary F1 of class 1 for a two-class task, else the macro average over the classes that occur in
+    ``label`` or ``pred``. ``num_classes``: the task's number of classes (the classifier's outputs); unset, a
+    task is two-class when only 0 and 1 occur."""
+    pred, label = _classes(pred), _classes(label)
+    if not label.size:
+        return 0.0
+    binary = num_classes == 2 if num_classes is not None else set(np.union1d(pred, label)) <= {0, 1}
+    return float(sk.f1_score(label, pred, average="binary" if binary else "macro", zero_division=0.0))
 
 
 def mcc(pred, label) -> float:
-    """Matthews correlation (Gorodkin's multiclass form; the usual formula for two classes)."""
-    pred, label = np.asarray(pred, dtype=np.int64), np.asarray(label, dtype=np.int64)
-    n = int(max(pred.max(initial=0), label.max(initial=0))) + 1
-    m = _confusion(pred, label, n).astype(float)
-    t, p, c, s = m.sum(axis=1), m.sum(axis=0), np.trace(m), m.sum()
-    den = math.sqrt(s * s - p @ p) * math.sqrt(s * s - t @ t)
-    return float((c * s - t @ p) / den) if den else 0.0
+    """Matthews correlation (multiclass: Gorodkin's form, as scikit-learn)."""
+    pred, label = _classes(pred), _classes(label)
+    if np.union1d(pred, label).size < 2:  # no rows, or one class only: 0, as scikit-learn (which warns)
+        return 0.0
+    with warnings.catch_warnings():  # constant predictions: 0/0, defined as 0
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return _finite(sk.matthews_corrcoef(label, pred))
+
+
+def _correlation(test, pred, label) -> float:
+    x, y = np.asarray(pred, dtype=float).ravel(), np.asarray(label, dtype=float).ravel()
+    if x.size < 2 or not (np.isfinite(x).all() and np.isfinite(y).all()) or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return 0.0
+    with warnings.catch_warnings():  # nearly constant: scipy warns that the value may be inaccurate
+        warnings.simplefilter("ignore", stats.NearConstantInputWarning)
+        return _finite(test(x, y).statistic)
 
 
 def pearson(pred, label) -> float:
-    x, y = np.asarray(pred, dtype=float).ravel(), np.asarray(label, dtype=float).ravel()
-    x, y = x - x.mean(), y - y.mean()
-    den = math.sqrt((x @ x) * (y @ y))
-    return float(x @ y / den) if den else 0.0
-
-
-def _ranks(x) -> np.ndarray:
-    x = np.asarray(x, dtype=float).ravel()
-    order = np.argsort(x, kind="mergesort")
-    ranks = np.empty(len(x))
-    ranks[order] = np.arange(1, len(x) + 1)
-    for value in np.unique(x):  # ties share their average rank
-        tie = x == value
-        ranks[tie] = ranks[tie].mean()
-    return ranks
+    return _correlation(stats.pearsonr, pred, label)
 
 
 def spearman(pred, label) -> float:
-    return pearson(_ranks(pred), _ranks(label))
+    return _correlation(stats.spearmanr, pred, label)
+
+
+def _finite(value) -> float:
+    value = float(value)
+    return value if math.isfinite(value) else 0.0
 
 
 def perplexity(loss: float) -> float:
@@ -79,7 +88,7 @@ def _normalise(text: str) -> str:
 
 
 def exact_match(predictions: list[str], references: list[str], answer_pattern: str | None = None) -> float:
-    """Share of generated answers equal to the reference after trimming, lower-casing and collapsing spaces.
+    r"""Share of generated answers equal to the reference after trimming, lower-casing and collapsing spaces.
 
     With ``answer_pattern`` (a regex whose first group is the answer, e.g. GSM8K's ``####\s*(-?[\d,.]+)``) the
     answers are extracted from both first; a prediction without one is wrong. Commas in numbers are dropped."""
@@ -101,12 +110,22 @@ METRICS = {"accuracy": accuracy, "f1": f1, "mcc": mcc, "pearson": pearson, "spea
 
 
 def classification_metrics(names: list[str], regression: bool):
-    """A Trainer `compute_metrics` callable computing `names` from logits."""
+    """A Trainer ``compute_metrics`` callable computing ``names`` from logits (argmax for classes; the single
+    output for a regression score). F1 is binary when the classifier has two outputs."""
 
     def compute(eval_pred) -> dict[str, float]:
         logits, labels = eval_pred.predictions, eval_pred.label_ids
-        logits = logits[0] if isinstance(logits, tuple) else logits
-        pred = np.asarray(logits).squeeze(-1) if regression else np.asarray(logits).argmax(-1)
-        return {name: METRICS[name](pred, labels) for name in names if name in METRICS}
+        logits = np.asarray(logits[0] if isinstance(logits, tuple) else logits)
+        if regression:
+            pred = logits.reshape(len(logits), -1)[:, 0]
+        else:
+            pred = logits.argmax(-1)
+        out = {}
+        for name in names:
+            if name == "f1" and not regression:
+                out[name] = f1(pred, labels, num_classes=logits.shape[-1])
+            elif name in METRICS:
+                out[name] = METRICS[name](pred, labels)
+        return out
 
     return compute
