@@ -1,9 +1,11 @@
-"""A tiny Llama and deterministic token data for the Trainer tests (offline, CPU, ~0.1 s per step)."""
+"""A tiny Llama and deterministic token data for the Trainer tests (offline, CPU, ~0.1 s per step), and the
+independent computation of the damping telemetry they check the logs against."""
 
 from __future__ import annotations
 
+import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback, TrainingArguments
 
 VOCAB = 64
 SEQ = 16
@@ -45,3 +47,37 @@ def training_args(output_dir, **overrides) -> TrainingArguments:
 
 def losses(log_history: list[dict]) -> dict[int, float]:
     return {e["step"]: e["loss"] for e in log_history if "loss" in e}
+
+
+# ------------------------------------------------------------------ damping telemetry, computed independently
+
+
+def summary_of_s(s_values) -> dict[str, float]:
+    """What the damping/* keys must say for these per-tensor smoothed cosines s (d = (1 + s) / 2), computed here
+    from the optimizer's raw state rather than through the optimizer's own readout."""
+    d = (1.0 + torch.as_tensor([float(s) for s in s_values], dtype=torch.float64)) / 2.0
+    return {"damping/mean": d.mean().item(), "damping/min": d.min().item(), "damping/max": d.max().item(),
+            "damping/frac_below_half": (d < 0.5).double().mean().item()}
+
+
+def summary_of_optimizer_pt(path) -> dict[str, float]:
+    """The damping summary of a checkpoint's optimizer.pt (every tensor's saved "s")."""
+    state = torch.load(path, weights_only=True)["state"]
+    return summary_of_s(v["s"] for v in state.values() if "s" in v)
+
+
+class RecordS(TrainerCallback):
+    """Records, at the end of every optimizer step, each tensor's "s" straight from the optimizer's state."""
+
+    def __init__(self):
+        self.by_step: dict[int, list[float]] = {}
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        inner = optimizer.optimizer  # accelerate's AcceleratedOptimizer
+        self.by_step[state.global_step] = [inner.state[p]["s"].item() for g in inner.param_groups
+                                           for p in g["params"] if "s" in inner.state[p]]
+
+
+def assert_logged_damping(entry: dict, expected: dict[str, float]) -> None:
+    for key, value in expected.items():
+        assert entry[key] == pytest.approx(value, abs=1e-7), (entry["step"], key)

@@ -1,9 +1,13 @@
-"""The Hugging Face glue: ``register()`` (``--optim tam|adatam|adatamw`` in any Trainer), ``TAMTrainer``,
-``python -m tam_hf.run``, ``--optim_args`` parsing, telemetry callbacks and the DeepSpeed/FSDP checks."""
+"""The Hugging Face glue: ``register()`` / ``unregister()`` (``--optim tam|adatam|adatamw`` in any Trainer),
+``TAMTrainer``, ``python -m tam_hf.run``, ``--optim_args`` parsing, telemetry callbacks and the DeepSpeed/FSDP
+checks.
 
-from tam_hf.trainer.register import register
+Importing this package is cheap (no transformers, no torch): the child-process hook imports it at interpreter
+start (:mod:`tam_hf.trainer.autoregister`)."""
 
-__all__ = ["TAMTrainer", "register"]
+from tam_hf.trainer.register import register, unregister
+
+__all__ = ["TAMTrainer", "register", "unregister"]
 
 
 def __getattr__(name):

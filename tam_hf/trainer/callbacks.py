@@ -14,19 +14,12 @@ from __future__ import annotations
 
 from transformers import TrainerCallback
 
+from tam_hf.trainer.distributed import find_torque_optimizer
+
 __all__ = ["DampingCallback", "KEYS", "install"]
 
 PREFIX = "damping/"
 KEYS = tuple(PREFIX + k for k in ("mean", "frac_below_half", "min", "max"))
-
-
-def _torque_optimizer(optimizer):
-    """Unwrap accelerate / DeepSpeed wrappers down to an optimizer with ``damping_summary``, else None."""
-    seen = 0
-    while optimizer is not None and not hasattr(optimizer, "damping_summary") and seen < 8:
-        optimizer = getattr(optimizer, "optimizer", None)
-        seen += 1
-    return optimizer if hasattr(optimizer, "damping_summary") else None
 
 
 class DampingCallback(TrainerCallback):
@@ -36,7 +29,7 @@ class DampingCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):
         if logs is None or "loss" not in logs:  # a training-step log; eval logs carry "eval_loss"
             return
-        torque = _torque_optimizer(optimizer)
+        torque = find_torque_optimizer(optimizer)[0]
         summary = torque.damping_summary() if torque is not None else {}
         if not summary:
             return

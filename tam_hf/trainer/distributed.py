@@ -28,19 +28,20 @@ from typing import Any, Optional
 from transformers import TrainerCallback
 
 from tam_hf.optim.sharded import ShardedStats, dtensor_sources, zero_sources
+from tam_hf.optim.tam import _TorqueOptimizer as TorqueOptimizer
+from tam_hf.trainer.optim_args import torque_spec
 
 __all__ = [
     "DistributedConfigError",
     "check_deepspeed_config",
     "check_training_args",
+    "optimizer_chain",
     "find_torque_optimizer",
     "install_sharded_stats",
     "TorqueStatsCallback",
     "uses_tam",
     "attach",
 ]
-
-TAM_OPTIM_NAMES = ("tam", "adatam", "adatamw")
 
 
 class DistributedConfigError(ValueError):
@@ -120,18 +121,25 @@ def check_training_args(args) -> None:
         _check_fsdp_version(fsdp_version)
 
 
-def find_torque_optimizer(optimizer):
-    """Unwraps accelerate / DeepSpeed wrappers. Returns ``(tam_optimizer, zero_optimizer_or_None)``; the first is
-    None when no TAM/AdaTAM/AdaTAMW is inside."""
-    from tam_hf.optim.tam import _TorqueOptimizer
+def optimizer_chain(optimizer) -> list:
+    """``optimizer`` and every optimizer it wraps, outermost first. accelerate's ``AcceleratedOptimizer`` and
+    DeepSpeed's ZeRO optimizers keep the one they wrap in ``.optimizer``; the one place tam_hf unwraps them."""
+    chain = []
+    while optimizer is not None and len(chain) < 8 and not any(optimizer is o for o in chain):
+        chain.append(optimizer)
+        optimizer = getattr(optimizer, "optimizer", None)
+    return chain
 
-    zero, seen = None, 0
-    while optimizer is not None and seen < 8:
-        if isinstance(optimizer, _TorqueOptimizer):
-            return optimizer, zero
-        if hasattr(optimizer, "single_partition_of_fp32_groups") or hasattr(optimizer, "fp32_partitioned_groups_flat"):
-            zero = optimizer
-        optimizer, seen = getattr(optimizer, "optimizer", None), seen + 1
+
+def find_torque_optimizer(optimizer):
+    """The TAM optimizer inside accelerate / DeepSpeed wrappers. Returns ``(tam_optimizer, zero_optimizer_or_None)``;
+    the first is None when no TAM optimizer is inside."""
+    zero = None
+    for layer in optimizer_chain(optimizer):
+        if isinstance(layer, TorqueOptimizer):
+            return layer, zero
+        if hasattr(layer, "single_partition_of_fp32_groups") or hasattr(layer, "fp32_partitioned_groups_flat"):
+            zero = layer
     return None, zero
 
 
@@ -178,29 +186,25 @@ class TorqueStatsCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if (self.expect_tam or _names_tam(args)) and find_torque_optimizer(optimizer)[0] is None:
-            inner = optimizer
-            while getattr(inner, "optimizer", None) is not None:
-                inner = inner.optimizer
+            inner = optimizer_chain(optimizer)[-1] if optimizer is not None else None
             raise DistributedConfigError(
                 f"training was set up for a TAM optimizer but runs {type(inner).__name__}: the launcher or DeepSpeed "
-                "replaced it (see tam_hf.distributed.check_deepspeed_config)")
+                "replaced it (see tam_hf.trainer.distributed.check_deepspeed_config)")
         self.sharded = install_sharded_stats(optimizer, model)
 
 
 def _names_tam(args) -> bool:
-    return str(getattr(args.optim, "value", args.optim)).lower() in TAM_OPTIM_NAMES
+    return torque_spec(args.optim) is not None
 
 
 def uses_tam(trainer) -> bool:
-    """True when the trainer will train with TAM/AdaTAM/AdaTAMW: ``args.optim`` names one, a TAM optimizer was
+    """True when the trainer will train with a TAM optimizer: ``args.optim`` names one, a TAM optimizer was
     passed in ``optimizers=``, or ``optimizer_cls_and_kwargs`` names a TAM class."""
-    from tam_hf.optim.tam import _TorqueOptimizer
-
     if _names_tam(trainer.args) or find_torque_optimizer(trainer.optimizer)[0] is not None:
         return True
     cls_and_kwargs = getattr(trainer, "optimizer_cls_and_kwargs", None)
     return bool(cls_and_kwargs) and isinstance(cls_and_kwargs[0], type) and issubclass(cls_and_kwargs[0],
-                                                                                       _TorqueOptimizer)
+                                                                                       TorqueOptimizer)
 
 
 def attach(trainer, force: bool = False) -> Optional[TorqueStatsCallback]:

@@ -1,75 +1,66 @@
-"""From ``TrainingArguments`` to a TAM optimizer class and its keyword arguments.
-
-One table (``OPTIMIZERS``) names the optimizers ``--optim`` may choose; ``TAMTrainer`` and the handler that
-``tam_hf.trainer.register()`` installs both read it, so a stock script and TAMTrainer build the same optimizer.
+"""From ``TrainingArguments`` to a TAM optimizer class and its keyword arguments, read from the optimizer registry
+(:mod:`tam_hf.optim.registry`): ``--optim`` may name any of its TAM entries (``registry.torque_names()``).
 
 Where each constructor argument comes from:
 
-* ``lr`` <- ``--learning_rate``; ``weight_decay`` <- ``--weight_decay`` (the Trainer still puts biases and
-  norms in a group with weight decay 0); AdaTAM(W): ``betas`` <- ``--adam_beta1/--adam_beta2``, ``eps`` <-
-  ``--adam_epsilon``, exactly as for AdamW. These keys are refused in ``--optim_args`` so that one setting
-  never has two sources.
-* TAM: ``momentum`` <- ``--adam_beta1``. It is the same coefficient as AdaTAM's beta1 (``m = beta1 * m +
-  (d + eps_d) * g`` in both), and the default 0.9 is the paper's. ``--optim_args momentum=...`` overrides it,
-  as ``--optim sgd --optim_args momentum=...`` does for SGD.
-* Everything else (``decay_rate``, ``damping_eps``, ``cosine_scope``, ``maximize``, ``foreach``, ``fused``,
-  ``decoupled_weight_decay``) comes from ``--optim_args "key=value,..."``, converted to the type the
-  constructor declares. The values are then checked by constructing the optimizer once on a dummy tensor,
-  so a bad value fails with the constructor's own message before any training step.
+* the keys the registry feeds from ``TrainingArguments`` (:meth:`OptimizerSpec.training_args_keys`): ``lr`` <-
+  ``--learning_rate``, ``weight_decay`` <- ``--weight_decay`` (the Trainer still puts biases and norms in a group
+  with weight decay 0); AdaTAM(W): ``betas`` <- ``--adam_beta1/--adam_beta2``, ``eps`` <- ``--adam_epsilon``,
+  exactly as for AdamW; TAM: ``momentum`` <- ``--adam_beta1`` (the same coefficient as AdaTAM's beta1; the
+  default 0.9 is the paper's). Naming one of them in ``--optim_args`` is an error that points to its field, so
+  one setting never has two sources.
+* every other key the registry accepts (:meth:`OptimizerSpec.accepted_keys`: ``decay_rate``, ``damping_eps``,
+  ``cosine_scope``, ``maximize``, ...) comes from ``--optim_args "key=value,..."``, converted to the type the
+  constructor declares (or, unannotated, the type of its default). The values are then checked by the
+  constructor itself (:meth:`OptimizerSpec.check`), so a bad value fails with its own message.
+
+Every problem is reported at once, in one :class:`OptimArgsError` naming the keys and listing the valid ones.
+After ``register()`` that happens when ``TrainingArguments`` is built; ``python -m tam_hf.run`` turns it into
+one line on stderr and exit status 2, like any argparse error.
 """
 
 from __future__ import annotations
 
-import inspect
+import difflib
+import types
 import typing
-from dataclasses import dataclass
-from typing import Any, Callable, Union
+from typing import Any, Callable, Optional, Union
 
-import torch
+from tam_hf.optim import registry
+from tam_hf.optim.registry import OptimizerSpec
 
-from tam_hf.optim import TAM, AdaTAM, AdaTAMW
-
-__all__ = ["OPTIMIZERS", "TorqueChoice", "optimizer_cls_and_kwargs", "parse_optim_args"]
-
-
-def _adam_like(args) -> dict[str, Any]:
-    return {
-        "lr": args.learning_rate,
-        "betas": (args.adam_beta1, args.adam_beta2),
-        "eps": args.adam_epsilon,
-        "weight_decay": args.weight_decay,
-    }
+__all__ = ["OptimArgsError", "torque_spec", "settable_keys", "parse_optim_args", "optimizer_cls_and_kwargs",
+           "check_optim_args"]
 
 
-def _sgd_like(args) -> dict[str, Any]:
-    return {"lr": args.learning_rate, "momentum": args.adam_beta1, "weight_decay": args.weight_decay}
+class OptimArgsError(ValueError):
+    """Bad ``--optim`` / ``--optim_args`` settings for a TAM optimizer (a ``ValueError``)."""
 
 
-@dataclass(frozen=True)
-class TorqueChoice:
-    """One ``--optim`` value: the class it builds and the kwargs it takes from ``TrainingArguments``."""
-
-    name: str
-    cls: type
-    from_training_args: Callable[[Any], dict[str, Any]]
+def optim_name(optim) -> str:
+    """``TrainingArguments.optim`` (an ``OptimizerNames`` member or a string) as a plain string."""
+    return str(getattr(optim, "value", optim))
 
 
-OPTIMIZERS: dict[str, TorqueChoice] = {
-    c.name: c
-    for c in (
-        TorqueChoice("tam", TAM, _sgd_like),
-        TorqueChoice("adatam", AdaTAM, _adam_like),
-        TorqueChoice("adatamw", AdaTAMW, _adam_like),
-    )
-}
+def torque_spec(optim) -> Optional[OptimizerSpec]:
+    """The registry entry when ``optim`` names a TAM optimizer, else None."""
+    spec = registry.OPTIMIZERS.get(optim_name(optim))
+    return spec if spec is not None and spec.torque else None
 
-# Keys owned by a TrainingArguments field; naming them in --optim_args is an error that points there.
-_FROM_TRAINING_ARGS = {
-    "lr": "--learning_rate",
-    "betas": "--adam_beta1 / --adam_beta2",
-    "eps": "--adam_epsilon",
-    "weight_decay": "--weight_decay",
-}
+
+def settable_keys(spec: OptimizerSpec) -> dict[str, Any]:
+    """Key -> declared type for what ``--optim_args`` may set: the accepted keys minus the ones
+    ``TrainingArguments`` feeds. Unannotated keys take the type of their default."""
+    fed = spec.training_args_keys()
+    defaults = spec.defaults()
+    out = {}
+    for key, annotation in spec.accepted_keys().items():
+        if key in fed:
+            continue
+        if annotation is Any and defaults.get(key) is not None:
+            annotation = type(defaults[key])
+        out[key] = annotation
+    return out
 
 
 def _to_bool(text: str) -> bool:
@@ -85,8 +76,16 @@ _CONVERTERS: dict[type, Callable[[str], Any]] = {bool: _to_bool, int: int, float
 
 
 def _convert(text: str, annotation) -> Any:
-    """Convert one --optim_args value to the type the constructor declares (Optional[X] also takes 'none')."""
-    options = typing.get_args(annotation) if typing.get_origin(annotation) is Union else (annotation,)
+    """One --optim_args value as the type the constructor declares (Optional[X] also takes 'none')."""
+    if annotation is Any:
+        return text
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        choices = typing.get_args(annotation)
+        if text in choices:
+            return text
+        raise ValueError(f"{text!r} is not one of {', '.join(map(repr, choices))}")
+    options = typing.get_args(annotation) if origin in (Union, types.UnionType) else (annotation,)
     if type(None) in options and text.lower() == "none":
         return None
     for option in options:
@@ -94,23 +93,18 @@ def _convert(text: str, annotation) -> Any:
             try:
                 return _CONVERTERS[option](text)
             except ValueError:
-                raise ValueError(f"{text!r} is not a valid {option.__name__}") from None
+                hint = " (true/false)" if option is bool else ""
+                raise ValueError(f"{text!r} is not a valid {option.__name__}{hint}") from None
     raise ValueError(f"type {annotation} cannot be set from --optim_args")
 
 
-def _settable(cls: type) -> dict[str, Any]:
-    """Constructor parameters --optim_args may set, with their declared types."""
-    hints = typing.get_type_hints(cls.__init__)
-    names = [n for n in inspect.signature(cls).parameters if n != "params" and n not in _FROM_TRAINING_ARGS]
-    return {n: hints.get(n, str) for n in names}
+def _fields(spec: OptimizerSpec, key: str) -> str:
+    return " / ".join(f"--{f}" for f in spec.training_args_keys()[key])
 
 
-def parse_optim_args(name: str, optim_args: str | None) -> dict[str, Any]:
-    """Typed kwargs from ``"key=value,key=value"`` for optimizer ``name``; every problem is reported at once,
-    with the list of valid keys, as a ``ValueError``."""
-    choice = OPTIMIZERS[name]
-    settable = _settable(choice.cls)
-    valid = ", ".join(sorted(settable))
+def _problems(spec: OptimizerSpec, optim_args: Optional[str]) -> tuple[dict[str, Any], list[str]]:
+    settable = settable_keys(spec)
+    fed = spec.training_args_keys()
     kwargs: dict[str, Any] = {}
     errors: list[str] = []
     for item in (optim_args or "").replace(" ", "").split(","):
@@ -119,32 +113,53 @@ def parse_optim_args(name: str, optim_args: str | None) -> dict[str, Any]:
         key, sep, text = item.partition("=")
         if not sep or not key:
             errors.append(f"{item!r} is not key=value")
-        elif key in _FROM_TRAINING_ARGS:
-            errors.append(f"{key!r} is set by {_FROM_TRAINING_ARGS[key]}, not --optim_args")
+        elif key in fed:
+            errors.append(f"{key!r} is set by {_fields(spec, key)}, not --optim_args")
         elif key not in settable:
-            errors.append(f"unknown key {key!r}")
+            close = difflib.get_close_matches(key, list(settable), n=1)
+            errors.append(f"unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         else:
             try:
                 kwargs[key] = _convert(text, settable[key])
             except ValueError as e:
                 errors.append(f"{key}: {e}")
+    return kwargs, errors
+
+
+def _raise(what: str, spec: OptimizerSpec, errors: list[str]) -> None:
+    valid = ", ".join(sorted(settable_keys(spec)))
+    raise OptimArgsError(f"{what} for --optim {spec.name}: " + "; ".join(errors) + f". Valid --optim_args keys: {valid}")
+
+
+def parse_optim_args(name: str, optim_args: Optional[str]) -> dict[str, Any]:
+    """Typed kwargs from ``"key=value,key=value"`` for the TAM optimizer ``name``, values not yet checked by the
+    constructor. Raises :class:`OptimArgsError` listing every problem and the valid keys."""
+    spec = registry.get(name)
+    kwargs, errors = _problems(spec, optim_args)
     if errors:
-        raise ValueError(
-            f"Invalid --optim_args {optim_args!r} for --optim {name}: " + "; ".join(errors) + f". Valid keys: {valid}"
-        )
+        _raise(f"invalid --optim_args {optim_args!r}", spec, errors)
     return kwargs
 
 
 def optimizer_cls_and_kwargs(args) -> tuple[type, dict[str, Any]]:
-    """The class and kwargs ``--optim`` / ``--optim_args`` ask for, in the shape Trainer's
-    ``get_optimizer_cls_and_kwargs`` returns. Raises ``ValueError`` before training on any bad setting."""
-    name = str(getattr(args.optim, "value", args.optim))
-    choice = OPTIMIZERS[name]
-    kwargs = choice.from_training_args(args)
-    kwargs.update(parse_optim_args(name, args.optim_args))
-    try:  # the constructor's own range checks, now rather than at the first step
-        choice.cls([torch.zeros(1, requires_grad=True)], **kwargs)
-    except ValueError as e:
-        valid = ", ".join(sorted(_settable(choice.cls)))
-        raise ValueError(f"Invalid optimizer settings for --optim {name}: {e}. Valid --optim_args keys: {valid}") from e
-    return choice.cls, kwargs
+    """The class and kwargs ``args.optim`` / ``args.optim_args`` ask for, in the shape of the Trainer's
+    ``get_optimizer_cls_and_kwargs``. Raises :class:`OptimArgsError` on any bad setting, the constructor's
+    range checks included."""
+    spec = torque_spec(args.optim)
+    if spec is None:
+        raise OptimArgsError(f"--optim {optim_name(args.optim)} is not a TAM optimizer "
+                             f"({', '.join(registry.torque_names())})")
+    kwargs = spec.kwargs_from_training_args(args)
+    kwargs.update(parse_optim_args(spec.name, args.optim_args))
+    try:
+        spec.check(kwargs)
+    except (TypeError, ValueError) as e:  # a range check on an --optim_args value or a TrainingArguments field
+        _raise("invalid optimizer settings", spec, [str(e)])
+    return spec.cls, kwargs
+
+
+def check_optim_args(args) -> None:
+    """Raise :class:`OptimArgsError` when ``args.optim`` names a TAM optimizer and its settings are bad; nothing
+    for other optimizers. What ``register()`` runs at the end of ``TrainingArguments.__post_init__``."""
+    if torque_spec(args.optim) is not None:
+        optimizer_cls_and_kwargs(args)
