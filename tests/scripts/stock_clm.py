@@ -1,7 +1,8 @@
 """A stock-style training script: HfArgumentParser(TrainingArguments) and the plain Trainer, nothing from
 tam_hf. tests/test_register.py runs it through `python -m tam_hf.run` with `--optim adatam`.
 
-It writes <output_dir>/result.json with the optimizer it got and the log history."""
+It prints "stock_clm: model built" once the model exists and writes <output_dir>/result.json with the optimizer
+it got and the log history."""
 
 import json
 import os
@@ -16,6 +17,7 @@ def main():
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
     model = LlamaForCausalLM(config)
+    print("stock_clm: model built", flush=True)
     g = torch.Generator().manual_seed(0)
     ids = (torch.randint(0, 64, (64, 1), generator=g) + torch.arange(16)) % 64
     data = [{"input_ids": x, "labels": x} for x in ids]
