@@ -94,6 +94,11 @@ def test_validation_leaves_the_input_alone():
     assert yaml.safe_dump(raw) == before
 
 
+def test_overwrite_is_a_recipe_setting():
+    assert validate_recipe(_recipe()).overwrite is False
+    assert validate_recipe(_recipe(overwrite=True)).overwrite is True
+
+
 def test_qlora_fills_in_4bit():
     assert validate_recipe(_recipe(finetune={"method": "qlora"})).model.quantization == "4bit"
 
@@ -181,6 +186,9 @@ BAD = {
     "resume not bool or path": (dict(resume=3), ["resume: expected true/false or a checkpoint path, got int 3"]),
     "resume with nothing to resume": (dict(resume=True, training={"output_dir": "outputs/never-ran"}),
                                       ["resume: true but outputs/never-ran holds no checkpoint"]),
+    "overwrite and resume": (dict(resume=str(ROOT / "recipes"), overwrite=True),
+                             ["overwrite: true and resume exclude each other"]),
+    "overwrite not a bool": (dict(overwrite="yes"), ["overwrite: expected bool, got str 'yes'"]),
     # ranges: numbers a run cannot use are found here, not after the model is loaded (or never)
     "max_steps -5 (trained silently before)": (dict(training={"max_steps": -5}),
                                                ["training.max_steps: -5 must be -1 (no limit) or > 0"]),

@@ -514,7 +514,7 @@ def _cross_check(s: dict[str, Any], problems: list[str]) -> None:
         (_check_finetune, ("finetune", "model", "hub")),
         (_check_eval, ("eval", "data", "task")),
         (_check_hub, ("hub", "finetune")),
-        (_check_launch, ("distributed", "resume", "training")),
+        (_check_launch, ("distributed", "resume", "overwrite", "training")),
         (_check_output_dir, ("training",)),
     ]
     for check, needs in checks:
@@ -528,6 +528,9 @@ def _check_launch(r, problems: list[str]) -> None:
             value = getattr(r.distributed, key)
             if value is not None and not resolve_path(value).is_file():
                 problems.append(f"distributed.{key}: file not found: {clip(value)}")
+    if r.overwrite and r.resume is not False:
+        problems.append("overwrite: true and resume exclude each other: continue the run (resume) or start it over "
+                        "(overwrite)")
     if isinstance(r.resume, str) and not resolve_path(r.resume).is_dir():
         problems.append(f"resume: checkpoint directory not found: {clip(r.resume)}")
     output_dir = r.training.get("output_dir")

@@ -265,6 +265,9 @@ class Recipe(_Section):
         None, description="Launcher configuration (validated and passed on).")
     resume: Annotated[Union[bool, str], _one_of("true/false or a checkpoint path")] = Field(
         False, description="true: continue from the last checkpoint in output_dir; or a checkpoint path.")
+    overwrite: bool = Field(
+        False, description="Start over in a training.output_dir that holds another run's outputs: its checkpoints, "
+                           "weights and summary are removed once the model and data have loaded.")
 
     @property
     def output_dir(self) -> str:
