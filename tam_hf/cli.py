@@ -2,6 +2,7 @@
 
     tam-finetune RECIPE.yaml [key.path=value ...]        the same as: tam-finetune run RECIPE.yaml ...
     tam-finetune compare RECIPE.yaml --optimizers adamw,adatamw --seeds 3
+    tam-finetune eval RUN_DIR --tasks hellaswag
 
 Each command is a ``main(argv) -> exit code`` in the layer that does the work (see :data:`COMMANDS`); this
 module parses nothing else. Exit codes are the command's: for ``run`` 0 done, 2 invalid recipe, 1 data that
@@ -21,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "run": ("tam_hf.finetune.main", "run_recipe", "train one recipe (the default: the word 'run' may be left out)"),
     "compare": ("tam_hf.compare.study", "main",
                 "run one recipe under several optimizers and seeds; report mean ± std with plots"),
+    "eval": ("tam_hf.finetune.lm_eval", "main", "lm-evaluation-harness on a finished run's model (the eval extra)"),
 }
 DEFAULT = "run"
 

@@ -220,4 +220,8 @@ def test_tam_finetune_compare_dispatches_to_compare(tmp_path, capsys):
     assert "valid" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["--help"])
-    assert "compare" in capsys.readouterr().out
+    overview = capsys.readouterr().out
+    assert all(f"  {name} " in overview for name in cli.COMMANDS)
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "--help"])
+    assert "usage: tam-finetune eval" in capsys.readouterr().out
