@@ -67,6 +67,34 @@ def state_bytes(opt):
     return sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values() if torch.is_tensor(t))
 
 
+def make_params(shapes, device, dtype=torch.float32) -> list[torch.nn.Parameter]:
+    """One shared set of parameters with gradients (fixed seed): every optimizer steps the same tensors."""
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(device, dtype)) for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen).to(device, dtype)
+    return params
+
+
+def median_step_ms(opts: dict, device, rounds: int, steps: int, warmup: int = 2) -> dict[str, float]:
+    """name -> median over rounds of the mean step time (ms) within a round. Rounds alternate between the
+    optimizers so that machine noise hits everyone alike; warm-up steps (state creation, kernel compilation,
+    caches) are not timed. Other bench scripts import this (``from optim_step import median_step_ms``)."""
+    for opt in opts.values():
+        for _ in range(warmup):
+            opt.step()
+    times = {name: [] for name in opts}
+    for _ in range(rounds):
+        for name, opt in opts.items():
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                opt.step()
+            sync(device)
+            times[name].append((time.perf_counter() - t0) / steps * 1e3)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -79,29 +107,13 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype)
 
     shapes = llama_shapes(hidden=32, intermediate=64, layers=1, vocab=100) if args.small else llama_shapes()
-    gen = torch.Generator().manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(args.device, dtype)) for s in shapes]
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=gen).to(args.device, dtype)
+    params = make_params(shapes, args.device, dtype)
     n_params = sum(p.numel() for p in params)
     param_bytes = sum(p.numel() * p.element_size() for p in params)
 
     opts = {name: make(params) for name, make in candidates(args.device).items()
             if not args.only or any(k in name for k in args.only.split(","))}
-    for opt in opts.values():  # warm-up: state creation, kernel compilation, caches
-        opt.step()
-        opt.step()
-    times = {name: [] for name in opts}
-    for _ in range(args.rounds):
-        for name, opt in opts.items():
-            sync(args.device)
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                opt.step()
-            sync(args.device)
-            times[name].append((time.perf_counter() - t0) / args.steps * 1e3)
-
-    median = {name: statistics.median(ts) for name, ts in times.items()}
+    median = median_step_ms(opts, args.device, args.rounds, args.steps)
     adamw = [median[n] for n in median if n.startswith("torch AdamW")]
     base = min(adamw) if adamw else min(median.values())
     print(f"\n{n_params / 1e6:.1f}M parameters in {len(params)} tensors, {args.dtype}, {args.device}, "
