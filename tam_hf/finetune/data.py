@@ -3,43 +3,141 @@
 Each format is one function in FORMATS turning a row of canonical columns into input_ids / attention_mask /
 labels. Completion-only loss sets the labels of prompt (or non-assistant) tokens to -100, the value every
 transformers loss ignores; padding is left to transformers' collators, which pad labels with -100 too.
+
+Data that cannot be used is a :class:`DataError` of one line naming the file, the line (or row) and the column:
+an empty or binary file, a line that is not JSON, a missing column, a value that is not a string, a chat turn
+without a role. Files are checked cheaply before loading (size, the first bytes); anything `datasets` cannot
+parse is located afterwards, on the error path only; rows are checked as they are tokenised.
 """
 
 from __future__ import annotations
 
+import codecs
+import json
 from functools import partial
+from pathlib import Path
 
+from tam_hf.finetune.errors import DataError, hub_unavailable
 from tam_hf.finetune.recipe import COMPLETION_FORMATS, FILE_SUFFIXES, FORMAT_COLUMNS, DataConfig, Recipe, resolve_path
 
 __all__ = ["DataError", "load_raw", "tokenize_row", "build_datasets", "prompt_and_answer", "collator", "FORMATS"]
 
 IGNORE = -100
-
-
-class DataError(ValueError):
-    """The data does not match the recipe (missing column, template that is not prefix-stable, ...)."""
+DATASET_OFFLINE = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
+_TEXT_BUILDERS = ("json", "csv", "text")
+_SNIFF = 8192
 
 
 def _files(value) -> list[str]:
     return [str(resolve_path(v)) for v in ([value] if isinstance(value, str) else value)]
 
 
+def _check_file(path: str, builder: str) -> None:
+    """Empty and binary files, found from the file's size and first bytes."""
+    p = Path(path)
+    if p.stat().st_size == 0 or (builder in _TEXT_BUILDERS and not p.read_bytes()[:_SNIFF].strip()):
+        raise DataError(f"{path}: the file is empty")
+    if builder not in _TEXT_BUILDERS:
+        return
+    with open(p, "rb") as f:
+        head = f.read(_SNIFF)
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)  # a character cut at the end is fine
+        binary = b"\x00" in head
+    except UnicodeDecodeError:
+        binary = True
+    if binary:
+        raise DataError(f"{path}: binary data, not UTF-8 text; a {p.suffix} file must hold {builder} text")
+
+
+def _json_problem(path: str) -> str | None:
+    """Where a .json/.jsonl file stops being JSON: 'line N: reason', or None when every line parses."""
+    text = Path(path).read_text(encoding="utf-8", errors="replace")
+    if text.lstrip().startswith("["):  # one JSON array rather than JSON lines
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as exc:
+            return f"line {exc.lineno}: not valid JSON ({exc.msg}, column {exc.colno})"
+        return None
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            return f"line {number}: not valid JSON ({exc.msg}, column {exc.colno})"
+        if not isinstance(value, dict):
+            return f"line {number}: a JSON {type(value).__name__}, not an object of columns"
+    return None
+
+
+def _unreadable(builder: str, files: list[str], exc: Exception) -> DataError:
+    """The DataError for files `datasets` failed to load: the first bad line when it can be found."""
+    if builder == "json":
+        for path in files:
+            problem = _json_problem(path)
+            if problem:
+                return DataError(f"{path}, {problem}")
+    cause = exc
+    while cause.__cause__ is not None or cause.__context__ is not None:
+        cause = cause.__cause__ or cause.__context__
+    reason = (str(cause).splitlines() or [type(cause).__name__])[0][:300]
+    return DataError(f"{', '.join(files)}: cannot be read as {builder} data ({type(cause).__name__}: {reason})")
+
+
+def _load_files(builder: str, files: dict):
+    from datasets import load_dataset
+
+    for paths in files.values():
+        for path in paths:
+            _check_file(path, builder)
+    try:
+        return load_dataset(builder, data_files=files)
+    except Exception as exc:  # pyarrow / pandas parse errors, reported with the line they stopped at
+        raise _unreadable(builder, [p for paths in files.values() for p in paths], exc) from None
+
+
+def _load_dataset(cfg: DataConfig):
+    from datasets import load_dataset
+
+    local = resolve_path(cfg.dataset).exists()
+    try:
+        return load_dataset(str(resolve_path(cfg.dataset)) if local else cfg.dataset, cfg.config_name)
+    except OSError as exc:  # ConnectionError and FileNotFoundError: offline, no network, not on the Hub
+        if local:
+            raise DataError(f"{cfg.dataset}: cannot be loaded as a dataset ({type(exc).__name__}: "
+                            f"{(str(exc).splitlines() or [''])[0]})") from None
+        raise hub_unavailable("dataset", cfg.dataset, exc, DATASET_OFFLINE,
+                              "use local files: data.train_file (json, jsonl, csv, parquet or txt) or data.dataset "
+                              "set to a local dataset directory") from None
+
+
 def load_raw(cfg: DataConfig):
     """A DatasetDict with 'train' and, when the recipe has evaluation data, 'eval' (canonical column names)."""
-    from datasets import DatasetDict, load_dataset
+    from datasets import DatasetDict
 
     if cfg.train_file is not None:
         files = {"train": _files(cfg.train_file)}
         if cfg.eval_file is not None:
             files["eval"] = _files(cfg.eval_file)
         builder = FILE_SUFFIXES[resolve_path(files["train"][0]).suffix]
-        raw = load_dataset(builder, data_files=files)
+        raw = _load_files(builder, files)
+        sources = {split: ", ".join(paths) for split, paths in files.items()}
     else:
-        loaded = load_dataset(str(resolve_path(cfg.dataset)) if resolve_path(cfg.dataset).exists() else cfg.dataset,
-                              cfg.config_name)
+        loaded = _load_dataset(cfg)
+        if cfg.train_split not in loaded:
+            raise DataError(f"{cfg.dataset} has no split {cfg.train_split!r} (splits: {list(loaded)}); "
+                            "set data.train_split")
+        if cfg.eval_split is not None and cfg.eval_split not in loaded:
+            raise DataError(f"{cfg.dataset} has no split {cfg.eval_split!r} (splits: {list(loaded)}); "
+                            "set data.eval_split")
         raw = DatasetDict({"train": loaded[cfg.train_split]})
         if cfg.eval_split is not None:
             raw["eval"] = loaded[cfg.eval_split]
+        sources = {"train": f"{cfg.dataset} split {cfg.train_split}", "eval": f"{cfg.dataset} split {cfg.eval_split}"}
+    for name, ds in raw.items():
+        if len(ds) == 0:
+            raise DataError(f"{name} data ({sources[name]}) has no rows")
     if cfg.eval_fraction is not None:
         split = raw["train"].train_test_split(test_size=cfg.eval_fraction, seed=0)
         raw = DatasetDict({"train": split["train"], "eval": split["test"]})
@@ -53,7 +151,8 @@ def load_raw(cfg: DataConfig):
     for name, ds in raw.items():
         missing = sorted(required - set(ds.column_names))
         if missing:
-            raise DataError(f"{name} data has no column(s) {missing} for format {cfg.format} (columns: "
+            source = sources.get(name, sources["train"])
+            raise DataError(f"{name} data ({source}) has no column(s) {missing} for format {cfg.format} (columns: "
                             f"{ds.column_names}); map them with data.columns, e.g. {{{missing[0]}: your_column}}")
     return raw
 
@@ -142,10 +241,98 @@ def tokenize_row(row, tokenizer, cfg: DataConfig, label2id=None) -> dict:
     return fn(row, tokenizer, cfg, completion_only)
 
 
+# ------------------------------------------------------------------------------------------ row checks
+
+# Columns each format reads as text: required, and optional (None allowed).
+_STRING_COLUMNS = {"text": ("text",), "prompt_completion": ("prompt", "completion"),
+                   "instruction": ("instruction", "output"), "chat": (), "classification": ("text",)}
+_OPTIONAL_STRING_COLUMNS = {"instruction": ("input",), "classification": ("text_pair",)}
+
+
+class _Locator:
+    """Turns a row index of a split into 'FILE, line N' (JSON lines and text files loaded as they are) or
+    'SPLIT data (SOURCE), row N'. Lines are counted only when an error needs one."""
+
+    def __init__(self, cfg: DataConfig, split: str):
+        value = cfg.train_file if split == "train" else cfg.eval_file
+        self.split = split
+        self.files = _files(value) if value is not None and cfg.eval_fraction is None else []
+        self.source = ", ".join(self.files) or (cfg.dataset or ", ".join(_files(cfg.train_file)))
+
+    @staticmethod
+    def _row_lines(path: str) -> list[int] | None:
+        suffix = Path(path).suffix
+        if FILE_SUFFIXES.get(suffix) == "text":
+            return list(range(1, len(Path(path).read_text(errors="replace").splitlines()) + 1))
+        if FILE_SUFFIXES.get(suffix) != "json" or Path(path).read_text(errors="replace").lstrip().startswith("["):
+            return None
+        lines = Path(path).read_text(errors="replace").splitlines()
+        return [n for n, line in enumerate(lines, 1) if line.strip()]
+
+    def __call__(self, index: int) -> str:
+        position = index
+        for path in self.files:
+            lines = self._row_lines(path)
+            if lines is None:
+                break
+            if position < len(lines):
+                return f"{path}, line {lines[position]}"
+            position -= len(lines)
+        return f"{self.split} data ({self.source}), row {index}"
+
+
+def _describe(value) -> str:
+    return "nothing (null or missing)" if value is None else f"{type(value).__name__} {str(value)[:40]!r}"
+
+
+def _column(cfg: DataConfig, name: str) -> str:
+    mapped = cfg.columns.get(name, name)
+    return f"'{mapped}'" + (f" (data.columns.{name})" if mapped != name else "")
+
+
+def _row_problem(row, cfg: DataConfig) -> str | None:
+    """What makes `row` unusable for the format, or None."""
+    for name in _STRING_COLUMNS[cfg.format]:
+        if not isinstance(row.get(name), str):
+            return f"column {_column(cfg, name)} must be a string, got {_describe(row.get(name))}"
+    for name in _OPTIONAL_STRING_COLUMNS.get(cfg.format, ()):
+        if row.get(name) is not None and not isinstance(row.get(name), str):
+            return f"column {_column(cfg, name)} must be a string or empty, got {_describe(row.get(name))}"
+    if cfg.format == "classification":
+        label = row.get("label")
+        if label is None or (cfg.target == "score" and (isinstance(label, bool) or not isinstance(label, (int, float)))):
+            kind = "a number (data.target score)" if cfg.target == "score" else "a class label"
+            return f"column {_column(cfg, 'label')} must be {kind}, got {_describe(label)}"
+    if cfg.format == "chat":
+        messages = row.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return f"column {_column(cfg, 'messages')} must be a list of {{role, content}} turns, got {_describe(messages)}"
+        for turn, message in enumerate(messages, 1):
+            where = f"column {_column(cfg, 'messages')}, turn {turn}"
+            if not isinstance(message, dict):
+                return f"{where}: not a {{role, content}} mapping but {_describe(message)}"
+            if not isinstance(message.get("role"), str) or not message.get("role"):
+                return f"{where}: no role (each turn needs role: system, user or assistant)"
+            if not isinstance(message.get("content"), str):
+                return f"{where}: content must be a string, got {_describe(message.get('content'))}"
+    return None
+
+
+def _tokenize_checked(row, index, tokenizer, cfg: DataConfig, label2id, locate: _Locator) -> dict:
+    problem = _row_problem(row, cfg)
+    if problem is not None:
+        raise DataError(f"{locate(index)}: {problem}")
+    return tokenize_row(row, tokenizer, cfg, label2id=label2id)
+
+
 def label_names(raw, cfg: DataConfig) -> list[str] | None:
     """Class names in a stable order: sorted numerically when they are all integers, else as strings."""
     if cfg.format != "classification" or cfg.target == "score":
         return None
+    for split, ds in raw.items():
+        labels = ds["label"]
+        if None in labels:
+            raise DataError(f"{_Locator(cfg, split)(labels.index(None))}: column {_column(cfg, 'label')} is empty")
     values = sorted({str(v) for split in raw.values() for v in split["label"]},
                     key=lambda s: (0, int(s), s) if s.lstrip("-").isdigit() else (1, 0, s))
     if cfg.num_labels is not None:
@@ -162,10 +349,10 @@ def build_datasets(recipe: Recipe, tokenizer):
     raw = load_raw(cfg)
     names = label_names(raw, cfg)
     label2id = {n: i for i, n in enumerate(names)} if names else None
-    fn = partial(tokenize_row, tokenizer=tokenizer, cfg=cfg, label2id=label2id)
     out = {}
     for split, ds in raw.items():
-        tokenised = ds.map(fn, remove_columns=ds.column_names, desc=f"tokenising {split}")
+        fn = partial(_tokenize_checked, tokenizer=tokenizer, cfg=cfg, label2id=label2id, locate=_Locator(cfg, split))
+        tokenised = ds.map(fn, with_indices=True, remove_columns=ds.column_names, desc=f"tokenising {split}")
         if cfg.format != "classification":
             # Truncation can cut every completion token; such rows would add nothing but a 0/0 loss.
             tokenised = tokenised.filter(lambda labels: any(t != IGNORE for t in labels), input_columns="labels")

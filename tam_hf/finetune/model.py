@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from tam_hf.finetune.errors import hub_unavailable
 from tam_hf.finetune.recipe import EMBEDDED_PREFIX, ModelConfig, Recipe, resolve_path
 
 __all__ = ["model_path", "load_tokenizer", "load_model", "is_peft"]
@@ -53,13 +54,29 @@ def model_path(cfg: ModelConfig) -> str:
     return str(target)
 
 
+MODEL_OFFLINE = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def _from_hub(name: str, load):
+    """`load()`, turning "the Hub was needed and not there" into one line naming `name` (a local path's own
+    errors pass through unchanged)."""
+    try:
+        return load()
+    except OSError as exc:  # transformers reports a missing cache entry, offline mode or no network as OSError
+        if name.startswith(EMBEDDED_PREFIX) or resolve_path(name).exists():
+            raise
+        raise hub_unavailable("model", name, exc, MODEL_OFFLINE,
+                              "set model.name to a local model directory (offline demo: embedded:tiny-llama)") from None
+
+
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
     kwargs = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
     if cfg.tokenizer is None and cfg.gguf_file:
         kwargs["gguf_file"] = cfg.gguf_file
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or model_path(cfg), **kwargs)
+    source = cfg.tokenizer or model_path(cfg)
+    tokenizer = _from_hub(source, lambda: AutoTokenizer.from_pretrained(source, **kwargs))
     if tokenizer.pad_token is None:
         # Padding positions never carry labels (the collator pads labels with -100), so reusing EOS is safe.
         tokenizer.pad_token = tokenizer.eos_token
@@ -103,9 +120,10 @@ def load_model(recipe: Recipe, tokenizer, label_names: list[str] | None = None):
             kwargs.update(num_labels=len(label_names), id2label=dict(enumerate(label_names)),
                           label2id={n: i for i, n in enumerate(label_names)},
                           problem_type="single_label_classification")
-        model = AutoModelForSequenceClassification.from_pretrained(model_path(cfg), **kwargs)
+        auto = AutoModelForSequenceClassification
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_path(cfg), **kwargs)
+        auto = AutoModelForCausalLM
+    model = _from_hub(cfg.name, lambda: auto.from_pretrained(model_path(cfg), **kwargs))
     if model.config.pad_token_id is None:  # decoder classifiers find the last token through the pad id
         model.config.pad_token_id = tokenizer.pad_token_id
     if recipe.finetune.method == "full":
