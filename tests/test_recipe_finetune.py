@@ -1,5 +1,6 @@
 """LoRA, QLoRA and full fine-tuning each train a few steps on the embedded tiny model; Ctrl-C leaves a
-resumable checkpoint; a push prepares an upload folder with a model card and fails offline losing nothing."""
+resumable checkpoint; a push prepares an upload folder with a model card and fails offline losing nothing
+(exit code 1 and the command that retries it)."""
 
 import json
 import signal
@@ -10,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainerCallback
 
+from tam_hf.finetune.errors import PushError
 from tam_hf.finetune.runner import finetune, training_arguments
 from tam_hf.finetune.model import model_path
 from tam_hf.finetune.recipe import ModelConfig, validate_recipe
@@ -160,8 +162,11 @@ def test_push_prepares_folder_with_card_and_offline_failure_loses_nothing(tmp_pa
     recipe = _recipe(tmp_path, hub={"push": True, "repo_id": "someone/tiny-tam"},
                      finetune={"method": "lora", "lora": {"r": 4}},
                      optimizer={"name": "adatam", "lr": 1e-3, "decay_rate": 0.8})
-    summary = finetune(recipe)
+    with pytest.raises(PushError) as info:  # offline: exit code 1, after everything was saved locally
+        finetune(recipe)
+    summary = info.value.summary
     assert "failed" in summary["hub"] and "Nothing is lost" in summary["hub"]
+    assert f"tam-finetune push {summary['output_dir']}" in str(info.value)
     folder = Path(summary["hub_folder"])
     assert (folder / "adapter_model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
     assert (Path(summary["output_dir"]) / "adapter_model.safetensors").is_file()  # the local save happened first
@@ -178,7 +183,8 @@ def test_optimizer_section_maps_onto_training_arguments(tmp_path):
     kwargs = training_arguments(_recipe(tmp_path, optimizer={
         "name": "tam", "lr": 0.1, "momentum": 0.8, "decay_rate": 0.95, "weight_decay": 0.01}))
     assert kwargs["optim"] == "tam" and kwargs["learning_rate"] == 0.1 and kwargs["weight_decay"] == 0.01
-    assert kwargs["optim_args"] == "momentum=0.8,decay_rate=0.95"
+    assert kwargs["adam_beta1"] == 0.8  # the registry feeds TAM's momentum through TrainingArguments.adam_beta1
+    assert kwargs["optim_args"] == "decay_rate=0.95"
     adam = training_arguments(_recipe(tmp_path, optimizer={"name": "adamw", "lr": 1e-4, "betas": [0.8, 0.99], "eps": 1e-6}))
     assert (adam["optim"], adam["adam_beta1"], adam["adam_beta2"], adam["adam_epsilon"]) == ("adamw_torch", 0.8, 0.99, 1e-6)
 
@@ -203,6 +209,6 @@ def test_push_calls_the_hub_with_the_prepared_folder(tmp_path, monkeypatch):
             return type("Info", (), {"oid": "abc123"})()
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
-    message = push(tmp_path, "someone/model", private=True)
+    ok, message = push(tmp_path, "someone/model", private=True)
     assert calls[1:] == [("create_repo", "someone/model", True, True), ("upload_folder", str(tmp_path), "someone/model")]
-    assert message.startswith("pushed to https://huggingface.co/someone/model")
+    assert ok and message.startswith("pushed to https://huggingface.co/someone/model")

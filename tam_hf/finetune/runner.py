@@ -8,9 +8,8 @@ biases and norms) and a checkpoint resumes with the same optimizer.
 
 from __future__ import annotations
 
-import json
-import math
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -70,27 +69,40 @@ def build_training_arguments(recipe: Recipe):
 
 
 class GracefulStop:
-    """First Ctrl-C: finish the current step, save a checkpoint, stop (resume with `resume: true`).
-    A second Ctrl-C interrupts at once."""
+    """First Ctrl-C (SIGINT) or SIGTERM (what a scheduler sends before preempting a job): finish the current
+    step, save a checkpoint, stop; resume with `resume: true`. A second signal interrupts at once
+    (KeyboardInterrupt); the runner then removes the checkpoint it was writing, if any.
+
+    In a launched run the ranks agree on the step to stop at (a one-element all-reduce per step), since a
+    signal reaches each process at a slightly different point of its step."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self.signal_name: str | None = None
+        self._previous = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nCtrl-C: saving a checkpoint after this step (press again to abort without saving)", flush=True)
+        self.signal_name = signal.Signals(signum).name
+        what = "Ctrl-C" if signum == signal.SIGINT else self.signal_name
+        again = "press Ctrl-C again" if signum == signal.SIGINT else f"send {self.signal_name} again"
+        print(f"\n{what}: saving a checkpoint after this step, then stopping ({again} to abort without saving)",
+              file=sys.stderr, flush=True)
 
     def callback(self):
         from transformers import TrainerCallback
@@ -99,6 +111,14 @@ class GracefulStop:
 
         class _Stop(TrainerCallback):
             def on_step_end(self, args, state, control, **kwargs):
+                import torch
+                import torch.distributed as dist
+
+                if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                    flag = torch.tensor([1.0 if stop.requested else 0.0], device=args.device)
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                    if flag.item() > 0 and not stop.requested:
+                        stop.requested, stop.signal_name = True, stop.signal_name or "SIGTERM"
                 if stop.requested:
                     control.should_save = True
                     control.should_training_stop = True
@@ -154,20 +174,43 @@ def save_resolved(recipe: Recipe, output_dir: Path) -> Path:
     return path
 
 
+def _resume_target(recipe: Recipe):
+    return str(resolve_path(recipe.resume)) if isinstance(recipe.resume, str) else bool(recipe.resume)
+
+
 def finetune(recipe: Recipe, callbacks: list = ()) -> dict:
     """Train, save, evaluate and (when asked) push; returns the summary the CLI prints (also saved as
-    summary.json in the output directory)."""
-    from transformers import set_seed
+    summary.json in the output directory, with ``status`` completed or interrupted).
 
-    import tam_hf
-    from tam_hf.finetune.data import build_datasets, collator
-    from tam_hf.finetune.metrics import classification_metrics, perplexity
-    from tam_hf.finetune.model import load_model, load_tokenizer
-    from tam_hf.trainer.tam_trainer import TAMTrainer
+    Failures raise a :class:`~tam_hf.finetune.errors.FinetuneError` carrying the exit code (and, once the run
+    has started, the summary written with ``status: failed``): the output directory refused or locked (2,
+    nothing loaded), no complete checkpoint to resume (2), data that does not fit (1), the Hub needed while
+    offline (1), non-finite training (1), a checkpoint that cannot be loaded (1), a failed push (1, after
+    everything was saved locally). A second Ctrl-C raises KeyboardInterrupt after removing the half-written
+    checkpoint, if any."""
+    from tam_hf.finetune.outputs import plan_output_dir, run_lock
 
     started = time.time()
     args = build_training_arguments(recipe)
     output_dir = Path(args.output_dir)
+    with run_lock(output_dir):  # a concurrent run into the same directory stops here (rank 0 holds it)
+        plan = plan_output_dir(output_dir, _resume_target(recipe), recipe.overwrite)
+        return _train(recipe, args, plan, started, callbacks)
+
+
+def _train(recipe: Recipe, args, plan, started: float, callbacks) -> dict:
+    from transformers import set_seed
+
+    import tam_hf
+    from tam_hf.finetune.data import build_datasets, collator
+    from tam_hf.finetune.errors import CheckpointError, NonFiniteError, PushError
+    from tam_hf.finetune.guards import nonfinite_guard
+    from tam_hf.finetune.metrics import classification_metrics, perplexity
+    from tam_hf.finetune.model import load_model, load_tokenizer
+    from tam_hf.finetune.outputs import complete_checkpoints, completion_marker, rank, write_summary
+    from tam_hf.trainer.tam_trainer import TAMTrainer
+
+    output_dir = plan.output_dir
     set_seed(args.seed)
     tokenizer = load_tokenizer(recipe.model)
     train_ds, eval_ds, raw, label_names = build_datasets(recipe, tokenizer)
@@ -176,26 +219,69 @@ def finetune(recipe: Recipe, callbacks: list = ()) -> dict:
     if recipe.task == "sequence_classification" and eval_ds is not None:
         compute_metrics = classification_metrics(recipe.eval.metrics, regression=recipe.data.target == "score")
     stop = GracefulStop()
+    checkpoint = str(plan.checkpoint) if plan.checkpoint is not None else None
+    guard = nonfinite_guard(resumed_from=checkpoint)
+    # The guard comes last: it must see the save decisions of every callback before it.
     trainer = TAMTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          data_collator=collator(recipe, tokenizer), processing_class=tokenizer,
-                         compute_metrics=compute_metrics, callbacks=[stop.callback(), *callbacks])
+                         compute_metrics=compute_metrics,
+                         callbacks=[stop.callback(), *callbacks, completion_marker(), guard])
+    plan.apply()  # loading worked: now remove what overwrite / resume must not find
+    if plan.skipped and rank() == 0:
+        print(f"resume: skipped incomplete checkpoint(s), removed: {'; '.join(plan.skipped)}", file=sys.stderr)
     save_resolved(recipe, output_dir)
-    resume = str(resolve_path(recipe.resume)) if isinstance(recipe.resume, str) else (recipe.resume or None)
-    with stop:
-        result = trainer.train(resume_from_checkpoint=resume)
+    summary = {"status": "running", "output_dir": str(output_dir), "optimizer": recipe.optimizer.name,
+               "tam_hf_version": tam_hf.__version__}
+    if checkpoint is not None:
+        summary.update(resumed_from=checkpoint, skipped_checkpoints=plan.skipped)
+
+    def fail(reason: str) -> dict:
+        good, _ = complete_checkpoints(output_dir)
+        summary.update(status="failed", reason=reason, steps=trainer.state.global_step,
+                       last_complete_checkpoint=str(good[0]) if good else None,
+                       wall_s=round(time.time() - started, 1))
+        write_summary(output_dir, summary)
+        return summary
+
+    try:
+        with stop:
+            result = trainer.train(resume_from_checkpoint=checkpoint)
+            if not stop.requested:
+                guard.check_weights(trainer.model, trainer.state.global_step)
+    except NonFiniteError as exc:
+        reason = f"training diverged: {exc}"
+        failed = fail(reason)
+        last = failed["last_complete_checkpoint"]
+        raise NonFiniteError(f"{reason}. Nothing was saved for the diverged state; "
+                             + (f"the last complete checkpoint is {last}. " if last else "no checkpoint was kept. ")
+                             + "Lower optimizer.lr (or check the data) and start over with overwrite: true",
+                             failed) from None
+    except KeyboardInterrupt:
+        removed = _remove_unfinished_checkpoints(output_dir)
+        fail("aborted by a second interrupt" + (f"; removed the half-written {', '.join(removed)}" if removed else ""))
+        raise
+    except Exception as exc:
+        if checkpoint is None or guard.started:
+            raise
+        # Loading the checkpoint happens inside train(), before the first callback of training.
+        cause = str(exc).splitlines()[0] if str(exc) else ""
+        reason = f"could not resume from {checkpoint}: {type(exc).__name__}: {cause}"
+        raise CheckpointError(f"{reason}. The files are damaged or were written by a different recipe "
+                              "(model, LoRA, optimizer); resume from an earlier complete checkpoint (resume: PATH) "
+                              "or start over with overwrite: true", summary=fail(reason)) from exc
+
     logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    summary = {
-        "output_dir": str(output_dir),
-        "train_loss": logged[-1] if logged else result.training_loss,  # the last logged loss, not the run's mean
-        "mean_train_loss": result.training_loss,
-        "steps": trainer.state.global_step,
-        "damping": _damping(trainer.optimizer),
-        "optimizer": recipe.optimizer.name,
-        "tam_hf_version": tam_hf.__version__,
-    }
+    summary.update(
+        train_loss=logged[-1] if logged else result.training_loss,  # the last logged loss, not the run's mean
+        mean_train_loss=result.training_loss,
+        steps=trainer.state.global_step,
+        damping=_damping(trainer.optimizer),
+    )
     if stop.requested:
-        summary.update(interrupted=True, checkpoint=str(output_dir / f"checkpoint-{trainer.state.global_step}"))
-        summary["wall_s"] = round(time.time() - started, 1)
+        summary.update(status="interrupted", interrupted=True, signal=stop.signal_name or "SIGINT",
+                       checkpoint=str(output_dir / f"checkpoint-{trainer.state.global_step}"),
+                       wall_s=round(time.time() - started, 1))
+        write_summary(output_dir, summary)
         return summary
     trainer.save_model(str(output_dir))  # the adapter (lora/qlora) or the whole model, with the tokenizer
     metrics = {}
@@ -206,18 +292,34 @@ def finetune(recipe: Recipe, callbacks: list = ()) -> dict:
             metrics["perplexity"] = perplexity(metrics["loss"])
         if "exact_match" in recipe.eval.metrics:
             metrics["exact_match"] = _exact_match(recipe, trainer.model, tokenizer, raw["eval"])
-    summary["eval"] = metrics
-    summary["wall_s"] = round(time.time() - started, 1)
+    summary.update(status="completed", eval=metrics)
+    pushed = True
     if recipe.hub.push or recipe.hub.repo_id:
         from tam_hf.finetune.hub import prepare_upload, push
 
         folder = prepare_upload(trainer.model, tokenizer, recipe, summary, output_dir)
         summary["hub_folder"] = str(folder)
         if recipe.hub.push:
-            summary["hub"] = push(folder, recipe.hub.repo_id, recipe.hub.private)
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+            pushed, summary["hub"] = push(folder, recipe.hub.repo_id, recipe.hub.private)
+    summary["wall_s"] = round(time.time() - started, 1)
+    write_summary(output_dir, summary)
+    if not pushed:
+        raise PushError(f"{summary['hub']}. The run itself is complete and saved in {output_dir}; retry the "
+                        f"push alone with: tam-finetune push {output_dir}", summary)
     return summary
 
 
-def _json_default(value):
-    return None if isinstance(value, float) and not math.isfinite(value) else str(value)
+def _remove_unfinished_checkpoints(output_dir: Path) -> list[str]:
+    """After a second Ctrl-C: a checkpoint cut short in the middle of its save is removed, never left behind
+    looking like a checkpoint (resume would skip it anyway). Returns the names removed."""
+    from tam_hf.finetune.outputs import CHECKPOINT, checkpoint_problem, rank, remove_checkpoint
+
+    if rank() != 0 or not output_dir.is_dir():
+        return []
+    removed = []
+    for path in sorted(output_dir.iterdir()):
+        if CHECKPOINT.match(path.name) and path.is_dir() and checkpoint_problem(path) is not None:
+            remove_checkpoint(path)
+            removed.append(path.name)
+            print(f"removed the half-written {path.name}", file=sys.stderr)
+    return removed
