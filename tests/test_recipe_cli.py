@@ -2,6 +2,7 @@
 exit code 2, every problem on stderr and no traceback, before anything is loaded."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -30,7 +31,10 @@ def test_demo_runs_offline_through_the_console_script(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "== tam-finetune summary ==" in proc.stdout and "damping: mean" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 40 and summary["eval"]["perplexity"] > 1.0 and "exact_match" in summary["eval"]
+    assert summary["steps"] == 40
+    assert summary["eval"]["perplexity"] == math.exp(summary["eval"]["loss"])  # perplexity of the eval loss itself
+    answered = summary["eval"]["exact_match"] * 32  # all 32 embedded eval rows are generated for
+    assert abs(answered - round(answered)) < 1e-9 and 0 <= round(answered) <= 32
     history = json.loads((out / "checkpoint-40" / "trainer_state.json").read_text())["log_history"]
     losses = [h["loss"] for h in history if "loss" in h]
     assert losses[-1] < losses[0]  # it learns
@@ -87,6 +91,50 @@ def test_unreadable_recipes_exit_2(tmp_path, capsys, no_training, text, fragment
     path.write_text(text)
     assert main([str(path)]) == 2
     assert fragment in capsys.readouterr().err
+
+
+_BOMB = "\n".join(['a0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+                  + [f"a{i}: &a{i} [{','.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]) + "\n"
+
+
+@pytest.mark.parametrize("text, fragment", [
+    (_BOMB, "more than 100000 values once aliases are expanded"),  # ran 87 s into a MemoryError
+    ("model: " + "[" * 1000 + "]" * 1000 + "\n", "nested deeper than 32 levels"),  # was a RecursionError
+    ("model: {name: embedded:tiny-llama}\nmodel: {name: x}\n", "found duplicate key 'model' (first at line 1)"),
+])
+def test_hostile_yaml_exits_2_without_traceback(tmp_path, capsys, no_training, text, fragment):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    assert main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("optimizer.lr=.inf", "optimizer.lr: inf is not a finite number"),
+    ("optimizer.weight_decay=.nan", "optimizer.weight_decay: nan is not a finite number"),
+    ("training.max_steps=-5", "training.max_steps: -5 must be -1 (no limit) or > 0"),
+    ("training.per_device_train_batch_size=0", "training.per_device_train_batch_size: 0 must be >= 1"),
+    ("training.output_dir={tmp}/a_file/run", "training.output_dir: {tmp}/a_file is a file, not a directory"),
+])
+def test_out_of_range_override_exits_2(capsys, no_training, tmp_path, override, fragment):
+    (tmp_path / "a_file").write_text("x")
+    assert main([str(DEMO), override.format(tmp=tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert fragment.format(tmp=tmp_path) in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # validation created nothing
+
+
+def test_printed_config_takes_overrides_of_every_section(tmp_path, capsys, no_training):
+    # `--print-config` writes `lora: null` for a full fine-tune; `finetune.lora.r=8` on it used to fail
+    assert main([str(DEMO), "--validate"]) == 0
+    written = tmp_path / "resolved.yaml"
+    written.write_text(capsys.readouterr().out)
+    assert main([str(written), "--validate", "finetune.method=lora", "finetune.lora.r=8",
+                 "distributed.deepspeed=null", "optimizer.betas=[0.8, 0.99]"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["finetune"]["lora"]["r"] == 8 and resolved["optimizer"]["betas"] == [0.8, 0.99]
+    assert resolved["distributed"] == {"accelerate_config": None, "deepspeed": None}
 
 
 def test_training_arguments_own_checks_exit_2(capsys, no_training):

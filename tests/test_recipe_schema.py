@@ -240,6 +240,17 @@ def test_every_problem_is_collected_at_once():
         "model.nmae", "data.max_length", "optimizer.name", "training.bogus", "hub.push"}
 
 
+def test_an_unknown_key_does_not_hide_the_checks_of_its_section():
+    problems = _problems(_recipe(model__quantisation="4bit", model__quantization="4bit",
+                                 finetune={"method": "full", "lora": {"r": 8, "dropuot": 0.1}}))
+    assert sorted(problems) == [
+        "finetune.lora is set but finetune.method is full; remove it or use lora/qlora",
+        "finetune.lora.dropuot: unknown key (did you mean 'dropout'?)",
+        "model.quantisation: unknown key (did you mean 'quantization'?)",
+        "model.quantization 4bit with finetune.method full: quantized weights cannot be trained directly; "
+        "use finetune.method qlora (or lora on 8bit)"], problems
+
+
 def test_every_optimizer_problem_is_collected_at_once():
     problems = _problems(_recipe(optimizer={"name": "tam", "lr": "fast", "betas": [0.9, 0.9], "nesterov": True,
                                             "momentum": math.inf}))

@@ -186,11 +186,33 @@ def _parse(raw, problems: list[str]) -> dict[str, Any] | None:
 
 
 def _parse_plain(name: str, value, problems: list[str]):
+    adapter = _section_adapter(name)
     try:
-        return _section_adapter(name).validate_python(value)
+        return adapter.validate_python(value)
     except ValidationError as exc:
         problems += _explain(exc, (name,), Recipe.model_fields[name].annotation)
-        return _INVALID
+        errors = exc.errors(include_url=False)
+    if all(e["type"] == "extra_forbidden" for e in errors):
+        # Unknown keys only: the section's settings are fine, so the checks that read it still run and every
+        # problem of the recipe is reported at once (the unknown keys already fail it).
+        pruned = _without(value, [e["loc"] for e in errors])
+        try:
+            return adapter.validate_python(pruned)
+        except ValidationError:
+            pass
+    return _INVALID
+
+
+def _without(value, locs: list[tuple]):
+    """A copy of ``value`` without the keys at ``locs`` (paths of dict keys and list indices)."""
+    if not locs:
+        return value
+    if isinstance(value, dict):
+        return {k: _without(v, [loc[1:] for loc in locs if loc[0] == k and len(loc) > 1])
+                for k, v in value.items() if (k,) not in locs}
+    if isinstance(value, list):
+        return [_without(v, [loc[1:] for loc in locs if loc[0] == i]) for i, v in enumerate(value)]
+    return value
 
 
 @functools.cache
