@@ -139,6 +139,7 @@ BAD = {
     "bool is not int": (dict(finetune={"method": "lora", "lora": {"r": True}}), ["finetune.lora.r: expected int"]),
     "bool is not float": (dict(optimizer__lr=True), ["optimizer.lr: expected float, got bool True"]),
     "str or list": (dict(data__train_file=3), ["data.train_file: expected a string or a list of strings, got int 3"]),
+    "key not a string": (dict(model={"name": "embedded:tiny-llama", 1: "x"}), ["model: key 1 is not a string"]),
     "list item type": (dict(eval={"metrics": ["perplexity", 3]}), ["eval.metrics[1]: expected str, got int 3"]),
     "bias_correction on tam": (dict(optimizer__name="tam", optimizer__bias_correction=True),
                                ["optimizer.bias_correction does not apply to tam (it takes lr, momentum,"]),
@@ -341,6 +342,13 @@ def test_duplicate_keys_are_an_error_naming_key_and_lines(tmp_path):
 def test_merge_keys_may_be_overridden():
     data = read_yaml("a: &a {x: 1, y: 2}\nb:\n  <<: *a\n  x: 3\n")
     assert data == {"a": {"x": 1, "y": 2}, "b": {"x": 3, "y": 2}}
+
+
+def test_yaml_errors_are_one_line_without_the_quoted_source(tmp_path):
+    (problem,) = _load_problems(tmp_path, "model: {name: [" + "x" * 10_000 + "\n")
+    assert problem.startswith("YAML could not be read: ") and "line 2" in problem and "xxxx" not in problem, problem
+    (problem,) = _load_problems(tmp_path, "model: !" + "t" * 10_000 + " x\n")
+    assert "could not determine a constructor for the tag" in problem and len(problem) < 300, problem
 
 
 def test_deep_nesting_is_a_recipe_error(tmp_path):

@@ -38,7 +38,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, TypeAdapter, ValidationError, create_model
 from pydantic_core import PydanticCustomError
 
-from tam_hf.finetune.recipe_yaml import MAX_DEPTH, clip, dump_yaml, read_yaml, short
+from tam_hf.finetune.recipe_yaml import MAX_DEPTH, clip, describe, dump_yaml, read_yaml, short
 from tam_hf.finetune.schema import (COMPLETION_FORMATS, DATA_DIR, DEFAULT_METRICS, EMBEDDED_MODELS, EMBEDDED_PREFIX,
                                     FILE_SUFFIXES, FORMAT_COLUMNS, HUB_ID, METRIC_TASKS, STRICT, TRAINING_OWNED,
                                     TRAINING_RANGES, DataConfig, DistributedConfig, EvalConfig, FinetuneConfig,
@@ -73,7 +73,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError([f"recipe could not be read: {clip(exc, 200)}"], str(path)) from None
     except yaml.YAMLError as exc:  # syntax, duplicate keys, nesting, aliases, and tags such as !!python/object
-        raise RecipeError([f"YAML could not be read: {exc}".replace("\n", " ")], str(path)) from None
+        raise RecipeError([f"YAML could not be read: {describe(exc)}"], str(path)) from None
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise RecipeError([f"the top level must be a mapping of sections, got {type(raw).__name__}"], str(path))
@@ -415,6 +415,8 @@ def _explain(exc: ValidationError, where: tuple, root, unknown: str = "unknown k
             choices = _literal_at(root, loc)
             out.append(f"{path}: {short(value)} is not one of {', '.join(map(repr, choices))}"
                        f"{_did_you_mean(str(value), [str(c) for c in choices])}")
+        elif kind == "invalid_key":
+            out.append(f"{_path(where + tuple(loc[:-1]))}: key {short(loc[-1])} is not a string")
         elif kind == "finite_number":
             out.append(f"{path}: {short(value)} is not a finite number")
         elif kind in _BOUNDS:

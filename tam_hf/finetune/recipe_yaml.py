@@ -23,7 +23,7 @@ from yaml.composer import ComposerError
 from yaml.constructor import ConstructorError
 from yaml.scanner import ScannerError
 
-__all__ = ["RecipeLoader", "read_yaml", "dump_yaml", "short", "clip", "MAX_DEPTH", "MAX_VALUES"]
+__all__ = ["RecipeLoader", "read_yaml", "dump_yaml", "describe", "short", "clip", "MAX_DEPTH", "MAX_VALUES"]
 
 MAX_DEPTH = 32  # a recipe needs about 5 (section, setting, list, item); training passthroughs a few more
 MAX_VALUES = 100_000  # scalars, lists and mappings once every alias is expanded
@@ -126,6 +126,16 @@ def read_yaml(text: str, source: str | None = None):
         return loader.get_single_data()
     finally:
         loader.dispose()
+
+
+def describe(exc: yaml.YAMLError) -> str:
+    """One line for a YAML error: what is wrong and where, without the source line it quotes (a long or
+    hostile line stays out of the message)."""
+    if not isinstance(exc, yaml.MarkedYAMLError):
+        return clip(" ".join(str(exc).split()), 200)
+    mark = exc.problem_mark or exc.context_mark
+    text = " ".join(clip(t, 160) for t in (exc.context, exc.problem) if t)
+    return f"{text} at line {mark.line + 1}, column {mark.column + 1}" if mark else text
 
 
 class _Dumper(yaml.SafeDumper):
