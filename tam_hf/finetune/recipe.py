@@ -408,7 +408,8 @@ def _explain(exc: ValidationError, where: tuple, root, unknown: str = "unknown k
         path = _path(where + tuple(loc))
         if kind == "missing":
             info = _field_at(root, loc)
-            out.append(f"{path}: required key is missing" + (f" ({info.description})" if info and info.description else ""))
+            help_text = f" ({info.description})" if info and info.description else ""
+            out.append(f"{path}: required key is missing{help_text}")
         elif kind == "extra_forbidden":
             out.append(f"{path}: {unknown}{_did_you_mean(str(loc[-1]), _names_at(root, loc[:-1]))}")
         elif kind == "literal_error":

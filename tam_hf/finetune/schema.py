@@ -148,7 +148,8 @@ class ModelConfig(_Section):
 class DataConfig(_Section):
     format: Literal["text", "prompt_completion", "instruction", "chat", "classification"] = Field(
         description="How rows become tokens; see FORMAT_COLUMNS for the columns each reads.")
-    dataset: Optional[str] = Field(None, description="Hub dataset id or local dataset directory (exclusive with train_file).")
+    dataset: Optional[str] = Field(
+        None, description="Hub dataset id or local dataset directory (exclusive with train_file).")
     config_name: Optional[str] = Field(None, description="Dataset configuration (subset) name.")
     train_file: Optional[StrOrList] = Field(None, description="Local json/jsonl/csv/parquet/txt file(s).")
     eval_file: Optional[StrOrList] = Field(None, description="Local evaluation file(s).")
@@ -225,7 +226,8 @@ class OptimizerConfig(_Section):
 
 class EvalConfig(_Section):
     metrics: Optional[list[str]] = Field(
-        None, description="Metric names; default: accuracy, f1 (labels), pearson, spearman (scores), perplexity (causal lm).")
+        None, description="Metric names; default: accuracy, f1 (labels), pearson, spearman (scores), perplexity "
+                          "(causal lm).")
     max_new_tokens: int = Field(16, ge=1, description="exact_match: tokens generated per answer.")
     max_generate_samples: int = Field(
         64, ge=1, description="exact_match: evaluation rows generated for (generation is slow).")
