@@ -225,3 +225,32 @@ def test_tam_finetune_compare_dispatches_to_compare(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["eval", "--help"])
     assert "usage: tam-finetune eval" in capsys.readouterr().out
+
+
+def test_run_errors_end_in_their_exit_code_and_bugs_keep_their_traceback(monkeypatch, capsys, tmp_path):
+    """The run command (tam_hf.finetune.main): a known error, or any error carrying an int ``exit_code``, is a
+    message and that code (its ``summary`` printed first); anything else propagates."""
+    import tam_hf.finetune.runner
+    from tam_hf import cli
+    from tam_hf.finetune.data import DataError
+
+    class Diverged(RuntimeError):
+        exit_code = 1
+        summary = {"optimizer": "adatamw", "steps": 7, "train_loss": float("nan"), "output_dir": "out"}
+
+    def raising(exc):
+        def finetune(recipe, callbacks=()):
+            raise exc
+        return finetune
+
+    cases = [(DataError("row 3 has no 'completion'"), 1, "data does not fit the recipe: row 3"),
+             (KeyboardInterrupt(), 130, "aborted"), (Diverged("loss is nan at step 7"), 1, "loss is nan at step 7")]
+    for exc, code, message in cases:
+        monkeypatch.setattr(tam_hf.finetune.runner, "finetune", raising(exc))
+        assert cli.main([str(DEMO), f"training.output_dir={tmp_path}"]) == code
+        out = capsys.readouterr()
+        assert message in out.err and "Traceback" not in out.err
+    assert "steps: 7" in out.out  # the Diverged run's own summary came first
+    monkeypatch.setattr(tam_hf.finetune.runner, "finetune", raising(ZeroDivisionError("a bug")))
+    with pytest.raises(ZeroDivisionError):
+        cli.main([str(DEMO), f"training.output_dir={tmp_path}"])

@@ -8,8 +8,9 @@ asked to, else train in this process and print the summary. :func:`run_recipe` r
 * 1 data that does not fit the recipe;
 * 130 interrupted (a second Ctrl-C) before a checkpoint could be saved.
 
-Errors raised by the run itself map to exit codes in :data:`RUN_ERRORS`: a new kind of failure that should end
-in a clear message instead of a traceback is one entry there.
+An error raised by the run ends in a message instead of a traceback when it carries its own ``exit_code``
+(an ``int`` attribute; a ``summary`` dict attribute, when set, is printed first), or when :data:`RUN_ERRORS`
+lists it. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ from tam_hf.finetune.recipe import RecipeError, load_recipe, to_yaml
 
 __all__ = ["run_recipe", "format_summary", "parser", "RUN_ERRORS"]
 
-# What the run may raise that deserves a message, not a traceback: exception -> (exit code, message on stderr).
-# The first matching entry wins, so put subclasses first.
+# Errors without an exit_code of their own -> (exit code, message on stderr). The first match wins.
 RUN_ERRORS: list[tuple[type[BaseException], int, str]] = [
     (DataError, 1, "error: data does not fit the recipe: {exc}"),
+    (RecipeError, 2, "error: {exc}"),  # a problem only the run could see (e.g. a model without a chat template)
     (KeyboardInterrupt, 130, "\naborted (second Ctrl-C): no checkpoint was written for the current step"),
 ]
 
@@ -56,15 +57,18 @@ def format_summary(s: dict) -> str:
     if s.get("interrupted"):
         lines.append(f"interrupted at step {s['steps']}; checkpoint: {s['checkpoint']}")
         lines.append("continue with: tam-finetune <recipe> resume=true")
-    lines.append(f"optimizer: {s['optimizer']}   steps: {s['steps']}   final train loss: {s['train_loss']:.4f}")
+    loss = s.get("train_loss")
+    loss = f"{loss:.4f}" if isinstance(loss, (int, float)) else "n/a"
+    lines.append(f"optimizer: {s.get('optimizer')}   steps: {s.get('steps')}   final train loss: {loss}")
     for key, value in (s.get("eval") or {}).items():
         lines.append(f"eval {key}: {value:.4f}" if isinstance(value, float) else f"eval {key}: {value}")
     d = s.get("damping")
     if d:
         lines.append(f"damping: mean {d['mean']:.3f}  min {d['min']:.3f}  max {d['max']:.3f}  "
                      f"below 0.5: {d['frac_below_half']:.0%} of tensors")
-    lines.append(f"wall time: {s['wall_s']:.1f} s")
-    lines.append(f"outputs: {s['output_dir']} (model, recipe.yaml, summary.json, checkpoints)")
+    if "wall_s" in s:
+        lines.append(f"wall time: {s['wall_s']:.1f} s")
+    lines.append(f"outputs: {s.get('output_dir')} (model, recipe.yaml, summary.json, checkpoints)")
     if "hub_folder" in s:
         lines.append(f"hub upload folder: {s['hub_folder']}")
     if "hub" in s:
@@ -102,10 +106,30 @@ def run_recipe(argv: list[str], prog: str = "tam-finetune") -> int:
 
     try:
         summary = finetune(recipe)
-    except tuple(kind for kind, _, _ in RUN_ERRORS) as exc:
-        code, message = next((c, m) for kind, c, m in RUN_ERRORS if isinstance(exc, kind))
-        print(message.format(exc=exc), file=sys.stderr)
+    except BaseException as exc:  # what _answer does not recognise is re-raised with its traceback
+        answer = _answer(exc)
+        if answer is None:
+            raise
+        code, message = answer
+        if isinstance(getattr(exc, "summary", None), dict) and _first_process():
+            print(format_summary(exc.summary))
+        print(message, file=sys.stderr)
         return code
-    if os.environ.get("RANK", "0") == "0":  # launched runs: one summary, from the first process
+    if _first_process():  # launched runs: one summary, from the first process
         print(format_summary(summary))
     return 0
+
+
+def _first_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _answer(exc: BaseException) -> tuple[int, str] | None:
+    """(exit code, message) for an error the user can act on; None for a bug."""
+    for kind, code, message in RUN_ERRORS:
+        if isinstance(exc, kind):
+            return code, message.format(exc=exc)
+    code = getattr(exc, "exit_code", None)
+    if isinstance(code, int) and not isinstance(code, bool):
+        return code, f"error: {exc}"
+    return None
