@@ -1,8 +1,9 @@
 """1-process vs 2-process parity of TAM under DDP and DeepSpeed ZeRO-1/2/3, through transformers.Trainer.
 
     python tests/dist/parity.py OUT ref                                   # 1 process, batch 8
-    torchrun --standalone --nproc_per_node 2 tests/dist/parity.py OUT ddp zero1 zero2 zero3 zero2-naive \
-        zero2-offload:tam-full guard dtensor                              # 2 processes, batch 4 each
+    torchrun --standalone --nproc_per_node 2 tests/dist/parity.py OUT ddp dtensor       # 2 processes, batch 4
+    torchrun --standalone --nproc_per_node 2 tests/dist/parity.py OUT zero1 zero2 zero3 zero2-naive \
+        zero2-offload:tam-full guard                                      # the same under DeepSpeed
 
 A backend may name its cases (``zero1:adatam-full+adatam-lora``); ``guard`` builds Trainers with the two
 configurations that would silently replace TAM and records the errors; ``dtensor`` runs dtensor_check.py (the
@@ -12,8 +13,9 @@ DTensor unit check and a real FSDP2 model). ``*-tamtrainer`` backends use the pr
 For every backend and case (AdaTAM / TAM, full / LoRA) it trains a tiny Llama for STEPS steps on fixed-length
 integer tokens and writes OUT/{backend}-{case}-rank{r}.pt with the full fp32 parameters, the damping of every
 tensor (per fragment on ZeRO), the stats all-reduces counted inside each optimizer.step() call and the number
-of step() calls per training step. ``zero2-naive`` is ZeRO-2 WITHOUT the statistics layer (the control: its
-damping must differ). tests/test_distributed.py compares the files.
+of step() calls per training step. ``zero2-naive`` is ZeRO-2 WITHOUT the statistics layer (the control: it must
+train all its steps and drift). tests/test_distributed.py runs the three launches side by side (the DeepSpeed one
+only where deepspeed is installed) and compares the files.
 """
 
 import json
@@ -74,10 +76,10 @@ class ParityTrainer(Trainer):
         super().__init__(*a, **kw)
         if install:
             assert attach(self, force=True) is not None
-        else:  # the control: register() put the statistics layer in every Trainer's default callbacks
+        else:  # the control: nothing registered (the tamtrainer runs unregister), so no statistics layer anywhere
             from tam_hf.trainer.distributed import TorqueStatsCallback
 
-            self.remove_callback(TorqueStatsCallback)
+            assert not any(isinstance(c, TorqueStatsCallback) for c in self.callback_handler.callbacks)
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -192,72 +194,81 @@ def reference_damping(tam, model) -> dict:
 
 
 def run(backend: str, case: str, out_dir: str) -> None:
-    opt_cls, opt_kwargs, lora = CASES[case]
     world = int(os.environ.get("WORLD_SIZE", "1"))  # the process group starts with TrainingArguments
     stage = int(backend[4]) if backend.startswith("zero") else None  # zero{1,2,3}[-offload|-naive|...]
     accum = 2 if "accum" in backend else 1  # zero2-accum: batch 2 x 2 accumulation steps per rank
     if "tamtrainer" in backend:
         import tam_hf
 
-        tam_hf.trainer.register()  # before TrainingArguments(optim="adatam")
-    tmp = os.path.join(out_dir, "work", f"{backend}-{case}")  # shared by the ranks: checkpoints live here
-    if True:  # (one indentation level for the helpers below)
-        def make_args(max_steps, **extra):
-            extra = {"save_strategy": "no", **extra}
-            return TrainingArguments(
-                output_dir=tmp, per_device_train_batch_size=GLOBAL_BATCH // world // accum, max_steps=max_steps,
-                gradient_accumulation_steps=accum,
-                learning_rate=opt_kwargs["lr"], lr_scheduler_type="constant", use_cpu=True, report_to=[],
-                logging_strategy="no", seed=0, data_seed=0,
-                train_sampling_strategy="sequential", disable_tqdm=True, dataloader_num_workers=0,
-                deepspeed=backend_ds_config(backend, stage) if stage else None,
-                **(dict(optim=case.split("-")[0], weight_decay=opt_kwargs.get("weight_decay", 0.0))
-                   if "tamtrainer" in backend else {}),
-                **extra,
-            )
-
-        def make_trainer(args, callbacks):
-            model = build_model(lora)
-            if "tamtrainer" in backend:  # the real TAMTrainer, optimizer chosen by args.optim
-                assert case in ("adatam-full", "adatam-lora"), case
-                return tam_trainer_class()(model=model, args=args, train_dataset=Tokens(), callbacks=callbacks)
-            return ParityTrainer(model=model, args=args, train_dataset=Tokens(), opt_cls=opt_cls,
-                                 opt_kwargs=opt_kwargs, install=not backend.endswith("naive"), callbacks=callbacks)
-
-        resume = None
-        if "resume" in backend:  # 2 steps, checkpoint, then a fresh Trainer resumes to STEPS
-            first = make_trainer(make_args(STEPS // 2, save_strategy="steps", save_steps=STEPS // 2), [])
-            first.train()
-            resume = os.path.join(tmp, f"checkpoint-{STEPS // 2}")
-            _release(first, stage)
-        counter = CountCollectives()
-        trainer = make_trainer(make_args(STEPS), [counter])
+        tam_hf.register()  # before TrainingArguments(optim="adatam"); undone at the end of this run
         try:
-            trainer.train(resume_from_checkpoint=resume)
+            return _run(backend, case, out_dir, world, stage, accum)
         finally:
-            counter.restore()
-        tam, _ = find_torque_optimizer(trainer.optimizer)
-        sharded = tam.stats_reducer
-        gathered = {}
-        if sharded is not None:
-            damping = sharded.local_damping()
-            gathered = sharded.gathered_damping()
-        elif stage:  # the naive control: one "tensor" per flat partition
-            damping = {"__flat__": tam.damping()["d"].tolist()}
-        else:
-            damping = reference_damping(tam, trainer.model_wrapped)
-        result = {
-            "params": full_params(trainer.model_wrapped, zero=stage is not None),
-            "exp_avg": full_state(trainer.model_wrapped, tam, "exp_avg", zero=stage is not None)
-            if "exp_avg" in tam._buffer_names and "naive" not in backend else {},
-            "damping": damping,
-            "allreduces": counter.allreduces,
-            "steps_per_train_step": counter.steps_per_train_step,
-            "n_groups": len(tam.param_groups),
-            "installed": sharded is not None,
-            "gathered_damping": gathered,
-            "world": world,
-        }
+            tam_hf.unregister()
+    return _run(backend, case, out_dir, world, stage, accum)
+
+
+def _run(backend, case, out_dir, world, stage, accum) -> None:
+    opt_cls, opt_kwargs, lora = CASES[case]
+    tmp = os.path.join(out_dir, "work", f"{backend}-{case}")  # shared by the ranks: checkpoints live here
+
+    def make_args(max_steps, **extra):
+        extra = {"save_strategy": "no", **extra}
+        return TrainingArguments(
+            output_dir=tmp, per_device_train_batch_size=GLOBAL_BATCH // world // accum, max_steps=max_steps,
+            gradient_accumulation_steps=accum,
+            learning_rate=opt_kwargs["lr"], lr_scheduler_type="constant", use_cpu=True, report_to=[],
+            logging_strategy="no", seed=0, data_seed=0,
+            train_sampling_strategy="sequential", disable_tqdm=True, dataloader_num_workers=0,
+            deepspeed=backend_ds_config(backend, stage) if stage else None,
+            **(dict(optim=case.split("-")[0], weight_decay=opt_kwargs.get("weight_decay", 0.0))
+               if "tamtrainer" in backend else {}),
+            **extra,
+        )
+
+    def make_trainer(args, callbacks):
+        model = build_model(lora)
+        if "tamtrainer" in backend:  # the real TAMTrainer, optimizer chosen by args.optim
+            assert case in ("adatam-full", "adatam-lora"), case
+            return tam_trainer_class()(model=model, args=args, train_dataset=Tokens(), callbacks=callbacks)
+        return ParityTrainer(model=model, args=args, train_dataset=Tokens(), opt_cls=opt_cls,
+                             opt_kwargs=opt_kwargs, install=not backend.endswith("naive"), callbacks=callbacks)
+
+    resume = None
+    if "resume" in backend:  # 2 steps, checkpoint, then a fresh Trainer resumes to STEPS
+        first = make_trainer(make_args(STEPS // 2, save_strategy="steps", save_steps=STEPS // 2), [])
+        first.train()
+        resume = os.path.join(tmp, f"checkpoint-{STEPS // 2}")
+        _release(first, stage)
+    counter = CountCollectives()
+    trainer = make_trainer(make_args(STEPS), [counter])
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    finally:
+        counter.restore()
+    tam, _ = find_torque_optimizer(trainer.optimizer)
+    sharded = tam.stats_reducer
+    gathered = {}
+    if sharded is not None:
+        damping = sharded.local_damping()
+        gathered = sharded.gathered_damping()
+    elif stage:  # the naive control: one "tensor" per flat partition
+        damping = {"__flat__": tam.damping()["d"].tolist()}
+    else:
+        damping = reference_damping(tam, trainer.model_wrapped)
+    result = {
+        "params": full_params(trainer.model_wrapped, zero=stage is not None),
+        "exp_avg": full_state(trainer.model_wrapped, tam, "exp_avg", zero=stage is not None)
+        if "exp_avg" in tam._buffer_names and "naive" not in backend else {},
+        "damping": damping,
+        "allreduces": counter.allreduces,
+        "steps_per_train_step": counter.steps_per_train_step,
+        "n_groups": len(tam.param_groups),
+        "installed": sharded is not None,
+        "gathered_damping": gathered,
+        "world": world,
+        "global_step": trainer.state.global_step,
+    }
     rank = dist.get_rank() if dist.is_initialized() else 0
     torch.save(result, os.path.join(out_dir, f"{backend}-{case}-rank{rank}.pt"))
     _release(trainer, stage)
