@@ -254,3 +254,16 @@ def test_run_errors_end_in_their_exit_code_and_bugs_keep_their_traceback(monkeyp
     monkeypatch.setattr(tam_hf.finetune.runner, "finetune", raising(ZeroDivisionError("a bug")))
     with pytest.raises(ZeroDivisionError):
         cli.main([str(DEMO), f"training.output_dir={tmp_path}"])
+
+
+def test_compare_stops_on_a_run_error_with_its_exit_code(tmp_path, monkeypatch, capsys):
+    from tam_hf.finetune.data import DataError
+
+    def execute(run, keep_models=False):
+        raise DataError("row 3 has no 'completion'")
+
+    monkeypatch.setattr(compare, "execute", execute)
+    argv = [str(DEMO), "--optimizers", "adamw", "--seeds", "1", "--out", str(tmp_path)]
+    assert compare.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "adamw seed 0: error: data does not fit the recipe: row 3" in err and "rerun the same command" in err

@@ -345,6 +345,15 @@ def main(argv: list[str] | None = None) -> int:
             except KeyboardInterrupt:
                 print("compare interrupted; rerun the same command to continue", file=sys.stderr)
                 return 130
+            except Exception as exc:  # the run command's answer to a user-facing error; a bug keeps its traceback
+                from tam_hf.finetune.main import exit_for
+
+                answer = exit_for(exc)
+                if answer is None:
+                    raise
+                print(f"{run.label} seed {run.seed}: {answer[1]}\nfinished runs are kept; fix the cause and rerun "
+                      "the same command to continue", file=sys.stderr)
+                return answer[0]
             print(f"[{i}/{len(todo)}] finished in {time.time() - started:.0f} s", flush=True)
     results = [json.loads((r.directory / "result.json").read_text()) for r in runs if r.done]
     if not results:

@@ -24,7 +24,7 @@ from tam_hf.finetune.data import DataError
 from tam_hf.finetune.launch import launch_command, launch_problems
 from tam_hf.finetune.recipe import RecipeError, load_recipe, to_yaml
 
-__all__ = ["run_recipe", "format_summary", "parser", "RUN_ERRORS"]
+__all__ = ["run_recipe", "format_summary", "parser", "exit_for", "RUN_ERRORS"]
 
 # Errors without an exit_code of their own -> (exit code, message on stderr). The first match wins.
 RUN_ERRORS: list[tuple[type[BaseException], int, str]] = [
@@ -106,8 +106,8 @@ def run_recipe(argv: list[str], prog: str = "tam-finetune") -> int:
 
     try:
         summary = finetune(recipe)
-    except BaseException as exc:  # what _answer does not recognise is re-raised with its traceback
-        answer = _answer(exc)
+    except BaseException as exc:  # what exit_for does not recognise is re-raised with its traceback
+        answer = exit_for(exc)
         if answer is None:
             raise
         code, message = answer
@@ -124,7 +124,7 @@ def _first_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def _answer(exc: BaseException) -> tuple[int, str] | None:
+def exit_for(exc: BaseException) -> tuple[int, str] | None:
     """(exit code, message) for an error the user can act on; None for a bug."""
     for kind, code, message in RUN_ERRORS:
         if isinstance(exc, kind):
