@@ -112,6 +112,23 @@ def test_default_metrics_follow_the_task():
     assert validate_recipe(cls).eval.metrics == ["pearson", "spearman"]
 
 
+def test_an_evaluate_metric_script_is_a_metric(tmp_path):
+    script = tmp_path / "agree" / "agree.py"
+    script.parent.mkdir()
+    script.write_text("import datasets\nimport evaluate\n\n\nclass Agree(evaluate.Metric):\n"
+                      "    def _info(self):\n        return evaluate.MetricInfo(description='', citation='', "
+                      "inputs_description='', features=datasets.Features({'predictions': datasets.Value('int64'), "
+                      "'references': datasets.Value('int64')}))\n\n"
+                      "    def _compute(self, predictions, references):\n        return {'agree': 1.0}\n")
+    cls = _recipe(task="sequence_classification",
+                  data={"format": "classification", "train_file": "embedded:study/sentiment_train.jsonl",
+                        "eval_file": "embedded:study/sentiment_eval.jsonl"}, eval={"metrics": ["accuracy", str(script)]})
+    assert validate_recipe(cls).eval.metrics == ["accuracy", str(script)]
+    # the same script on a causal-LM task gets generated text, not class ids: refused
+    (problem,) = _problems(_recipe(eval={"metrics": [str(script)]}))
+    assert "compares class ids or scores, but task causal_lm gives it text" in problem, problem
+
+
 def test_lr_written_as_yaml_1_1_string_is_a_float():
     # YAML 1.1 reads `1e-4` (no dot) as a string; accepting it spares users a classic silent trap.
     assert validate_recipe(_recipe(optimizer__lr="1e-4")).optimizer.lr == 1e-4
@@ -178,6 +195,10 @@ BAD = {
     "training wrong type": (dict(training={"max_steps": "ten"}), ["training.max_steps: expected int, got str 'ten'"]),
     "metric for other task": (dict(eval={"metrics": ["accuracy"]}), ["accuracy does not apply to task causal_lm"]),
     "unknown metric": (dict(eval={"metrics": ["perplexty"]}), ["unknown metric 'perplexty' (did you mean 'perplexity'?)"]),
+    "missing metric script": (dict(eval={"metrics": ["perplexity", "./no/such_metric.py"]}),
+                              ["eval.metrics: metric script not found: ./no/such_metric.py"]),
+    "unknown metric names the other forms": (dict(eval={"metrics": ["bleu"]}),
+                                             ["unknown metric 'bleu'", "or evaluate:NAME[/CONFIG], or a metric script"]),
     "push without repo": (dict(hub={"push": True}), ["hub.push is true but hub.repo_id is not set"]),
     "format vs task": (dict(task="sequence_classification"), ["needs data.format classification"]),
     "column not read by format": (dict(data__columns={"question": "q"}), ["data.columns.question: format prompt_completion reads"]),

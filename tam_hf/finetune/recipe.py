@@ -670,14 +670,23 @@ def _check_finetune(r, problems: list[str]) -> None:
 
 
 def _check_eval(r, problems: list[str]) -> None:
+    from tam_hf.finetune.hf_metrics import metric_problems, parse_metric
+
     target = _target(r.task, r.data)
+    named = []  # built-in, evaluate:NAME or a metric script: hf_metrics loads the last two and checks their inputs
     for metric in r.eval.metrics:
         if metric not in METRIC_TASKS:
+            if parse_metric(metric).kind in ("hub", "local"):
+                named.append(metric)
+                continue
             problems.append(f"eval.metrics: unknown metric {short(metric)}{_did_you_mean(metric, METRIC_TASKS)}; "
-                            f"known: {', '.join(METRIC_TASKS)}")
-        elif (r.task, target) not in METRIC_TASKS[metric]:
+                            f"known: {', '.join(METRIC_TASKS)}, or evaluate:NAME[/CONFIG], or a metric script")
+            continue
+        named.append(metric)
+        if (r.task, target) not in METRIC_TASKS[metric]:
             problems.append(f"eval.metrics: {metric} does not apply to task {r.task}"
                             + (f" with data.target {target}" if target else ""))
+    problems += metric_problems(named, r.task)
     if "exact_match" in r.eval.metrics and r.data.format not in ("prompt_completion", "instruction"):
         problems.append(f"eval.metrics: exact_match needs prompt_completion or instruction data (got {r.data.format})")
     if r.eval.answer_pattern is not None:
