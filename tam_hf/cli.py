@@ -3,10 +3,11 @@
     tam-finetune RECIPE.yaml [key.path=value ...]        the same as: tam-finetune run RECIPE.yaml ...
     tam-finetune compare RECIPE.yaml --optimizers adamw,adatamw --seeds 3
     tam-finetune eval RUN_DIR --tasks hellaswag
+    tam-finetune push RUN_DIR --repo-id USER/NAME
 
 Each command is a ``main(argv) -> exit code`` in the layer that does the work (see :data:`COMMANDS`); this
 module parses nothing else. Exit codes are the command's: for ``run`` 0 done, 2 invalid recipe, 1 data that
-does not fit the recipe, 130 interrupted (:mod:`tam_hf.finetune.main`).
+does not fit the recipe, 130 / 143 interrupted by Ctrl-C / SIGTERM (:mod:`tam_hf.finetune.main`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "compare": ("tam_hf.compare.study", "main",
                 "run one recipe under several optimizers and seeds; report mean ± std with plots"),
     "eval": ("tam_hf.finetune.lm_eval", "main", "lm-evaluation-harness on a finished run's model (the eval extra)"),
+    "push": ("tam_hf.finetune.hub", "push_main", "upload a finished run's hub_upload/ folder (e.g. after a failed push)"),
 }
 DEFAULT = "run"
 

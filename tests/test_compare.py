@@ -222,9 +222,10 @@ def test_tam_finetune_compare_dispatches_to_compare(tmp_path, capsys):
         cli.main(["--help"])
     overview = capsys.readouterr().out
     assert all(f"  {name} " in overview for name in cli.COMMANDS)
-    with pytest.raises(SystemExit):
-        cli.main(["eval", "--help"])
-    assert "usage: tam-finetune eval" in capsys.readouterr().out
+    for name in ("eval", "push"):
+        with pytest.raises(SystemExit):
+            cli.main([name, "--help"])
+        assert f"usage: tam-finetune {name}" in capsys.readouterr().out
 
 
 def test_run_errors_end_in_their_exit_code_and_bugs_keep_their_traceback(monkeypatch, capsys, tmp_path):
@@ -251,6 +252,12 @@ def test_run_errors_end_in_their_exit_code_and_bugs_keep_their_traceback(monkeyp
         out = capsys.readouterr()
         assert message in out.err and "Traceback" not in out.err
     assert "steps: 7" in out.out  # the Diverged run's own summary came first
+    for name, code in (("SIGTERM", 143), ("SIGINT", 130)):  # stopped at a step end: summary, then 128 + signal
+        summary = {"optimizer": "adatamw", "steps": 3, "train_loss": 1.0, "output_dir": "out", "interrupted": True,
+                   "signal": name, "checkpoint": "out/checkpoint-3", "status": "interrupted"}
+        monkeypatch.setattr(tam_hf.finetune.runner, "finetune", lambda recipe, callbacks=(), s=summary: s)
+        assert cli.main([str(DEMO), f"training.output_dir={tmp_path}"]) == code
+        assert "interrupted at step 3" in capsys.readouterr().out
     monkeypatch.setattr(tam_hf.finetune.runner, "finetune", raising(ZeroDivisionError("a bug")))
     with pytest.raises(ZeroDivisionError):
         cli.main([str(DEMO), f"training.output_dir={tmp_path}"])

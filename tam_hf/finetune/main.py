@@ -6,7 +6,9 @@ asked to, else train in this process and print the summary. :func:`run_recipe` r
 * 0 done (or ``--validate`` found the recipe valid);
 * 2 invalid recipe: every problem listed on stderr, nothing loaded;
 * 1 data that does not fit the recipe;
-* 130 interrupted (a second Ctrl-C) before a checkpoint could be saved.
+* 130 (Ctrl-C) or 143 (SIGTERM), 128 + the signal as a shell reports a process stopped by it: interrupted. After
+  the first signal the run saves a checkpoint at the end of the step, prints its summary and still exits with
+  this code, so a scheduler or script sees that the work is not done; a second Ctrl-C aborts at once (130).
 
 An error raised by the run ends in a message instead of a traceback when it carries its own ``exit_code``
 (an ``int`` attribute; a ``summary`` dict attribute, when set, is printed first), or when :data:`RUN_ERRORS`
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 
@@ -117,6 +120,8 @@ def run_recipe(argv: list[str], prog: str = "tam-finetune") -> int:
         return code
     if _first_process():  # launched runs: one summary, from the first process
         print(format_summary(summary))
+    if summary.get("interrupted"):
+        return 128 + int(getattr(signal, str(summary.get("signal") or "SIGINT"), signal.SIGINT))
     return 0
 
 
