@@ -35,12 +35,13 @@ def _files(value) -> list[str]:
 def _check_file(path: str, builder: str) -> None:
     """Empty and binary files, found from the file's size and first bytes."""
     p = Path(path)
-    if p.stat().st_size == 0 or (builder in _TEXT_BUILDERS and not p.read_bytes()[:_SNIFF].strip()):
+    with open(p, "rb") as f:
+        head = f.read(_SNIFF)
+    size = p.stat().st_size
+    if size == 0 or (builder in _TEXT_BUILDERS and size <= _SNIFF and not head.strip()):
         raise DataError(f"{path}: the file is empty")
     if builder not in _TEXT_BUILDERS:
         return
-    with open(p, "rb") as f:
-        head = f.read(_SNIFF)
     try:
         codecs.getincrementaldecoder("utf-8")().decode(head, final=False)  # a character cut at the end is fine
         binary = b"\x00" in head
@@ -261,13 +262,14 @@ class _Locator:
 
     @staticmethod
     def _row_lines(path: str) -> list[int] | None:
-        suffix = Path(path).suffix
-        if FILE_SUFFIXES.get(suffix) == "text":
-            return list(range(1, len(Path(path).read_text(errors="replace").splitlines()) + 1))
-        if FILE_SUFFIXES.get(suffix) != "json" or Path(path).read_text(errors="replace").lstrip().startswith("["):
+        """The line number of each row, for files whose rows are lines (JSON lines, plain text)."""
+        builder = FILE_SUFFIXES.get(Path(path).suffix)
+        text = Path(path).read_text(errors="replace")
+        if builder == "text":
+            return list(range(1, len(text.splitlines()) + 1))
+        if builder != "json" or text.lstrip().startswith("["):
             return None
-        lines = Path(path).read_text(errors="replace").splitlines()
-        return [n for n, line in enumerate(lines, 1) if line.strip()]
+        return [n for n, line in enumerate(text.splitlines(), 1) if line.strip()]
 
     def __call__(self, index: int) -> str:
         position = index

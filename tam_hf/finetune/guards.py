@@ -29,25 +29,27 @@ __all__ = ["nonfinite_guard", "nonfinite_parameters"]
 _NONE = 2**62  # "no bad step yet" (kept as the minimum over steps)
 
 
-def nonfinite_parameters(model) -> list[str]:
-    """Names of the parameters holding a NaN or an infinity (one host sync)."""
-    named = [(n, p.to_local() if hasattr(p, "to_local") else p) for n, p in model.named_parameters()]
-    named = [(n, p.detach()) for n, p in named if p.numel() > 0]
-    if not named:
-        return []
-    device = named[0][1].device
-    finite = torch.stack([p.isfinite().all().to(device) for _, p in named])
-    if bool(finite.all()):
-        return []
-    return [n for (n, _), ok in zip(named, finite.tolist()) if not ok]
-
-
-def _all_reduce_min(value: torch.Tensor) -> torch.Tensor:
+def _all_reduce(value: torch.Tensor, op: str) -> torch.Tensor:
+    """In a launched run, combine `value` over the ranks: with sharded parameters or gradients a NaN may sit in
+    one rank's shard only, and every rank must stop at the same step."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(value, op=dist.ReduceOp.MIN)  # sharded gradients: every rank must stop at the same step
+        dist.all_reduce(value, op=getattr(dist.ReduceOp, op))
     return value
+
+
+def nonfinite_parameters(model, device=None) -> list[str]:
+    """Names of the parameters (of this rank's shards) holding a NaN or an infinity; in a launched run every
+    rank learns whether any rank found one ("on another rank" then). One host sync."""
+    named = [(n, p.to_local() if hasattr(p, "to_local") else p) for n, p in model.named_parameters()]
+    named = [(n, p.detach()) for n, p in named if p.numel() > 0]
+    device = device or (named[0][1].device if named else "cpu")
+    finite = torch.stack([p.isfinite().all().to(device) for _, p in named]) if named else torch.ones(1, dtype=torch.bool)
+    anywhere = _all_reduce((~finite).any().to(device, torch.int32), "MAX")
+    if not bool(anywhere):
+        return []
+    return [n for (n, _), ok in zip(named, finite.tolist()) if not ok] or ["(on another rank)"]
 
 
 def nonfinite_guard(resumed_from: str | None = None):
@@ -65,14 +67,16 @@ def nonfinite_guard(resumed_from: str | None = None):
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             self.started = True
             self._watch_gradients = not args.fp16
+            if self._watch_gradients:  # on every rank, so that each takes part in the check's all-reduce
+                self._first_bad = torch.full((), _NONE, dtype=torch.int64, device=args.device)
             if resumed_from is not None:
-                bad = nonfinite_parameters(model)
+                bad = nonfinite_parameters(model, args.device)
                 if bad:
                     raise NonFiniteError(f"the checkpoint {resumed_from} holds non-finite weights ({len(bad)} "
                                          f"tensor(s), first {bad[0]}): it cannot be trained from")
 
         def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-            if not self._watch_gradients or model is None:
+            if self._first_bad is None or model is None:
                 return
             grads = [p.grad for p in model.parameters() if p.grad is not None]
             grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
@@ -83,25 +87,25 @@ def nonfinite_guard(resumed_from: str | None = None):
             # max |g| is finite exactly when every element is (NaN propagates), and cannot overflow
             largest = torch.stack([n.to(device, torch.float32) for n in torch._foreach_norm(grads, float("inf"))])
             step = torch.where(largest.isfinite().all(), _NONE, state.global_step + 1)
-            self._first_bad = step if self._first_bad is None else torch.minimum(self._first_bad, step)
+            self._first_bad = torch.minimum(self._first_bad, step.to(self._first_bad.device))
 
-        def _check(self, state, control, model):
+        def _check(self, args, state, control, model):
             if self._first_bad is not None:
-                first = int(_all_reduce_min(self._first_bad.clone()).item())
+                first = int(_all_reduce(self._first_bad.clone(), "MIN").item())
                 if first != _NONE:
                     raise NonFiniteError(f"the gradient became non-finite (NaN or infinity) at step {first}")
             if control.should_save and model is not None:
-                bad = nonfinite_parameters(model)
+                bad = nonfinite_parameters(model, args.device)
                 if bad:
                     raise NonFiniteError(f"the weights became non-finite by step {state.global_step} ({len(bad)} "
                                          f"tensor(s), first {bad[0]})")
 
         def on_step_end(self, args, state, control, model=None, **kwargs):
             if control.should_log or control.should_save or control.should_evaluate or control.should_training_stop:
-                self._check(state, control, model)
+                self._check(args, state, control, model)
 
         def on_epoch_end(self, args, state, control, model=None, **kwargs):
-            self._check(state, control, model)
+            self._check(args, state, control, model)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             for key in ("loss", "grad_norm") if self._watch_gradients else ("loss",):
