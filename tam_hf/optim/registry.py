@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from tam_hf.optim.tam import TAM, AdaTAM, AdaTAMW
+from tam_hf.optim.tam8bit import AdaTAM8bit, AdaTAMW8bit
 
 __all__ = ["OptimizerSpec", "OPTIMIZERS", "TRAINING_ARGS_FIELDS", "MEAN_DAMPING", "add", "get", "torque_names"]
 
@@ -154,6 +155,10 @@ def torque_names() -> tuple[str, ...]:
 add(OptimizerSpec("tam", TAM, "sgd", torque=True, help="TAM, the SGD form (about 2x an SGD-momentum lr)"))
 add(OptimizerSpec("adatam", AdaTAM, "adam", torque=True, help="AdaTAM, coupled weight decay (about 0.2x AdamW's lr)"))
 add(OptimizerSpec("adatamw", AdaTAMW, "adam", torque=True, help="AdaTAMW, decoupled weight decay (about 0.2x AdamW's lr)"))
+add(OptimizerSpec("adatam_8bit", AdaTAM8bit, "adam", torque=True,
+                  help="AdaTAM with 8-bit moments (bitsandbytes; about 0.2x AdamW's lr; DDP only, not ZeRO/FSDP2)"))
+add(OptimizerSpec("adatamw_8bit", AdaTAMW8bit, "adam", torque=True,
+                  help="AdaTAMW with 8-bit moments (bitsandbytes; about 0.2x AdamW's lr; DDP only, not ZeRO/FSDP2)"))
 add(OptimizerSpec("adamw", torch.optim.AdamW, "adam", torque=False, hf_optim="adamw_torch",
                   help="torch AdamW, the reference"))
 add(OptimizerSpec("sgd", torch.optim.SGD, "sgd", torque=False, hf_optim="sgd",
