@@ -8,6 +8,7 @@ import torch
 from tam_hf import TAM, AdaTAM, AdaTAMW
 from tam_hf.optim import fused
 from tam_hf.optim.reference import ReferenceTorque
+from tam_hf.optim.tam import _default_impl, adatam, tam
 
 SHAPES = [(), (7,), (5, 3), (2, 3, 4), (11, 6)]
 KINDS = ["tam", "adatam", "adatamw"]
@@ -251,8 +252,8 @@ def test_fused_true_rejects_unsupported_parameters():
 @pytest.mark.parametrize("cls", [TAM, AdaTAM, AdaTAMW])
 def test_default_path_is_fused_on_cpu(cls):
     p = torch.nn.Parameter(torch.randn(3))
-    opt = cls([p], lr=1e-3)
-    assert opt._impl(opt.param_groups[0], [p]) == ("fused" if fused.available() else "single")
+    assert _default_impl([p], None, None) == ("fused" if fused.available() else "single")
+    assert _default_impl([p], True, None) == "foreach" and _default_impl([p], False, False) == "single"
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -389,7 +390,7 @@ def test_without_a_compiler_the_default_falls_back_to_eager(monkeypatch, tmp_pat
     p.grad = torch.randn(4, 3)
     with pytest.warns(RuntimeWarning, match="using the eager single-tensor path"):
         opt.step()
-    assert opt._impl(opt.param_groups[0], [p]) == "single" and torch.isfinite(p).all()
+    assert _default_impl([p], None, None) == "single" and torch.isfinite(p).all()
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -430,15 +431,12 @@ def test_fused_statistics_are_the_same_bits_for_any_thread_count():
         pytest.skip("fused kernels unavailable")
     gen = torch.Generator().manual_seed(17)
     m, g = torch.randn(1_000_003, generator=gen), torch.randn(1_000_003, generator=gen)
-    kernel = fused.kernel("tam_stats", torch.float32)
     threads = torch.get_num_threads()
     results = []
     try:
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            out = torch.zeros(3, dtype=torch.float64)
-            kernel(m.numel(), m.data_ptr(), g.data_ptr(), m.data_ptr(), 1.0, 0.0, out.data_ptr())
-            results.append(out)
+            results.append(fused.statistics([m], [g], [m], sign=1.0, weight_decay=0.0)[0])
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(results[0], r) for r in results[1:])
@@ -464,3 +462,58 @@ def test_a_compiler_without_openmp_still_gets_serial_kernels(monkeypatch, tmp_pa
         opt.step()
         ref.step([g])
     torch.testing.assert_close(p.detach(), ref.params[0], rtol=1e-10, atol=1e-10)
+
+
+def functional_run(kind, init, grad_steps, impl_kw, **kw):
+    """Steps the functional API with state it keeps itself, as a caller would (tensors without a gradient
+    skipped); returns the parameters and state."""
+    params = [x.clone() for x in init]
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    s = [torch.zeros((), dtype=torch.float32) for _ in params]
+    t = [0] * len(params)
+    for grads in grad_steps:
+        idx = [i for i, g in enumerate(grads) if g is not None]
+        pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
+        for i in idx:
+            t[i] += 1
+        if kind == "tam":
+            tam(pick(params), pick(grads), pick(m), pick(s), lr=0.05, momentum=0.9, decay_rate=0.9, damping_eps=1e-8,
+                weight_decay=kw.get("weight_decay", 0.0), **impl_kw)
+        else:
+            adatam(pick(params), pick(grads), pick(m), pick(v), pick(s), lr=0.01, beta1=0.9, beta2=0.999,
+                   decay_rate=0.9, damping_eps=1e-8, eps=1e-8,
+                   weight_decay=kw.get("weight_decay", 0.01 if kind == "adatamw" else 0.0),
+                   decoupled_weight_decay=kind == "adatamw", bias_correction=kw.get("bias_correction", False),
+                   steps=[float(x) for x in pick(t)], **impl_kw)
+    return params, m, v, s
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("impl", [None] + IMPLS)
+@pytest.mark.parametrize("extra", [{}, {"weight_decay": 0.1}, {"bias_correction": True}], ids=["plain", "wd", "bc"])
+def test_functional_and_class_agree_bit_for_bit(kind, impl, extra):
+    """Same path chosen (the default included), same flow: the same bits after every step."""
+    if kind == "tam" and "bias_correction" in extra:
+        pytest.skip("TAM has no bias correction")
+    impl_kw = {None: {}, "single": dict(foreach=False, fused=False), "foreach": dict(foreach=True),
+               "fused": dict(fused=True)}[impl]
+    shapes = [(16, 8), (8,), (5, 2, 3), ()]
+    init = [torch.randn(s, generator=torch.Generator().manual_seed(20 + i)) for i, s in enumerate(shapes)]
+    grad_steps = [[None if g is None else g.float() for g in gs] for gs in gradient_stream(shapes, 8, seed=21)]
+    cls_params = [torch.nn.Parameter(x.clone()) for x in init]
+    cls = {"tam": TAM, "adatam": AdaTAM, "adatamw": AdaTAMW}[kind]
+    opt = cls(cls_params, lr=0.05 if kind == "tam" else 0.01, **impl_kw, **extra)
+    for n in range(1, len(grad_steps) + 1):
+        for p, g in zip(cls_params, grad_steps[n - 1]):
+            p.grad = g
+        opt.step()
+        params, m, v, s = functional_run(kind, init, grad_steps[:n], impl_kw, **extra)
+        for i, p in enumerate(cls_params):
+            assert torch.equal(p.detach(), params[i]), f"step {n}, tensor {i}"
+            st = opt.state.get(p)
+            if not st:
+                continue
+            assert torch.equal(st[opt.state_buffers[0]], m[i]) and torch.equal(st["s"], s[i])
+            if kind != "tam":
+                assert torch.equal(st["exp_avg_sq"], v[i])

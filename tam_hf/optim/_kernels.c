@@ -64,9 +64,11 @@ static double cosine_of(const double *st) {
             long hi = (c + 1) * CHUNK < n ? (c + 1) * CHUNK : n;                                \
             chunk_stats_##SUF(c * CHUNK, hi, m, g, p, sign, wd, part + 3 * c);                  \
         }                                                                                       \
+        double mg = 0.0, mm = 0.0, gg = 0.0;                                                    \
         for (long c = 0; c < chunks; c++) {                                                     \
-            out[0] += part[3 * c]; out[1] += part[3 * c + 1]; out[2] += part[3 * c + 2];        \
+            mg += part[3 * c]; mm += part[3 * c + 1]; gg += part[3 * c + 2];                    \
         }                                                                                       \
+        out[0] = mg; out[1] = mm; out[2] = gg;                                                  \
         if (part != on_stack) free(part);                                                       \
     }                                                                                           \
     void tam_update_##SUF(long n, T *p, const T *g, T *m, T sign, T wd, T a, T momentum, T lr) { \
@@ -108,8 +110,28 @@ static double cosine_of(const double *st) {
     }
 
 /* Many tensors in one call: a LoRA model has hundreds of small tensors, and a ctypes call per tensor would
-   cost more than the arithmetic. */
+   cost more than the arithmetic. The *_stats_batch and *_update_batch pair serves the steps where something
+   sits between statistics and update (sharded statistics, the global scope): out holds 3 doubles per tensor,
+   a one coefficient per tensor. fused.py checks every pointer's tensor (numel, dtype, contiguity, device)
+   before it calls any of these. */
 #define DEFINE_BATCH(T, S, SUF)                                                                 \
+    void tam_stats_batch_##SUF(long count, const long *n, T **m, T **g, T **p, T sign, T wd,     \
+                               double *out) {                                                   \
+        for (long k = 0; k < count; k++)                                                        \
+            tam_stats_##SUF(n[k], m[k], g[k], p[k], sign, wd, out + 3 * k);                     \
+    }                                                                                           \
+    void tam_update_batch_##SUF(long count, const long *n, T **p, T **g, T **m, const double *a, \
+                                T sign, T wd, T momentum, T lr) {                               \
+        for (long k = 0; k < count; k++)                                                        \
+            tam_update_##SUF(n[k], p[k], g[k], m[k], sign, wd, (T)a[k], momentum, lr);          \
+    }                                                                                           \
+    void adatam_update_batch_##SUF(long count, const long *n, T **p, T **g, T **m, T **v,       \
+                                   const double *a, T sign, T wd, T beta1, T beta2, T lr, T eps, \
+                                   T decay) {                                                   \
+        for (long k = 0; k < count; k++)                                                        \
+            adatam_update_##SUF(n[k], p[k], g[k], m[k], v[k], sign, wd, (T)a[k], beta1, beta2, lr, \
+                                eps, decay);                                                    \
+    }                                                                                           \
     void tam_step_batch_##SUF(long count, const long *n, T **p, T **g, T **m, S **s, T sign, T wd, \
                               T momentum, T lr, double gamma, double damping_eps) {             \
         for (long k = 0; k < count; k++)                                                        \

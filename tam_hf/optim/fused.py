@@ -4,6 +4,11 @@ The C source is compiled once per machine with the system compiler (``$CC``, els
 cache folder (``$TAM_HF_CACHE`` or ``~/.cache/tam_hf``) and loaded with ctypes. Where no compiler works,
 ``available()`` is False and the optimizers fall back to the eager paths; ``fused=True`` then raises with the
 compiler's message. ``TAM_HF_DISABLE_FUSED=1`` turns the fused path off.
+
+The C functions trust their pointers. Python reaches them only through the wrappers below (:func:`statistics`,
+:func:`tam_update`, :func:`adatam_update`, :func:`tam_step`, :func:`adatam_step`), which take lists of tensors and
+check every one (CPU, plain strided contiguous tensor, the batch's dtype, the parameter's number of elements; ``s``
+one element) before any memory is touched, raising ``ValueError`` naming the list and position.
 """
 
 from __future__ import annotations
@@ -78,11 +83,9 @@ def _build(compiler: str, flags: list[str]) -> ctypes.CDLL:
 def _declare(lib: ctypes.CDLL) -> None:
     P, L, D = ctypes.c_void_p, ctypes.c_long, ctypes.c_double
     for suf, T in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
-        getattr(lib, f"tam_stats_{suf}").argtypes = [L, P, P, P, T, T, P]
-        getattr(lib, f"tam_update_{suf}").argtypes = [L, P, P, P, T, T, T, T, T]
-        getattr(lib, f"adatam_update_{suf}").argtypes = [L, P, P, P, P] + [T] * 8
-        getattr(lib, f"tam_step_{suf}").argtypes = [L, P, P, P, P] + [T] * 4 + [D, D]
-        getattr(lib, f"adatam_step_{suf}").argtypes = [L, P, P, P, P, P] + [T] * 7 + [D, D]
+        getattr(lib, f"tam_stats_batch_{suf}").argtypes = [L, P, P, P, P, T, T, P]
+        getattr(lib, f"tam_update_batch_{suf}").argtypes = [L, P, P, P, P, P] + [T] * 4
+        getattr(lib, f"adatam_update_batch_{suf}").argtypes = [L, P, P, P, P, P, P] + [T] * 7
         getattr(lib, f"tam_step_batch_{suf}").argtypes = [L, P, P, P, P, P] + [T] * 4 + [D, D]
         getattr(lib, f"adatam_step_batch_{suf}").argtypes = [L, P, P, P, P, P, P] + [T] * 7 + [D, D]
 
@@ -117,26 +120,143 @@ def available(warn: bool = False) -> bool:
     return True
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _fits(t, dtype: torch.dtype, numel: int) -> bool:
+    # Ordered so that a sparse tensor fails on its layout before is_contiguous() (which it lacks) is asked.
+    return (type(t) in _PLAIN and t.is_cpu and t.dtype is dtype and t.layout is torch.strided
+            and t.numel() == numel and t.is_contiguous())
+
+
 def supports(*tensors: torch.Tensor) -> bool:
-    """True when the fused kernels can process these tensors elementwise in place (plain, contiguous CPU
-    tensors of one supported dtype; DTensors and other subclasses take the eager path)."""
+    """True when the fused kernels can process these tensors elementwise in place: plain, contiguous CPU tensors
+    of one supported dtype (DTensors and other subclasses, bf16 or strided tensors take the eager path). Sizes are
+    not compared here: a buffer of the wrong size is an error the kernel wrappers raise, not a reason to fall back."""
     dtype = tensors[0].dtype
     return dtype in SUPPORTED_DTYPES and all(
-        type(t) in (torch.Tensor, torch.nn.Parameter)
-        and t.device.type == "cpu"
-        and t.dtype == dtype
-        and t.layout == torch.strided
-        and t.is_contiguous()
+        type(t) in _PLAIN and t.is_cpu and t.dtype is dtype and t.layout is torch.strided and t.is_contiguous()
         for t in tensors
     )
 
 
-def kernel(name: str, dtype: torch.dtype):
+def _problem(t, dtype: torch.dtype, numel: int) -> str:
+    if not isinstance(t, torch.Tensor):
+        return f"a {type(t).__name__}, not a tensor"
+    if type(t) not in _PLAIN:
+        return f"a {type(t).__name__} (the kernels take plain tensors)"
+    if not t.is_cpu:
+        return f"on {t.device} (the kernels run on the CPU)"
+    if t.dtype is not dtype:
+        return f"{t.dtype}, expected {dtype}"
+    if t.layout is not torch.strided:
+        return f"{t.layout} (the kernels take dense tensors)"
+    if t.numel() != numel:
+        return f"{t.numel()} elements, expected {numel}"
+    return "not contiguous"
+
+
+def _checked(kernel: str, lists: dict, scalars: dict | None = None) -> tuple[torch.dtype | None, ctypes.Array]:
+    """Checks every tensor a batch kernel will read or write BEFORE any memory is touched: ``lists`` holds the
+    parameter-sized tensors (the first list names the parameters and sets dtype and sizes), ``scalars`` the
+    one-element ones. A C kernel trusts its pointers, so a short buffer here would be read past, not refused.
+    Returns the batch dtype and the C array of sizes."""
+    scalars = scalars or {}
+    (p_name, params), *_ = lists.items()
+    count = len(params)
+    for name, ts in [*lists.items(), *scalars.items()]:
+        if len(ts) != count:
+            raise ValueError(f"fused {kernel}: {len(ts)} {name} tensors for {count} {p_name} tensors")
+    if count == 0:
+        return None, sizes([])
+    dtype = params[0].dtype if isinstance(params[0], torch.Tensor) else None
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"fused {kernel}: {p_name} 0 is {dtype}; the kernels take {SUPPORTED_DTYPES}")
+    for k in range(count):
+        numel = params[k].numel() if isinstance(params[k], torch.Tensor) else -1
+        for name, ts in lists.items():
+            if not _fits(ts[k], dtype, numel):
+                raise ValueError(f"fused {kernel}: {name} {k} is {_problem(ts[k], dtype, numel)}")
+        for name, ts in scalars.items():
+            if not _fits(ts[k], dtype, 1):
+                raise ValueError(f"fused {kernel}: {name} {k} is {_problem(ts[k], dtype, 1)}")
+    return dtype, sizes(params)
+
+
+def _coefficients(coefficients, count: int) -> torch.Tensor:
+    """The per-tensor coefficients as a float64 CPU vector (each value exact: s and p share the kernel's dtype)."""
+    a = torch.stack(list(coefficients)).to(dtype=torch.float64) if count else torch.zeros(0, dtype=torch.float64)
+    if a.shape != (count,) or not a.is_cpu:
+        raise ValueError(f"fused update: {tuple(a.shape)} coefficients on {a.device} for {count} tensors")
+    return a.contiguous()
+
+
+def statistics(params, grads, exp_avgs, *, sign: float, weight_decay: float) -> torch.Tensor:
+    """[n, 3] float64 rows (m.g, |m|^2, |g|^2) with g = sign * grad + weight_decay * p, summed in double per
+    fixed chunk and then in order (the same bits for any thread count)."""
+    dtype, n = _checked("statistics", {"param": params, "grad": grads, "exp_avg": exp_avgs})
+    out = torch.zeros(len(params), 3, dtype=torch.float64)
+    if dtype is not None:
+        _kernel("tam_stats_batch", dtype)(len(params), n, pointers(exp_avgs), pointers(grads), pointers(params),
+                                          sign, weight_decay, out.data_ptr())
+    return out
+
+
+def tam_update(params, grads, momentum_buffers, coefficients, *, sign: float, weight_decay: float, momentum: float,
+               lr: float) -> None:
+    """m = momentum m + a g; p -= lr m (g as in :func:`statistics`, ``a`` the tensor's coefficient)."""
+    dtype, n = _checked("tam_update", {"param": params, "grad": grads, "momentum_buffer": momentum_buffers})
+    a = _coefficients(coefficients, len(params))
+    if dtype is not None:
+        _kernel("tam_update_batch", dtype)(len(params), n, pointers(params), pointers(grads),
+                                           pointers(momentum_buffers), a.data_ptr(), sign, weight_decay, momentum, lr)
+        torch.autograd.graph.increment_version(params)
+
+
+def adatam_update(params, grads, exp_avgs, exp_avg_sqs, coefficients, *, sign: float, weight_decay: float,
+                  beta1: float, beta2: float, lr: float, eps: float, decay: float) -> None:
+    """m = beta1 m + a g; v = beta2 v + (1 - beta2) g^2; p = decay p - lr m / (sqrt(v) + eps)."""
+    dtype, n = _checked("adatam_update", {"param": params, "grad": grads, "exp_avg": exp_avgs,
+                                          "exp_avg_sq": exp_avg_sqs})
+    a = _coefficients(coefficients, len(params))
+    if dtype is not None:
+        _kernel("adatam_update_batch", dtype)(len(params), n, pointers(params), pointers(grads), pointers(exp_avgs),
+                                              pointers(exp_avg_sqs), a.data_ptr(), sign, weight_decay, beta1, beta2,
+                                              lr, eps, decay)
+        torch.autograd.graph.increment_version(params)
+
+
+def tam_step(params, grads, momentum_buffers, s, *, sign: float, weight_decay: float, momentum: float, lr: float,
+             decay_rate: float, damping_eps: float) -> None:
+    """TAM's whole step per tensor (statistics, s, update back to back; tensor scope on one process)."""
+    dtype, n = _checked("tam_step", {"param": params, "grad": grads, "momentum_buffer": momentum_buffers},
+                        {"s": s})
+    if dtype is not None:
+        _kernel("tam_step_batch", dtype)(len(params), n, pointers(params), pointers(grads),
+                                         pointers(momentum_buffers), pointers(s), sign, weight_decay, momentum, lr,
+                                         decay_rate, damping_eps)
+        torch.autograd.graph.increment_version(params)
+
+
+def adatam_step(params, grads, exp_avgs, exp_avg_sqs, s, *, sign: float, weight_decay: float, beta1: float,
+                beta2: float, lr: float, eps: float, decay: float, decay_rate: float, damping_eps: float) -> None:
+    """AdaTAM(W)'s whole step per tensor (statistics, s, update back to back; tensor scope on one process)."""
+    dtype, n = _checked("adatam_step", {"param": params, "grad": grads, "exp_avg": exp_avgs,
+                                        "exp_avg_sq": exp_avg_sqs}, {"s": s})
+    if dtype is not None:
+        _kernel("adatam_step_batch", dtype)(len(params), n, pointers(params), pointers(grads), pointers(exp_avgs),
+                                            pointers(exp_avg_sqs), pointers(s), sign, weight_decay, beta1, beta2, lr,
+                                            eps, decay, decay_rate, damping_eps)
+        torch.autograd.graph.increment_version(params)
+
+
+def _kernel(name: str, dtype: torch.dtype):
+    """The raw ctypes function: it trusts its pointers. Call it only through the checked wrappers above."""
     return getattr(load(), f"{name}_{_SUFFIX[dtype]}")
 
 
 def pointers(tensors) -> ctypes.Array:
-    """A C array of the tensors' data pointers, for the ``*_batch`` kernels."""
+    """A C array of the tensors' data pointers, for the batch kernels."""
     return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
 
 
