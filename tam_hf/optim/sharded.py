@@ -8,21 +8,27 @@ WHOLE logical tensor, so :class:`ShardedStats` does three things around every ``
    *fragments*: plain-tensor views of the local slice of one logical tensor each, with ``.grad`` views into the
    matching gradient, and state entries that are views into the source's own state (so checkpoints, DeepSpeed's
    optimizer-state mapping and DCP keep seeing state of the source's shape);
-2. the optimizer's ``stats_reducer`` hook receives the per-fragment partial sums (m.g, |m|^2, |g|^2) of one param
-   group, scatter-adds them into one row per logical tensor, all-reduces that small float64 tensor ONCE over the
-   data-parallel group and hands every fragment its tensor's total. Every fragment of a tensor therefore sees the
-   same statistics, starts from ``s = 0`` and keeps the same ``s`` and damping as the whole tensor would;
+2. the optimizer's public ``stats_reducer`` hook (see :class:`~tam_hf.optim.tam.TorqueOptimizer`) receives the
+   per-fragment partial sums (m.g, |m|^2, |g|^2) of every param group of the step in one tensor, scatter-adds them
+   into one row per logical tensor, all-reduces that small float64 tensor ONCE over the data-parallel group and
+   hands every fragment its tensor's total. Every fragment of a tensor therefore sees the same statistics, starts
+   from ``s = 0`` and keeps the same ``s`` and damping as the whole tensor would;
 3. a post-hook puts the sources back and drops the fragment views.
 
 ``cosine_scope="global"`` gets the group total in the first row and zeros elsewhere, so the optimizer's sum over
 rows is the sum over the whole group on every rank. Whole-tensor runs (one process, DDP) install nothing.
 
-Cost: one all-reduce of ``n_tensors x 3`` float64 per reducer call. The optimizer calls the reducer once per
-param group; DeepSpeed ZeRO-1/2/3 call the client optimizer once per (sub-)group anyway, so a training step pays
-one such all-reduce per (sub-)group. The reducer also accepts every group of a step concatenated, so an optimizer
-that gathers all groups' statistics first gets one all-reduce per ``step()``. Plus, on the optimizer's side, a
-second pass over m and g: the statistics must be complete before the update, so the single-pass fused kernel
-becomes a statistics pass and an update pass (bench/sharded_stats.py).
+Cost: one all-reduce of ``n_tensors x 3`` float64 per ``optimizer.step()``: the optimizer gathers the statistics
+of all its param groups and calls the reducer once (FSDP2: one all-reduce per training step for every group).
+DeepSpeed ZeRO-1/2/3 step the client optimizer once per (sub-)group, each call holding one group, so there a
+training step pays one all-reduce per (sub-)group. (The reducer also takes one group's rows at a time, for a caller
+that reduces group by group.) Plus, on the optimizer's side, a second pass over m and g: the statistics must be
+complete before the update, so the single-pass fused kernel becomes a statistics pass and an update pass
+(bench/sharded_stats.py).
+
+Only the optimizer's public interface is used: :class:`~tam_hf.optim.tam.TorqueOptimizer`, its ``state_buffers``
+and ``state_scalars``, ``stats_reducer``, and :data:`~tam_hf.optim.tam.FRAGMENT_SCALAR_KEYS` for the per-fragment
+vectors a flat partition's state keeps.
 """
 
 from __future__ import annotations
@@ -33,6 +39,10 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from tam_hf.optim.tam import FRAGMENT_SCALAR_KEYS, TorqueOptimizer
+
+_S, _STEP = FRAGMENT_SCALAR_KEYS["s"], FRAGMENT_SCALAR_KEYS["step"]
 
 __all__ = ["Fragment", "ShardedSource", "ShardedStats", "zero_sources", "dtensor_sources"]
 
@@ -51,7 +61,8 @@ class ShardedSource:
     """A tensor the optimizer is handed that holds pieces of ``len(names)`` logical tensors.
 
     ``kind="flat"``: a 1-D ZeRO partition; its state lives in ``optimizer.state[tensor]`` as full-size buffers
-    plus ``tam_s`` / ``tam_step`` vectors with one entry per fragment. ``kind="dtensor"``: one DTensor parameter
+    plus ``tam_s`` / ``tam_step`` vectors (:data:`~tam_hf.optim.tam.FRAGMENT_SCALAR_KEYS`) with one entry per
+    fragment. ``kind="dtensor"``: one DTensor parameter
     (one logical tensor, ``row`` 0 of a group-wide numbering given by ``names``); state is DTensor-shaped.
     """
 
@@ -86,13 +97,14 @@ class ShardedStats:
     """Installs fragment views and the one-all-reduce statistics reducer on a TAM/AdaTAM(W) optimizer.
 
     ``sources`` maps each sharded tensor the optimizer may find in a param group to its layout. Call
-    :meth:`remove` to undo. ``allreduce_calls`` counts the all-reduces issued (one per param group stepped).
+    :meth:`remove` to undo. ``allreduce_calls`` counts the all-reduces issued (one per ``optimizer.step()`` call,
+    whatever the number of param groups).
     """
 
     def __init__(self, optimizer, sources: Sequence[ShardedSource]):
         if getattr(optimizer, "stats_reducer", None) is not None:
             raise RuntimeError("this optimizer already has a stats_reducer installed")
-        if not hasattr(optimizer, "_buffer_names"):
+        if not isinstance(optimizer, TorqueOptimizer):
             raise TypeError(f"ShardedStats needs a TAM/AdaTAM/AdaTAMW optimizer, got {type(optimizer).__name__}")
         self.optimizer = optimizer
         self.sources = {id(s.tensor): s for s in sources}
@@ -104,10 +116,12 @@ class ShardedStats:
         for src in sources:
             if src.kind == "flat":
                 self._check_flat(src)
+        optimizer.stats_reducer = self  # first: an optimizer that refuses sharded statistics raises here
+        for src in sources:
+            if src.kind == "flat":
                 # State exists from the start, full-size: DeepSpeed links each parameter's view of it
                 # (safe_get_full_optimizer_state, universal checkpoints) once, after the first step of group 0
                 self._flat_state(src)
-        optimizer.stats_reducer = self
         self._handles = [
             optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._enter()),
             optimizer.register_step_post_hook(lambda opt, args, kwargs: self._exit()),
@@ -136,16 +150,16 @@ class ShardedStats:
         """The source's own state: full-size buffers (zeros when new) and per-fragment s / step vectors."""
         opt, flat = self.optimizer, src.tensor
         st = opt.state[flat]
-        for name in opt._buffer_names:
+        for name in opt.state_buffers:
             if not (torch.is_tensor(st.get(name)) and st[name].shape == flat.shape):
                 st[name] = torch.zeros_like(flat, memory_format=torch.preserve_format)
         n = len(src.fragments)
         s_dtype = torch.promote_types(flat.dtype, torch.float32)
-        if not (torch.is_tensor(st.get("tam_s")) and st["tam_s"].shape == (n,)):
-            st["tam_s"] = torch.zeros(n, dtype=s_dtype, device=flat.device)
-        has_step = torch.is_tensor(st.get("tam_step")) and st["tam_step"].shape == (n,)
-        if "exp_avg" in opt._buffer_names and not has_step:
-            st["tam_step"] = torch.zeros(n, dtype=torch.float32, device=flat.device)
+        if not (torch.is_tensor(st.get(_S)) and st[_S].shape == (n,)):
+            st[_S] = torch.zeros(n, dtype=s_dtype, device=flat.device)
+        has_step = torch.is_tensor(st.get(_STEP)) and st[_STEP].shape == (n,)
+        if "step" in opt.state_scalars and not has_step:
+            st[_STEP] = torch.zeros(n, dtype=torch.float32, device=flat.device)
         for stray in ("s", "step"):  # left by a step taken before installation (all-zero gradients)
             st.pop(stray, None)
         return st
@@ -154,10 +168,10 @@ class ShardedStats:
         opt = self.optimizer
         st = opt.state[p]
         if not st:
-            for name in opt._buffer_names:
+            for name in opt.state_buffers:
                 st[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
             st["s"] = torch.zeros((), dtype=torch.promote_types(p.dtype, torch.float32), device=p.device)
-            if "exp_avg" in opt._buffer_names:
+            if "step" in opt.state_scalars:
                 st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         return st
 
@@ -207,7 +221,7 @@ class ShardedStats:
         while the partition and its state buffers stay where they are (only the gradient views are new)."""
         flat = src.tensor
         st = self._flat_state(src)
-        buffers = [st[name] for name in self.optimizer._buffer_names] + [st["tam_s"], st.get("tam_step")]
+        buffers = [st[name] for name in self.optimizer.state_buffers] + [st[_S], st.get(_STEP)]
         key = (flat.data_ptr(), flat.numel(), tuple(b.data_ptr() for b in buffers if b is not None))
         cached = self._view_cache.get(id(flat))
         if cached is None or cached[0] != key:
@@ -223,21 +237,21 @@ class ShardedStats:
 
     def _build_flat_views(self, src: ShardedSource, st: dict):
         data = src.tensor.detach().view(-1)
-        names = self.optimizer._buffer_names
+        names = self.optimizer.state_buffers
         if not src.fragments:  # no element of any tensor here, yet this rank must join the all-reduce
             v = data.narrow(0, 0, 0)
             fst = {name: torch.zeros_like(v) for name in names}
-            fst["s"] = torch.zeros((), dtype=st["tam_s"].dtype, device=v.device)
-            if "tam_step" in st:
+            fst["s"] = torch.zeros((), dtype=st[_S].dtype, device=v.device)
+            if _STEP in st:
                 fst["step"] = torch.zeros((), dtype=torch.float32, device=v.device)
             return [v], [fst], [Fragment(0, 0, 0)]
         views, states = [], []
         for j, f in enumerate(src.fragments):
             views.append(data.narrow(0, f.start, f.numel))
             fst = {name: st[name].view(-1).narrow(0, f.start, f.numel) for name in names}
-            fst["s"] = st["tam_s"][j]
-            if "tam_step" in st:
-                fst["step"] = st["tam_step"][j]
+            fst["s"] = st[_S][j]
+            if _STEP in st:
+                fst["step"] = st[_STEP][j]
             states.append(fst)
         return views, states, list(src.fragments)
 
@@ -248,7 +262,7 @@ class ShardedStats:
         if p.grad is not None:
             v.grad = p.grad.to_local().reshape(-1)
         fst = self.optimizer.state[v]
-        for name in self.optimizer._buffer_names:
+        for name in self.optimizer.state_buffers:
             fst[name] = st[name].to_local().view(-1)
         fst["s"] = st["s"]
         if "step" in st:
@@ -269,8 +283,8 @@ class ShardedStats:
     def __call__(self, stats: Tensor) -> Tensor:
         """Per-fragment partial sums -> each fragment's whole-tensor sums, with one all-reduce.
 
-        Takes the rows of the next param group, or of all the param groups of this step concatenated (an
-        optimizer that gathers every group's statistics before reducing gets one all-reduce per step)."""
+        Takes the rows of all the param groups of this step concatenated (what TAM/AdaTAM(W) pass: one all-reduce
+        per ``step()``), or those of the next param group alone (a caller that reduces group by group)."""
         if not self._plans:
             raise RuntimeError("stats_reducer called outside a ShardedStats step (was the optimizer's param "
                                "group list replaced after installation?)")
@@ -321,9 +335,9 @@ class ShardedStats:
         for src in self.sources.values():
             if src.kind == "flat":
                 st = self.optimizer.state.get(src.tensor, {})
-                if "tam_s" not in st:
+                if _S not in st:
                     continue
-                for f, s in zip(src.fragments, st["tam_s"].tolist()):
+                for f, s in zip(src.fragments, st[_S].tolist()):
                     out.setdefault(src.names[f.row], []).append((1.0 + s) / 2.0)
             else:
                 st = self.optimizer.state.get(src.tensor, {})
