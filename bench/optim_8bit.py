@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -25,7 +23,7 @@ from tam_hf.optim.tam8bit import AdaTAMW8bit
 
 
 def _optim_step_module():
-    """bench/optim_step.py (a script, not a package): its tensor set, state_bytes and sync, by path."""
+    """bench/optim_step.py (a script, not a package): its tensor set, timing and table, by path."""
     spec = importlib.util.spec_from_file_location("_optim_step", Path(__file__).with_name("optim_step.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -33,7 +31,8 @@ def _optim_step_module():
 
 
 _base = _optim_step_module()
-llama_shapes, state_bytes, sync = _base.llama_shapes, _base.state_bytes, _base.sync
+llama_shapes, make_params, median_step_ms, print_table = (
+    _base.llama_shapes, _base.make_params, _base.median_step_ms, _base.print_table)
 
 BASELINE = "bitsandbytes AdamW8bit"
 
@@ -61,38 +60,11 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     shapes = llama_shapes(hidden=32, intermediate=64, layers=1, vocab=200) if args.small else llama_shapes()
-    gen = torch.Generator().manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(args.device)) for s in shapes]
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=gen).to(args.device)
-    n_params = sum(p.numel() for p in params)
-    param_bytes = sum(p.numel() * p.element_size() for p in params)
-
+    params = make_params(shapes, args.device)
     opts = {name: make(params) for name, make in candidates(args.device).items()
             if not args.only or name == BASELINE or any(k in name for k in args.only.split(","))}
-    for opt in opts.values():  # warm-up: state creation, kernel compilation, caches
-        opt.step()
-    times = {name: [] for name in opts}
-    for _ in range(args.rounds):
-        for name, opt in opts.items():
-            sync(args.device)
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                opt.step()
-            sync(args.device)
-            times[name].append((time.perf_counter() - t0) / args.steps * 1e3)
-
-    median = {name: statistics.median(ts) for name, ts in times.items()}
-    base = median[BASELINE]
-    print(f"\n{n_params / 1e6:.1f}M parameters in {len(params)} tensors, float32, {args.device}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.rounds} rounds x "
-          f"{args.steps} steps\n")
-    print(f"| optimizer | ms / step | vs {BASELINE} | state bytes / param bytes |")
-    print("|---|---:|---:|---:|")
-    for name in opts:
-        ratio = state_bytes(opts[name]) / param_bytes
-        print(f"| {name} | {median[name]:.1f} | {median[name] / base:.2f}x | {ratio:.2f} |")
-
+    median = median_step_ms(opts, args.device, args.rounds, args.steps, warmup=1)
+    print_table(opts, params, median, median[BASELINE], BASELINE, args)
 
 if __name__ == "__main__":
     main()

@@ -108,18 +108,24 @@ def main(argv=None):
 
     shapes = llama_shapes(hidden=32, intermediate=64, layers=1, vocab=100) if args.small else llama_shapes()
     params = make_params(shapes, args.device, dtype)
-    n_params = sum(p.numel() for p in params)
-    param_bytes = sum(p.numel() * p.element_size() for p in params)
 
     opts = {name: make(params) for name, make in candidates(args.device).items()
             if not args.only or any(k in name for k in args.only.split(","))}
     median = median_step_ms(opts, args.device, args.rounds, args.steps)
     adamw = [median[n] for n in median if n.startswith("torch AdamW")]
     base = min(adamw) if adamw else min(median.values())
-    print(f"\n{n_params / 1e6:.1f}M parameters in {len(params)} tensors, {args.dtype}, {args.device}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.rounds} rounds x "
-          f"{args.steps} steps\n")
-    print("| optimizer | ms / step | vs fastest AdamW | state bytes / param bytes |")
+    print_table(opts, params, median, base, "fastest AdamW", args)
+
+
+def print_table(opts: dict, params, median: dict, base: float, base_label: str, args) -> None:
+    """The heading line and the markdown table (ms / step, ratio to ``base``, state bytes per parameter byte);
+    ``args`` carries device, rounds, steps and, when there is one, dtype."""
+    n_params = sum(p.numel() for p in params)
+    param_bytes = sum(p.numel() * p.element_size() for p in params)
+    print(f"\n{n_params / 1e6:.1f}M parameters in {len(params)} tensors, {getattr(args, 'dtype', 'float32')}, "
+          f"{args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.rounds} "
+          f"rounds x {args.steps} steps\n")
+    print(f"| optimizer | ms / step | vs {base_label} | state bytes / param bytes |")
     print("|---|---:|---:|---:|")
     for name in opts:
         ratio = state_bytes(opts[name]) / param_bytes
