@@ -36,6 +36,7 @@ set before that first use), for tests; the interpreter truncates float32 -> bflo
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
@@ -46,8 +47,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["SUPPORTED_DTYPES", "FORCE_ON_CPU", "wanted", "available", "load", "input_problem", "takes",
-           "statistics", "update", "step"]
+__all__ = ["SUPPORTED_DTYPES", "FORCE_ON_CPU", "wanted", "available", "load", "check_group", "input_problem",
+           "takes", "statistics", "update", "step"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -330,8 +331,10 @@ def _build() -> None:
         # of a jitted one (milliseconds each), and they run inside the kernel's patch anyway.
         for name, fn in _DEVICE_FNS.items():
             globals()[name] = fn if interpret else triton.jit(fn)
-        for name, fn in {**_COMBINE_FNS, **_KERNELS}.items():
+        for name, fn in _COMBINE_FNS.items():
             globals()[name] = triton.jit(fn)
+        for name, fn in _KERNELS.items():  # one compiled kernel whatever the number of tensors and chunks
+            globals()[name] = triton.jit(fn, do_not_specialize=["n", "n_chunks"])
         _built = interpret
 
 
@@ -426,6 +429,18 @@ def _dense(t: Tensor) -> bool:
             return False
         expected *= size
     return True
+
+
+def check_group(params: Sequence[Tensor], group_index: int) -> None:
+    """For ``fused=True`` at construction: raises ValueError naming the first parameter the kernels cannot take
+    (dtype, a second device), then RuntimeError if they cannot run on the group's device (and why)."""
+    device = params[0].device
+    for i, p in enumerate(params):
+        if p.device != device or p.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"fused=True on {device.type} supports float32, bfloat16 and float16 parameters on one "
+                             f"device per param group: parameter {i} of param group {group_index} is {p.dtype} "
+                             f"on {p.device}")
+    load(device)
 
 
 def input_problem(p: Tensor, g: Tensor, state: Optional[dict], device: torch.device) -> Optional[tuple[str, str]]:
@@ -562,7 +577,17 @@ def _launch_update(table, n, n_chunks, aligned, coef, adaptive, lr, beta1, beta2
             num_warps=cfg["num_warps"], enable_fp_fusion=True)
 
 
+def _on(device: torch.device):
+    """Launches go to the current CUDA device: make it the tensors' one."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _statistics_impl(params, grads, ms, maximize: bool, coupled_wd: float) -> Tensor:
+    with _on(params[0].device):
+        return _statistics_on_device(params, grads, ms, maximize, coupled_wd)
+
+
+def _statistics_on_device(params, grads, ms, maximize: bool, coupled_wd: float) -> Tensor:
     device = params[0].device
     cfg = _config(device)
     params, grads, ms, _, _, _ = _prepared(params, grads, ms, [], [], [])
@@ -574,8 +599,14 @@ def _statistics_impl(params, grads, ms, maximize: bool, coupled_wd: float) -> Te
     return stats
 
 
-def _step_impl(params, grads, ms, vs, s, steps, adaptive, lr, beta1, beta2, eps, weight_decay, decoupled, maximize,
-               decay_rate, damping_eps, bias_correction, coeffs: Optional[Tensor] = None) -> None:
+def _step_impl(*args) -> None:
+    """``_step_on_device`` on the tensors' device."""
+    with _on(args[0][0].device):
+        _step_on_device(*args)
+
+
+def _step_on_device(params, grads, ms, vs, s, steps, adaptive, lr, beta1, beta2, eps, weight_decay, decoupled,
+                    maximize, decay_rate, damping_eps, bias_correction, coeffs: Optional[Tensor] = None) -> None:
     """``coeffs`` None: the whole step (statistics, s, update). Else the update only, with these ``d +
     damping_eps`` (one per tensor; s was advanced by the caller)."""
     device = params[0].device
