@@ -18,6 +18,8 @@ from tam_hf.finetune.model import load_tokenizer, model_path
 from tam_hf.finetune.recipe import ModelConfig
 
 TINY = ModelConfig(name="embedded:tiny-llama")
+# lm-eval is the optional [eval] extra: without it only the test of its absence runs
+needs_lm_eval = pytest.mark.skipif(check_available() is not None, reason="lm-eval (the [eval] extra) is not installed")
 CHOICE, GEN = "embedded:lm_eval/tiny_arith_choice.yaml", "embedded:lm_eval/tiny_arith_gen.yaml"
 
 
@@ -25,6 +27,7 @@ def _base():
     return AutoModelForCausalLM.from_pretrained(model_path(TINY))
 
 
+@needs_lm_eval
 def test_local_task_yamls_run_on_the_tiny_model_and_write_results(tmp_path):
     out = run_lm_eval(_base(), load_tokenizer(TINY), [CHOICE, GEN], tmp_path, limit=3, batch_size=4)
     results = json.loads((tmp_path / "lm_eval" / "results.json").read_text())
@@ -58,6 +61,7 @@ def _finished_lora_run(run_dir: Path):
     return model
 
 
+@needs_lm_eval
 def test_finished_run_is_evaluated_with_its_adapter(tmp_path, capsys):
     run_dir = tmp_path / "run"
     trained = _finished_lora_run(run_dir)
@@ -71,6 +75,7 @@ def test_finished_run_is_evaluated_with_its_adapter(tmp_path, capsys):
     assert "tam_tiny_arith_choice" in json.loads((run_dir / "lm_eval" / "results.json").read_text())
 
 
+@needs_lm_eval
 def test_unknown_tasks_are_named_with_close_matches():
     problems = task_problems(["gsm8", "no_such_benchmark_xyz", "embedded:lm_eval/missing.yaml", CHOICE])
     assert len(problems) == 3, problems
@@ -88,6 +93,7 @@ def test_missing_lm_eval_is_reported_with_the_install_command(monkeypatch, tmp_p
         run_lm_eval(None, None, [CHOICE], tmp_path, saved_at="/runs/x")
 
 
+@needs_lm_eval
 def test_a_failing_evaluation_says_where_the_model_is_saved(tmp_path):
     task = tmp_path / "broken.yaml"
     task.write_text(yaml.safe_dump({"task": "tam_broken", "dataset_path": "json", "test_split": "test",

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, TrainingArguments
 
 from tam_hf.finetune.data import DataError
 from tam_hf.finetune.model import load_tokenizer, model_path
-from tam_hf.finetune.recipe import ModelConfig
+from tam_hf.finetune.recipe import ModelConfig, resolve_path
 from tam_hf.finetune.sft import (BLOCK_MASK_KEY, PackedBatchCollator, TAMSFTTrainer, build_sft_trainer,
                                  packing_problems, sft_config)
 from tam_hf.trainer import register
@@ -139,6 +139,16 @@ def test_chat_template_without_generation_markers_is_a_data_error(tmp_path, toke
     row = build_sft_trainer(_model(), plain, _args(tmp_path), chat, fmt="chat", max_length=32,
                             completion_only_loss=False).train_dataset[0]
     assert row["labels"] == row["input_ids"]
+
+    unmarked = tmp_path / "plain.jinja"
+    unmarked.write_text(plain.chat_template)
+    with pytest.raises(DataError, match="has no {% generation %}"):
+        build_sft_trainer(_model(), plain, _args(tmp_path), chat, fmt="chat", max_length=32,
+                          chat_template_path=str(unmarked))
+    marked = str(resolve_path("embedded:chat_templates/chatml.jinja"))  # ChatML with markers, shipped
+    row = build_sft_trainer(_model(), plain, _args(tmp_path), chat, fmt="chat", max_length=32,
+                            chat_template_path=marked).train_dataset[0]
+    assert tokenizer.decode([t for t, l in zip(row["input_ids"], row["labels"]) if l != -100]) == "yo<|im_end|>\n"
 
 
 def test_sft_config_keeps_the_training_arguments(tmp_path):

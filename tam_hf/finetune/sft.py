@@ -33,6 +33,7 @@ AdaTAMW for ``optim="tam|adatam|adatamw"`` and gets the damping telemetry. :clas
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -94,7 +95,7 @@ def sft_config(args, *, fmt: str, max_length: int, completion_only_loss: Optiona
     Built from ``args`` rather than from SFTConfig's defaults, which differ from TrainingArguments' (bf16 and
     gradient checkpointing on, logging every 10 steps): a recipe trains with the same settings under either
     trainer. Padding-free without packing keeps TRL's rule that it does not truncate (``max_length`` None):
-    :class:`TAMSFTTrainer` truncates in the collator instead."""
+    :func:`build_sft_trainer` truncates in the collator instead."""
     from trl import SFTConfig
 
     from tam_hf.trainer.register import register
@@ -149,7 +150,12 @@ def check_chat_template(tokenizer, assistant_only_loss: bool, chat_template_path
     from tam_hf.finetune.data import DataError
 
     if chat_template_path is not None:
-        return  # TRL reads it; its markers are checked when the rows are tokenised
+        if assistant_only_loss and not has_generation_markers(Path(chat_template_path).read_text()):
+            raise DataError(
+                f"data.chat_template_path {chat_template_path} has no {{% generation %}} ... {{% endgeneration %}} "
+                "markers around assistant turns, which loss on assistant turns only (data.completion_only_loss, on "
+                "by default for chat) needs; add them, or set data.completion_only_loss: false")
+        return
     template = getattr(tokenizer, "chat_template", None)
     if not template:
         raise DataError("format chat needs a tokenizer with a chat template (tokenizer.chat_template is empty); "
