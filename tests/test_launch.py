@@ -59,4 +59,5 @@ def test_two_processes_train_and_print_one_summary(tmp_path):
     assert "torch.distributed.run --standalone --nproc_per_node 2" in proc.stderr
     assert proc.stdout.count("== tam-finetune summary ==") == 1
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 4 and summary["damping"]["mean"] > 0
+    assert summary["steps"] == 4 and summary["damping"]["mean"] > 0 and summary["status"] == "completed"
+    assert not (out / ".tam_hf.lock").exists()  # rank 0 held the output directory's lock and released it
