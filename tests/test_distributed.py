@@ -282,7 +282,7 @@ def test_fragments_of_a_flat_buffer_step_like_whole_tensors(cls, kwargs):
     assert local["c"] == pytest.approx([d[2]])
     # state stays keyed by the flat buffer (what DeepSpeed checkpoints and maps back), with flat-sized buffers
     assert list(opt_flat.state) == [flat]
-    assert opt_flat.state[flat][opt_flat._buffer_names[0]].shape == flat.shape
+    assert opt_flat.state[flat][opt_flat.state_buffers[0]].shape == flat.shape
     assert opt_flat.param_groups[0]["params"] == [flat]
     assert stats.allreduce_calls == 0  # no process group: nothing to reduce
 

@@ -28,7 +28,7 @@ from typing import Any, Optional
 from transformers import TrainerCallback
 
 from tam_hf.optim.sharded import ShardedStats, dtensor_sources, zero_sources
-from tam_hf.optim.tam import _TorqueOptimizer as TorqueOptimizer
+from tam_hf.optim.tam import TorqueOptimizer
 from tam_hf.trainer.optim_args import torque_spec
 
 __all__ = [

@@ -259,7 +259,7 @@ def _run(backend, case, out_dir, world, stage, accum) -> None:
     result = {
         "params": full_params(trainer.model_wrapped, zero=stage is not None),
         "exp_avg": full_state(trainer.model_wrapped, tam, "exp_avg", zero=stage is not None)
-        if "exp_avg" in tam._buffer_names and "naive" not in backend else {},
+        if "exp_avg" in tam.state_buffers and "naive" not in backend else {},
         "damping": damping,
         "allreduces": counter.allreduces,
         "steps_per_train_step": counter.steps_per_train_step,
