@@ -47,6 +47,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from tam_hf.optim import fused as _fused
+from tam_hf.optim import triton_kernels as _triton
 
 __all__ = ["TAM", "AdaTAM", "AdaTAMW", "TorqueOptimizer", "tam", "adatam", "StatsReducer", "FRAGMENT_SCALAR_KEYS"]
 
@@ -140,13 +141,17 @@ def _describe(p: Tensor) -> str:
     return f"(shape {tuple(p.shape)}, {p.dtype})"
 
 
-def _input_problem(p: Tensor, g: Tensor, state: Optional[dict], fused: bool) -> Optional[tuple[str, str]]:
+def _input_problem(p: Tensor, g: Tensor, state: Optional[dict], fused: bool,
+                   device: Optional[torch.device] = None) -> Optional[tuple[str, str]]:
     """Why a tensor cannot take this step, as (what the optimizer does not support, detail), or None. Every tensor
     of a step is asked before any is touched, so a refused step changes nothing."""
     if g.layout is not torch.strided:
         return "does not support sparse gradients", f"its gradient is {g.layout}"
     if p.is_complex() or g.is_complex():
         return "does not support complex tensors", "the cosine and the update would drop the imaginary part"
+    device = p.device if device is None else device  # the param group's (its first parameter's)
+    if fused and _triton.wanted(device):
+        return _triton.input_problem(p, g, state, device)
     if fused:
         cpu = "with fused=True runs CPU float32/float64 tensors only"
         if not p.is_cpu or p.dtype not in _fused.SUPPORTED_DTYPES:
@@ -241,16 +246,19 @@ class TorqueOptimizer(Optimizer):
 
     def _check_group(self, index: int, group: dict) -> None:
         name = type(self).__name__
+        triton = bool(group["fused"] and group["params"] and _triton.wanted(group["params"][0].device))
         for i, p in enumerate(group["params"]):
             where = f"parameter {i} of param group {index}"
             if p.is_complex():
                 raise ValueError(f"{name} does not support complex parameters: {where} has dtype {p.dtype} (the "
                                  "cosine and the update would drop the imaginary part); optimize its real and "
                                  "imaginary parts as real parameters instead")
-            if group["fused"] and (p.device.type != "cpu" or p.dtype not in _fused.SUPPORTED_DTYPES):
+            if group["fused"] and not triton and (p.device.type != "cpu" or p.dtype not in _fused.SUPPORTED_DTYPES):
                 raise ValueError(f"fused=True supports CPU float32/float64 parameters only: {where} is {p.dtype} "
                                  f"on {p.device}")
-        if group["fused"]:
+        if triton:
+            _triton.check_group(group["params"], index)  # dtypes, one device, and whether Triton runs there
+        elif group["fused"]:
             _fused.load()  # raise now, with the compiler's message, rather than at the first step
 
     def _rule(self, group) -> _Rule:
@@ -271,7 +279,8 @@ class TorqueOptimizer(Optimizer):
             for i, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
-                problem = _input_problem(p, p.grad, self.state.get(p) if fused else None, fused)
+                problem = _input_problem(p, p.grad, self.state.get(p) if fused else None, fused,
+                                         group["params"][0].device)
                 if problem is not None:
                     what, detail = problem
                     raise RuntimeError(f"{type(self).__name__} {what}: param group {gi}, parameter {i} "
@@ -287,9 +296,13 @@ class TorqueOptimizer(Optimizer):
         group_s = None
         if group["cosine_scope"] == "global":
             group_s = next((state[p]["s"] for p in group["params"] if "s" in state.get(p, ())), None)
+        impl = _default_impl(params, group["foreach"], group["fused"])
         for p in params:
             if not state[p]:
                 self._init_state(p, state[p])
+                if impl == "triton" and p.dtype in (torch.bfloat16, torch.float16):
+                    for name in self.state_buffers:  # 16-bit moments lose the update (see triton_kernels)
+                        state[p][name] = state[p][name].float()
                 if group_s is not None:  # global scope: a newcomer joins the group's running average
                     state[p]["s"].copy_(group_s)
         buffers = [[state[p][name] for p in params] for name in self.state_buffers]
@@ -302,7 +315,7 @@ class TorqueOptimizer(Optimizer):
         return _GroupStep(
             rule=self._rule(group), params=params, grads=[p.grad for p in params], exp_avgs=buffers[0],
             exp_avg_sqs=buffers[1] if len(buffers) > 1 else None, s=[state[p]["s"] for p in params],
-            scope=group["cosine_scope"], impl=_default_impl(params, group["foreach"], group["fused"]), steps=steps,
+            scope=group["cosine_scope"], impl=impl, steps=steps,
         )
 
     @torch.no_grad()
@@ -367,6 +380,9 @@ class TorqueOptimizer(Optimizer):
                 if key in saved:
                     s_dtype = torch.promote_types(p.dtype, torch.float32)
                     self.state[p][key] = saved[key].detach().to(dtype=s_dtype, device=p.device).clone()
+            for key in self.state_buffers:  # float32 moments of 16-bit parameters (the Triton path) stay float32
+                if key in saved and saved[key].dtype == torch.float32 and p.dtype != saved[key].dtype:
+                    self.state[p][key] = saved[key].detach().to(device=p.device).clone()
 
     def _check_state_dict(self, state_dict: dict) -> None:
         saved_groups = state_dict["param_groups"]
@@ -646,7 +662,7 @@ def _functional_step(rule, params, grads, exp_avgs, exp_avg_sqs, s, scope, forea
         state = None
         if fused:
             state = dict(zip(names, (exp_avgs[i], exp_avg_sqs[i] if exp_avg_sqs is not None else None, s[i])))
-        problem = _input_problem(p, g, state, bool(fused))
+        problem = _input_problem(p, g, state, bool(fused), params[0].device)
         if problem is not None:
             what, detail = problem
             name = "AdaTAM" if rule.adaptive else "TAM"
@@ -666,11 +682,15 @@ def _default_impl(params: list[Tensor], foreach: Optional[bool], fused: Optional
     """The code path (a key of ``_PATHS``) for these tensors: what the caller forced, else the fastest exact one.
     The one place a path is chosen, for the classes (per param group) and the functional API alike. A GPU kernel
     path would be chosen here for CUDA tensors (``fused=True`` on CUDA, or the default where it is available)."""
+    device = params[0].device
     if fused:
-        return "fused"
+        return "triton" if _triton.wanted(device) else "fused"
     if foreach:
         return "foreach"
     if foreach is None and fused is None:
+        if (_triton.wanted(device) and all(p.device == device for p in params)
+                and _triton.available(device, warn=True)):
+            return "triton"
         if all(p.is_cpu for p in params) and _fused.available(warn=True):
             return "fused"
         if all(not (p.is_cpu or p.is_meta) for p in params):
@@ -991,4 +1011,5 @@ _PATHS: dict[str, _Path] = {
     "single": _Path(_single_tensor_statistics, _single_tensor_update),
     "foreach": _Path(_multi_tensor_statistics, _multi_tensor_update),
     "fused": _Path(_fused_statistics, _fused_update, step=_fused_step, takes=_fused_takes),
+    "triton": _Path(_triton.statistics, _triton.update, step=_triton.step, takes=_triton.takes),
 }
