@@ -26,12 +26,12 @@ functional call) by :func:`_default_impl` and names an entry of ``_PATHS``:
 * ``"single"``: ``_single_tensor_statistics`` / ``_single_tensor_update``, a loop over tensors;
 * ``"foreach"``: ``_multi_tensor_statistics`` / ``_multi_tensor_update``, ``torch._foreach_*`` launches;
 * ``"fused"``: ``_fused_statistics`` / ``_fused_update`` and ``_fused_step`` (statistics, damping and update back
-  to back per tensor, used where nothing sits between them), the checked CPU kernels of ``fused.py``.
+  to back per tensor, used where nothing sits between them), the checked CPU kernels of ``fused.py``;
+* ``"triton"``: ``statistics`` / ``update`` / ``step`` of ``triton_kernels.py``, ``fused=True`` on CUDA/ROCm.
 
-The default is fused on CPU when the kernels compiled, foreach on accelerators, and the single-tensor loop
-otherwise. A kernel path says which tensors it takes; the others of its group go to the single-tensor path.
-A GPU kernel path (e.g. Triton: ``_fused_triton_statistics/_update/_step``) is one more ``_PATHS`` entry and one
-more branch of :func:`_default_impl`. A subclass that stores state differently (8-bit moments) keeps the math by
+The default is the Triton kernels on CUDA/ROCm where they run (else foreach, with one warning), fused on CPU
+when the C kernels compiled, and the single-tensor loop otherwise. A kernel path says which tensors it takes;
+the others of its group go to the single-tensor path. A subclass that stores state differently (8-bit moments) keeps the math by
 calling, on float32 temporaries, :func:`_torque_statistics`, :func:`_advance_damping` and :func:`_apply_update`
 (the three phases of the flow), and :meth:`TorqueOptimizer._check_state_entry` for its own state layout.
 """
@@ -680,8 +680,8 @@ def _functional_step(rule, params, grads, exp_avgs, exp_avg_sqs, s, scope, forea
 
 def _default_impl(params: list[Tensor], foreach: Optional[bool], fused: Optional[bool]) -> str:
     """The code path (a key of ``_PATHS``) for these tensors: what the caller forced, else the fastest exact one.
-    The one place a path is chosen, for the classes (per param group) and the functional API alike. A GPU kernel
-    path would be chosen here for CUDA tensors (``fused=True`` on CUDA, or the default where it is available)."""
+    The one place a path is chosen, for the classes (per param group) and the functional API alike. ``fused``
+    means the Triton kernels for CUDA/ROCm tensors (CPU ones under ``TAM_HF_TRITON_ON_CPU=1``, tests only)."""
     device = params[0].device
     if fused:
         return "triton" if _triton.wanted(device) else "fused"
