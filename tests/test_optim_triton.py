@@ -237,6 +237,27 @@ def test_reruns_give_the_same_bits():
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
+def test_functional_api_with_step_counts_as_numbers(launches):
+    """adatam(..., fused=True) takes the same kernels; Python step counts (the 8-bit optimizer passes them) give
+    the same bits as the class's device counts."""
+    from tam_hf.optim import adatam
+
+    dtypes = [torch.float32] * len(SHAPES)
+    a, b = init_params(dtypes), init_params(dtypes)
+    opt = AdaTAM(a, lr=0.01, fused=True, bias_correction=True)
+    ms, vs = [torch.zeros_like(p) for p in b], [torch.zeros_like(p) for p in b]
+    s = [torch.zeros((), device=DEVICE) for _ in b]
+    for k in range(2):
+        grads = [torch.full_like(p, 0.1 * (k + 1)) for p in a]
+        for p, g in zip(a, grads):
+            p.grad = g
+        opt.step()
+        adatam(b, grads, ms, vs, s, lr=0.01, beta1=0.9, beta2=0.999, decay_rate=0.9, damping_eps=1e-8, eps=1e-8,
+               weight_decay=0.0, fused=True, bias_correction=True, steps=[k + 1.0] * len(b))
+    assert launches["step"] == 4
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+
+
 # ------------------------------------------------------------------------------------------- refusals
 
 

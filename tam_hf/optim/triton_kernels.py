@@ -362,10 +362,10 @@ class _ProbeRule:
 
 
 def _probe(device: torch.device) -> Optional[str]:
-    """Compile and run the kernels once on two tiny tensors: a missing compiler or a broken driver shows up here,
-    with its message, rather than in the middle of a training step."""
+    """Compile and run the kernels once on two small tensors (full blocks and a partial one): a missing compiler
+    or a broken driver shows up here, with its message, rather than in the middle of a training step."""
     try:
-        p = [torch.ones(3, device=device), torch.ones(2, device=device)]
+        p = [torch.ones(3, device=device), torch.ones(2 * _config(device)["block"] + 5, device=device)]
         g = [torch.full_like(x, 0.5) for x in p]
         m, v = [torch.zeros_like(x) for x in p], [torch.zeros_like(x) for x in p]
         s = [torch.zeros((), device=device) for _ in p]
