@@ -224,7 +224,7 @@ def _wait_for_logged_steps(stream, n):
         seen += "'loss'" in line
         if seen >= n:
             return
-    raise AssertionError("the run ended before it was signalled")
+    raise AssertionError("the run ended before it was signalled (its stderr is in stderr.txt)")
 
 
 def test_sigterm_saves_at_the_end_of_the_step_and_the_resumed_run_is_exact(tmp_path):
@@ -234,16 +234,20 @@ def test_sigterm_saves_at_the_end_of_the_step_and_the_resumed_run_is_exact(tmp_p
     out = tmp_path / "out"
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(_raw(out, max_steps=steps, logging_steps=1, save_strategy="no")))
-    stderr = open(tmp_path / "stderr.txt", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "tam_hf.cli", str(path)], cwd=tmp_path, env=_env(),
-                            stdout=subprocess.PIPE, stderr=stderr, text=True)
-    _wait_for_logged_steps(proc.stdout, 2)
-    proc.send_signal(signal.SIGTERM)
-    proc.stdout.read()
-    proc.wait(timeout=120)
-    stderr.close()
+    with open(tmp_path / "stderr.txt", "w") as stderr:  # a file: a full stderr pipe would stall the run
+        proc = subprocess.Popen([sys.executable, "-m", "tam_hf.cli", str(path)], cwd=tmp_path, env=_env(),
+                                stdout=subprocess.PIPE, stderr=stderr, text=True)
+        try:
+            _wait_for_logged_steps(proc.stdout, 2)
+            proc.send_signal(signal.SIGTERM)  # what a scheduler sends before it preempts the job
+            proc.stdout.read()
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     err = (tmp_path / "stderr.txt").read_text()
-    assert "Traceback" not in err, err[-3000:]
+    assert "Traceback" not in err and "SIGTERM: saving a checkpoint after this step" in err, err[-3000:]
     assert proc.returncode in (0, 143)  # 143 = 128 + SIGTERM once the CLI maps the interrupted status
     interrupted = _summary(out)
     assert interrupted["status"] == "interrupted" and interrupted["signal"] == "SIGTERM"
