@@ -1,4 +1,5 @@
-"""A slow, literal float64 transcription of TAM / AdaTAM / AdaTAMW (DESIGN.md §1), used only by the tests.
+"""A slow, literal float64 transcription of TAM / AdaTAM / AdaTAMW (arXiv:2412.18790, the update rule in tam.py's
+module docstring), used only by the tests.
 
 It shares no code with ``tam.py`` on purpose: one loop per step, one line per equation, Python floats for
 the per-tensor scalars, so a mistake in the fast paths cannot hide in a helper both of them call.
