@@ -219,11 +219,6 @@ class TorqueOptimizer(Optimizer):
         # Installed by the distributed wiring (DeepSpeed ZeRO / FSDP2); None means tensors are whole here.
         self.stats_reducer: Optional[StatsReducer] = None
 
-    @property
-    def _buffer_names(self) -> tuple[str, ...]:
-        """Deprecated alias of :attr:`state_buffers`, kept until the callers have moved."""
-        return self.state_buffers
-
     def __setstate__(self, state):
         super().__setstate__(state)
         for group in self.param_groups:
@@ -437,9 +432,6 @@ class TorqueOptimizer(Optimizer):
                  f"{tuple(s.shape)}")
         if step_key in found and tuple(entry[step_key].shape) != tuple(s.shape):
             fail(f"{step_key} holds {entry[step_key].numel()} entries, {s_key} {s.numel()}")
-
-
-_TorqueOptimizer = TorqueOptimizer  # deprecated private name, kept until the callers have moved
 
 
 class TAM(TorqueOptimizer):
