@@ -56,7 +56,7 @@ NEAREST_SLACK = 5e-5
 
 
 class Reference8bit:
-    """One float64 loop per step, one line per equation (DESIGN: paper update), with the moments stored as
+    """One float64 loop per step, one line per equation of the paper's update, with the moments stored as
     bitsandbytes blockwise codes between steps. Shares no code with tam8bit.py."""
 
     def __init__(self, params, *, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decoupled=False,
