@@ -596,6 +596,33 @@ def test_trainer_trains_with_optim_adatamw_8bit(tmp_path):
     assert logged and logged[-1]["damping/mean"] == pytest.approx(opt.damping_summary()["mean"])
 
 
+@pytest.mark.usefixtures("registered")
+def test_trainer_resume_from_checkpoint_is_bit_exact(tmp_path):
+    """The Trainer's own checkpoint (optimizer.pt) and resume: the same losses, parameters and uint8 state as the
+    uninterrupted run."""
+    from hf_tiny import ArithmeticTokens, losses, tiny_llama, training_args
+    from transformers import Trainer
+
+    data = ArithmeticTokens()
+    common = dict(optim="adatamw_8bit", optim_args="min_8bit_size=1024", weight_decay=0.1, max_steps=8,
+                  save_strategy="steps", save_steps=4, lr_scheduler_type="linear", warmup_steps=2)
+    full = Trainer(model=tiny_llama(), args=training_args(tmp_path / "full", **common), train_dataset=data)
+    full.train()
+    resumed = Trainer(model=tiny_llama(seed=1), args=training_args(tmp_path / "resumed", **common),
+                      train_dataset=data)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-4"))
+
+    assert losses(resumed.state.log_history) == losses(full.state.log_history)
+    for (name, a), (_, b) in zip(full.model.named_parameters(), resumed.model.named_parameters()):
+        assert torch.equal(a, b), name
+    o_full, o_resumed = full.optimizer.optimizer, resumed.optimizer.optimizer
+    pairs = list(zip(full.model.parameters(), resumed.model.parameters()))
+    assert any("exp_avg_q" in o_resumed.state[b] for _, b in pairs)
+    for a, b in pairs:
+        for key, t in o_full.state[a].items():
+            assert o_resumed.state[b][key].dtype == t.dtype and torch.equal(o_resumed.state[b][key], t), key
+
+
 # ------------------------------------------------------------------------------------------------ quality
 
 
