@@ -21,7 +21,6 @@ from tam_hf.optim import fused, registry  # noqa: E402
 from tam_hf.optim.tam8bit import AdaTAM8bit, AdaTAMW8bit, dequantize_state_dict  # noqa: E402
 
 
-
 @pytest.fixture(autouse=True)
 def one_thread():
     """Small tensors: one thread is faster, and immune to oversubscription on a busy 2-core runner."""
@@ -125,7 +124,7 @@ def gradient_stream(shapes, steps, seed=0, noise=0.7, spread=1.0):
         yield [sign * d + noise * k * torch.randn(s, generator=gen) for s, d, k in zip(shapes, direction, scale)]
 
 
-def assert_codes_match(got, want, absmax, exact, code, signed):
+def assert_codes_match(got, want, absmax, exact, code):
     """uint8 codes equal, except where the exact value sits on the midpoint between two codes (to float32
     rounding and bitsandbytes' slack: either code is then a correct nearest code)."""
     diff = got != want
@@ -150,8 +149,8 @@ def check_step(opt, ref, params, before):
         # 3e-5: the fused float32 kernel takes 1 - beta2 in float32 (1 - 0.999f is 1.3e-5 off), the eager paths
         # in double; v's scale moves by that much, its codes (relative to the absmax) do not
         torch.testing.assert_close(st["exp_avg_sq_absmax"].double(), ref.codes[i][3].double(), rtol=3e-5, atol=0)
-        assert_codes_match(st["exp_avg_q"], ref.codes[i][0], ref.codes[i][1], m_exact, SIGNED, True)
-        assert_codes_match(st["exp_avg_sq_q"], ref.codes[i][2], ref.codes[i][3], v_exact, UNSIGNED, False)
+        assert_codes_match(st["exp_avg_q"], ref.codes[i][0], ref.codes[i][1], m_exact, SIGNED)
+        assert_codes_match(st["exp_avg_sq_q"], ref.codes[i][2], ref.codes[i][3], v_exact, UNSIGNED)
 
 
 SHAPES = [(40, 32), (300,), (7, 9, 11)]  # 3 blocks with a partial last one in the last two
