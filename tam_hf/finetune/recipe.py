@@ -42,11 +42,11 @@ from tam_hf.finetune.recipe_yaml import MAX_DEPTH, clip, describe, dump_yaml, re
 from tam_hf.finetune.schema import (COMPLETION_FORMATS, DATA_DIR, DEFAULT_METRICS, EMBEDDED_MODELS, EMBEDDED_PREFIX,
                                     FILE_SUFFIXES, FORMAT_COLUMNS, HUB_ID, METRIC_TASKS, STRICT, TRAINING_OWNED,
                                     TRAINING_RANGES, DataConfig, DistributedConfig, EvalConfig, FinetuneConfig,
-                                    Float, HubConfig, LoraConfig, ModelConfig, OptimizerConfig, Recipe)
+                                    Float, HubConfig, LMEvalConfig, LoraConfig, ModelConfig, OptimizerConfig, Recipe)
 
-__all__ = ["Recipe", "RecipeError", "load_recipe", "validate_recipe", "apply_overrides", "to_dict", "to_yaml",
-           "resolve_path", "read_yaml", "ModelConfig", "DataConfig", "LoraConfig", "FinetuneConfig",
-           "OptimizerConfig", "EvalConfig", "HubConfig", "DistributedConfig", "EMBEDDED_PREFIX", "DATA_DIR",
+__all__ = ["Recipe", "RecipeError", "load_recipe", "read_recipe_file", "validate_recipe", "apply_overrides", "to_dict",
+           "to_yaml", "rerun_yaml", "RUN_ONLY", "resolve_path", "read_yaml", "ModelConfig", "DataConfig", "LoraConfig", "FinetuneConfig",
+           "OptimizerConfig", "EvalConfig", "LMEvalConfig", "HubConfig", "DistributedConfig", "EMBEDDED_PREFIX", "DATA_DIR",
            "EMBEDDED_MODELS", "FORMAT_COLUMNS", "COMPLETION_FORMATS", "FILE_SUFFIXES", "METRIC_TASKS",
            "TRAINING_OWNED", "HUB_ID"]
 
@@ -66,6 +66,15 @@ class RecipeError(ValueError):
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read, override, validate. Raises RecipeError listing every problem."""
     path = Path(path)
+    raw = read_recipe_file(path)
+    problems = apply_overrides(raw, overrides)
+    return validate_recipe(raw, name=path.stem, source=str(path), problems=problems)
+
+
+def read_recipe_file(path: str | Path) -> dict:
+    """The plain mapping a recipe file holds, read through :func:`read_yaml` (the safe loader); nothing is
+    validated yet. Raises RecipeError when the file is missing, unreadable, not YAML or not a mapping."""
+    path = Path(path)
     if not path.is_file():
         raise RecipeError([f"recipe file not found: {path}"], str(path))
     try:
@@ -77,8 +86,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise RecipeError([f"the top level must be a mapping of sections, got {type(raw).__name__}"], str(path))
-    problems = apply_overrides(raw, overrides)
-    return validate_recipe(raw, name=path.stem, source=str(path), problems=problems)
+    return raw
 
 
 _YAML11_BOOL_WORDS = {"yes", "no", "on", "off", "y", "n"}
@@ -147,6 +155,16 @@ def to_dict(recipe: Recipe) -> dict:
 
 def to_yaml(recipe: Recipe) -> str:
     return dump_yaml(to_dict(recipe))
+
+
+# Keys about what one run does with its output directory: a recipe written for others to rerun leaves them out.
+RUN_ONLY = ("resume", "overwrite")
+
+
+def rerun_yaml(recipe: Recipe) -> str:
+    """The recipe as a file to rerun from (the copy a run writes into its output directory, the Hub's copy):
+    every default filled in, without :data:`RUN_ONLY`, so that running it neither continues nor wipes a run."""
+    return dump_yaml({k: v for k, v in to_dict(recipe).items() if k not in RUN_ONLY})
 
 
 def resolve_path(value: str) -> Path:
@@ -536,6 +554,7 @@ def _cross_check(s: dict[str, Any], problems: list[str]) -> None:
     checks = [
         (_check_model, ("model",)),
         (_check_data, ("data", "task")),
+        (_check_packing, ("data", "task", "model")),
         (_check_finetune, ("finetune", "model", "hub")),
         (_check_eval, ("eval", "data", "task")),
         (_check_hub, ("hub", "finetune")),
@@ -614,6 +633,9 @@ def _check_model(r, problems: list[str]) -> None:
                         "it cannot also be loaded through bitsandbytes")
 
 
+CHAT_TEMPLATE_SUFFIXES = (".jinja", ".j2")
+
+
 def _check_data(r, problems: list[str]) -> None:
     d = r.data
     if (d.dataset is None) == (d.train_file is None):
@@ -651,6 +673,28 @@ def _check_data(r, problems: list[str]) -> None:
         problems.append(f"task sequence_classification needs data.format classification (got {d.format})")
     if d.format == "instruction" and "{instruction}" not in d.instruction_template:
         problems.append("data.instruction_template must contain {instruction}")
+    if d.chat_template_path is not None:
+        path = resolve_path(d.chat_template_path)
+        if d.format != "chat":
+            problems.append(f"data.chat_template_path applies to format chat (got {d.format})")
+        elif path.suffix not in CHAT_TEMPLATE_SUFFIXES:
+            problems.append(f"data.chat_template_path: {clip(d.chat_template_path)} is not a chat template file "
+                            f"({' or '.join(CHAT_TEMPLATE_SUFFIXES)})")
+        elif not path.is_file():
+            problems.append(f"data.chat_template_path: file not found: {clip(d.chat_template_path)}")
+
+
+def _check_packing(r, problems: list[str]) -> None:
+    d = r.data
+    if not (d.packing or d.padding_free):
+        return
+    if d.format == "classification":
+        problems.append("data.packing / data.padding_free apply to causal-LM formats "
+                        "(text, prompt_completion, instruction, chat)")
+        return
+    from tam_hf.finetune.sft import packing_problems  # imports TRL: only for recipes that pack
+
+    problems += packing_problems(d.packing, d.padding_free, r.model.attn_implementation)
 
 
 def _check_finetune(r, problems: list[str]) -> None:
@@ -687,8 +731,12 @@ def _check_eval(r, problems: list[str]) -> None:
             problems.append(f"eval.metrics: {metric} does not apply to task {r.task}"
                             + (f" with data.target {target}" if target else ""))
     problems += metric_problems(named, r.task)
-    if "exact_match" in r.eval.metrics and r.data.format not in ("prompt_completion", "instruction"):
-        problems.append(f"eval.metrics: exact_match needs prompt_completion or instruction data (got {r.data.format})")
+    # On causal LM, exact_match and evaluate metrics score answers generated for the evaluation prompts.
+    generated = [m for m in r.eval.metrics if m == "exact_match"
+                 or (r.task == "causal_lm" and m not in METRIC_TASKS and parse_metric(m).kind in ("hub", "local"))]
+    if generated and r.data.format not in ("prompt_completion", "instruction"):
+        problems.append(f"eval.metrics: {', '.join(map(short, generated))} score(s) answers generated for evaluation "
+                        f"prompts and need prompt_completion or instruction data (got {r.data.format})")
     if r.eval.answer_pattern is not None:
         try:
             groups = re.compile(r.eval.answer_pattern).groups
@@ -704,6 +752,15 @@ def _check_eval(r, problems: list[str]) -> None:
     if not has_eval and r.eval.metrics:
         problems.append("eval.metrics are set but there is no evaluation data: set data.eval_file, "
                         "data.eval_split or data.eval_fraction (or eval.metrics: [])")
+    if r.eval.lm_eval is not None:
+        if r.task != "causal_lm":
+            problems.append(f"eval.lm_eval evaluates a language model: it needs task causal_lm (got {r.task})")
+        else:
+            from tam_hf.finetune.lm_eval import check_available, task_problems
+
+            missing = check_available()
+            # Task names cost one build of lm-eval's task index (5-15 s, once per process); YAML paths nothing.
+            problems += [missing] if missing else task_problems(r.eval.lm_eval.tasks)
 
 
 def _check_hub(r, problems: list[str]) -> None:

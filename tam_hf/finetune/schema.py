@@ -22,7 +22,7 @@ from pydantic_core import PydanticCustomError
 from tam_hf.finetune.recipe_yaml import short
 
 __all__ = ["Recipe", "ModelConfig", "DataConfig", "LoraConfig", "FinetuneConfig", "OptimizerConfig", "EvalConfig",
-           "HubConfig", "DistributedConfig", "Float", "STRICT", "EMBEDDED_PREFIX", "DATA_DIR", "EMBEDDED_MODELS",
+           "LMEvalConfig", "HubConfig", "DistributedConfig", "Float", "STRICT", "EMBEDDED_PREFIX", "DATA_DIR", "EMBEDDED_MODELS",
            "FORMAT_COLUMNS", "COMPLETION_FORMATS", "FILE_SUFFIXES", "METRIC_TASKS", "DEFAULT_METRICS",
            "TRAINING_OWNED", "TRAINING_RANGES", "HUB_ID"]
 
@@ -172,6 +172,17 @@ class DataConfig(_Section):
         None, ge=1, description="classification: number of classes (default: counted in the train split).")
     max_train_samples: Optional[int] = Field(None, ge=1, description="Use only the first N training rows.")
     max_eval_samples: Optional[int] = Field(None, ge=1, description="Use only the first N evaluation rows.")
+    packing: bool = Field(
+        False, description="Pack tokenised rows into sequences of max_length (TRL's best-fit-decreasing; a longer row "
+                           "is truncated). Packed rows never attend to each other: flash-attention reads the "
+                           "boundaries from position ids, sdpa and eager get a block-diagonal mask. Causal LM only.")
+    padding_free: bool = Field(
+        False, description="TRL's padding-free batches: the rows of a batch concatenated into one, kept apart by "
+                           "position ids. Needs model.attn_implementation flash_attention_2/3; implied by packing.")
+    chat_template_path: Optional[str] = Field(
+        None, description="chat: a .jinja/.j2 chat template used instead of the tokenizer's (TRL's "
+                          "chat_template_path). Assistant-only loss needs {% generation %} markers around assistant "
+                          "turns; embedded:chat_templates/chatml.jinja is ChatML with them.")
 
 
 class LoraConfig(_Section):
@@ -224,17 +235,30 @@ class OptimizerConfig(_Section):
             raise
 
 
+class LMEvalConfig(_Section):
+    tasks: list[str] = Field(
+        min_length=1, description="lm-eval task, group or tag names (gsm8k, hellaswag) or task YAML files; relative "
+                                  "data_files in a YAML are read next to it.")
+    num_fewshot: Optional[int] = Field(None, ge=0, description="Few-shot examples; unset keeps each task's default.")
+    limit: Optional[Float] = Field(None, gt=0, description="Rows per task: a count, or a fraction when below 1.")
+    batch_size: int = Field(1, ge=1, description="lm-eval's batch size.")
+
+
 class EvalConfig(_Section):
     metrics: Optional[list[str]] = Field(
-        None, description="Metric names; default: accuracy, f1 (labels), pearson, spearman (scores), perplexity "
-                          "(causal lm).")
-    max_new_tokens: int = Field(16, ge=1, description="exact_match: tokens generated per answer.")
+        None, description="Metric names: built-in ones, evaluate:NAME[/CONFIG] or a local metric script; default: "
+                          "accuracy, f1 (labels), pearson, spearman (scores), perplexity (causal lm). On causal LM, "
+                          "exact_match and evaluate metrics score answers generated for the evaluation prompts.")
+    max_new_tokens: int = Field(16, ge=1, description="Generated metrics: tokens generated per answer.")
     max_generate_samples: int = Field(
-        64, ge=1, description="exact_match: evaluation rows generated for (generation is slow).")
+        64, ge=1, description="Generated metrics: evaluation rows generated for (generation is slow).")
     answer_pattern: Optional[str] = Field(
         None, description="exact_match: a regular expression whose first group is the answer, searched in the "
                           "generation and in the reference (GSM8K: '####\\s*(-?[\\d,.]+)'); unset compares the "
                           "first generated line with the reference.")
+    lm_eval: Optional[LMEvalConfig] = Field(
+        None, description="Run lm-evaluation-harness on the fine-tuned model after it is saved; results in "
+                          "<output_dir>/lm_eval/. Needs the [eval] extra.")
 
 
 class HubConfig(_Section):
