@@ -24,8 +24,8 @@ from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
 import tam_hf.finetune.model
-from tam_hf.finetune.errors import (CheckpointError, DataError, HubUnavailableError, NonFiniteError,
-                                    OutputDirError, PushError)
+from tam_hf.finetune.errors import (CheckpointError, DataError, EvaluationError, HubUnavailableError,
+                                    NonFiniteError, OutputDirError, PushError)
 from tam_hf.finetune.recipe import to_dict, validate_recipe
 from tam_hf.finetune.runner import finetune
 
@@ -305,11 +305,6 @@ def test_corrupt_checkpoint_files_are_skipped_or_named(tmp_path):
 # ------------------------------------------------------------------------------------------------- data
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return tam_hf.finetune.model.load_tokenizer(validate_recipe(_raw("unused")).model)
-
-
 CHAT_ROWS = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
              {"messages": [{"role": "user", "content": "hi"}, {"content": "no role here"}]}]
 
@@ -327,15 +322,15 @@ CHAT_ROWS = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistan
     ("chat.jsonl", "".join(json.dumps(r) + "\n" for r in CHAT_ROWS).encode(), {"format": "chat"},
      ["chat.jsonl", "line 2", "'messages'", "turn 2", "role"]),
 ])
-def test_bad_data_is_a_one_line_message_naming_file_line_and_column(tmp_path, tok, name, content, data, fragments):
-    from tam_hf.finetune.data import build_datasets
+def test_bad_data_is_a_one_line_message_naming_file_line_and_column(tmp_path, name, content, data, fragments):
+    from tam_hf.finetune.data import load_raw
 
     path = tmp_path / name
     path.write_bytes(content)
     raw = _raw(tmp_path / "out")
     raw["data"].update(train_file=str(path), **data)
     with pytest.raises(DataError) as info:
-        build_datasets(validate_recipe(raw), tok)
+        load_raw(validate_recipe(raw).data)  # what the run loads before TRL tokenises anything
     message = str(info.value)
     assert info.value.exit_code == 1 and "\n" not in message
     for fragment in fragments:
@@ -355,6 +350,75 @@ def test_the_hub_while_offline_is_one_line_naming_the_id_the_setting_and_a_local
     assert info.value.exit_code == 1 and "\n" not in message
     assert "someone/not-in-the-cache" in message and variable in message and "local" in message
     assert not (tmp_path / "out").exists()  # a run that loaded nothing leaves nothing behind
+
+
+def test_bad_data_fails_the_run_before_anything_is_removed_or_written(tmp_path):
+    out = tmp_path / "out"
+    finetune(_recipe(out, max_steps=2, save_strategy="no"))
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": 7}\n')
+    raw = _raw(out, max_steps=2, save_strategy="no")
+    raw["data"]["train_file"] = str(path)
+    with pytest.raises(DataError, match="bad.jsonl, line 2"):
+        finetune(_set(validate_recipe(raw), overwrite=True))
+    assert (out / "model.safetensors").is_file() and _summary(out)["status"] == "completed"  # the old run is intact
+
+
+# ----------------------------------------------------------------------------------------- evaluation
+
+
+def test_a_perplexity_beyond_float_range_is_null_with_a_note(tmp_path, monkeypatch):
+    from tam_hf.finetune import sft
+    from tam_hf.finetune.main import format_summary
+
+    monkeypatch.setattr(sft.TAMSFTTrainer, "evaluate", lambda self, *a, **k: {"eval_loss": 800.0})
+    raw = _raw(tmp_path / "out", max_steps=1, save_strategy="no")
+    raw["data"]["eval_file"] = "embedded:demo_eval.jsonl"
+    raw["eval"] = {"metrics": ["perplexity"]}
+    summary = finetune(validate_recipe(raw))
+    assert summary["eval"] == {"loss": 800.0, "perplexity": None}
+    assert _summary(tmp_path / "out")["eval"]["perplexity"] is None  # JSON null, not Infinity
+    assert "beyond float range" in summary["notes"][0]
+    assert "eval perplexity: n/a" in format_summary(summary) and "note: eval perplexity is null" in format_summary(summary)
+
+
+def test_a_failing_lm_eval_keeps_the_saved_run_exits_1_and_names_the_eval_command(tmp_path):
+    pytest.importorskip("lm_eval")
+    task = tmp_path / "broken.yaml"
+    task.write_text(yaml.safe_dump({"task": "tam_broken", "dataset_path": "json", "test_split": "test",
+                                    "dataset_kwargs": {"data_files": {"test": "no_such_rows.jsonl"}},
+                                    "output_type": "multiple_choice", "doc_to_text": "{{q}}",
+                                    "doc_to_choice": "{{c}}", "doc_to_target": 0}))
+    out = tmp_path / "out"
+    raw = _raw(out, max_steps=1, save_strategy="no")
+    raw["eval"] = {"metrics": [], "lm_eval": {"tasks": [str(task)], "limit": 2}}
+    raw["hub"] = {"repo_id": "someone/tiny-tam"}  # the Hub step still runs after the failure: nothing is lost
+    with pytest.raises(EvaluationError) as info:
+        finetune(validate_recipe(raw))
+    message = str(info.value)
+    assert info.value.exit_code == 1 and f"saved at {out}" in message and f"tam-finetune eval {out}" in message
+    assert (out / "model.safetensors").is_file() and (out / "hub_upload" / "README.md").is_file()
+    summary = _summary(out)
+    assert summary["status"] == "completed" and summary["lm_eval_error"] == message
+    assert not (out / "lm_eval" / "results.json").exists()
+
+
+def test_the_recipe_a_run_writes_neither_resumes_nor_wipes_it(tmp_path):
+    from tam_hf.finetune.main import run_recipe
+    from tam_hf.finetune.recipe import load_recipe
+
+    out = tmp_path / "out"
+    finetune(_recipe(out, max_steps=2, save_steps=2))
+    finetune(_set(_recipe(out, max_steps=3, save_steps=2), resume=True))  # this run had resume: true
+    written = out / "recipe.yaml"
+    text = written.read_text()
+    assert "resume:" not in text and "overwrite:" not in text
+    assert "rerun with: tam-finetune " + str(written) in text.splitlines()[0]
+    recipe = load_recipe(written)
+    assert (recipe.resume, recipe.overwrite, recipe.training["max_steps"]) == (False, False, 3)
+    before = sorted(p.name for p in out.iterdir())
+    assert run_recipe([str(written)]) == 2  # the "rerun with" line refuses the directory, naming both ways
+    assert sorted(p.name for p in out.iterdir()) == before and _summary(out)["steps"] == 3
 
 
 # -------------------------------------------------------------------------------------------------- hub
@@ -395,8 +459,11 @@ def test_a_failed_push_keeps_outputs_exits_1_and_names_the_retry_command_which_w
 
 
 def _commands(header: str) -> list[str]:
-    """The `tam-finetune ...` commands in a recipe's leading comment, continuation lines joined."""
-    return [line for line in header.replace("\\\n", " ").splitlines() if line.startswith("tam-finetune ")]
+    """The `tam-finetune RECIPE ...` commands in a recipe's leading comment, continuation lines joined (not the
+    commands on a finished run, `tam-finetune eval|push RUN_DIR`: they read no recipe of their own)."""
+    other = tuple(f"tam-finetune {name} " for name in ("eval", "push", "compare"))
+    return [line for line in header.replace("\\\n", " ").splitlines()
+            if line.startswith("tam-finetune ") and not line.startswith(other)]
 
 
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)

@@ -105,3 +105,71 @@ def test_a_failing_evaluation_says_where_the_model_is_saved(tmp_path):
     message = str(err.value)
     assert message.startswith("lm-eval failed:") and f"The trained model is saved at {tmp_path / 'out'}" in message
     assert f"tam-finetune eval {tmp_path / 'out'}" in message
+
+
+@needs_lm_eval
+def test_a_recipe_runs_lm_eval_after_training_and_the_finished_run_evaluates_again(tmp_path, capsys):
+    from tam_hf.finetune.main import format_summary
+    from tam_hf.finetune.recipe import validate_recipe
+    from tam_hf.finetune.runner import finetune
+
+    out = tmp_path / "run"
+    recipe = validate_recipe({
+        "model": {"name": "embedded:tiny-llama"},
+        "data": {"format": "prompt_completion", "train_file": "embedded:demo_train.jsonl", "max_length": 32},
+        "finetune": {"method": "full"}, "optimizer": {"name": "adatamw", "lr": 1e-3},
+        "eval": {"metrics": [], "lm_eval": {"tasks": [CHOICE], "limit": 4, "batch_size": 4}},
+        "training": {"max_steps": 2, "per_device_train_batch_size": 8, "save_strategy": "no",
+                     "output_dir": str(out), "disable_tqdm": True},
+    })
+    summary = finetune(recipe)
+    results = json.loads((out / "lm_eval" / "results.json").read_text())
+    assert summary["lm_eval"] == {"tam_tiny_arith_choice": {"acc,none": results["tam_tiny_arith_choice"]["acc,none"]}}
+    assert summary["lm_eval_results"] == str(out / "lm_eval" / "results.json")
+    assert json.loads((out / "summary.json").read_text())["lm_eval_table"] == (out / "lm_eval" / "table.md").read_text()
+    printed = format_summary(summary)
+    assert f"lm-eval ({out / 'lm_eval' / 'results.json'}):" in printed and "tam_tiny_arith_choice" in printed
+
+    # `tam-finetune eval RUN_DIR` on the finished run: its recipe's settings, another task given on the command line
+    from tam_hf import cli
+
+    capsys.readouterr()
+    assert cli.main(["eval", str(out), "--tasks", GEN, "--limit", "2"]) == 0
+    assert "tam_tiny_arith_gen" in capsys.readouterr().out
+    assert "tam_tiny_arith_gen" in json.loads((out / "lm_eval" / "results.json").read_text())
+
+
+@needs_lm_eval
+def test_a_launched_run_skips_lm_eval_with_the_command_that_runs_it():
+    from types import SimpleNamespace
+
+    from tam_hf.finetune.main import format_summary
+    from tam_hf.finetune.recipe import validate_recipe
+    from tam_hf.finetune.runner import _lm_eval
+
+    recipe = validate_recipe({"model": {"name": "embedded:tiny-llama"},
+                              "data": {"format": "prompt_completion", "train_file": "embedded:demo_train.jsonl"},
+                              "optimizer": {"name": "adatamw", "lr": 1e-3},
+                              "eval": {"metrics": [], "lm_eval": {"tasks": [CHOICE]}}})
+    summary = {"optimizer": "adatamw", "steps": 2, "output_dir": "/runs/x"}
+    trainer = SimpleNamespace(args=SimpleNamespace(world_size=2), model=None)  # lm-eval would fail on model None
+    assert _lm_eval(recipe, trainer, None, Path("/runs/x"), summary) is None
+    assert "tam-finetune eval /runs/x" in summary["lm_eval_skipped"] and "lm_eval" not in summary
+    assert "lm-eval skipped: lm-eval runs in one process, this run had 2" in format_summary(summary)
+
+
+@needs_lm_eval
+def test_recipe_validation_names_unknown_tasks_and_the_missing_extra(monkeypatch):
+    from tam_hf.finetune.recipe import RecipeError, validate_recipe
+
+    raw = {"model": {"name": "embedded:tiny-llama"},
+           "data": {"format": "prompt_completion", "train_file": "embedded:demo_train.jsonl"},
+           "optimizer": {"name": "adatamw", "lr": 1e-3}, "eval": {"metrics": [], "lm_eval": {"tasks": ["gsm8", CHOICE]}}}
+    with pytest.raises(RecipeError) as err:
+        validate_recipe(raw)
+    (problem,) = err.value.problems
+    assert "unknown lm-eval task 'gsm8'" in problem and "did you mean gsm8k" in problem
+    real = tam_lm_eval.importlib.util.find_spec
+    monkeypatch.setattr(tam_lm_eval.importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else real(name, *a))
+    with pytest.raises(RecipeError, match=r"eval.lm_eval needs lm-evaluation-harness.*tam_hf\[eval\]"):
+        validate_recipe(raw)

@@ -1,65 +1,23 @@
-"""Each data format tokenises as documented: labels, completion-only masks, columns, truncation."""
+"""Data: files and datasets load with their columns mapped; every causal-LM row is checked before TRL sees it
+(how TRL tokenises each format is tests/test_sft.py's business); classification tokenises and collates here; the
+embedded demo data is what scripts/build_embedded.py makes."""
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 
-from tam_hf.finetune.data import IGNORE, DataError, build_datasets, collator, load_raw, tokenize_row
+from tam_hf.finetune.data import DataError, build_datasets, collator, load_raw, tokenize_row
 from tam_hf.finetune.model import load_tokenizer
 from tam_hf.finetune.recipe import DataConfig, ModelConfig, validate_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def tok():
     return load_tokenizer(ModelConfig(name="embedded:tiny-llama"))
-
-
-def _labelled(enc, tok) -> str:
-    return tok.decode([t for t, l in zip(enc["input_ids"], enc["labels"]) if l != IGNORE])
-
-
-def test_prompt_completion_masks_the_prompt(tok):
-    cfg = DataConfig(format="prompt_completion")
-    enc = tokenize_row({"prompt": "What is 2 plus 3?", "completion": " 5"}, tok, cfg)
-    assert len(enc["input_ids"]) == len(enc["labels"]) == len(enc["attention_mask"])
-    assert enc["input_ids"][-1] == tok.eos_token_id
-    assert _labelled(enc, tok) == " 5" + tok.eos_token
-    n_prompt = len(tok("What is 2 plus 3?")["input_ids"])
-    assert enc["labels"][:n_prompt] == [IGNORE] * n_prompt
-
-
-def test_completion_only_loss_false_labels_everything(tok):
-    cfg = DataConfig(format="prompt_completion", completion_only_loss=False)
-    enc = tokenize_row({"prompt": "What is 2 plus 3?", "completion": " 5"}, tok, cfg)
-    assert enc["labels"] == enc["input_ids"]
-
-
-def test_text_labels_every_token(tok):
-    enc = tokenize_row({"text": "Add one and two."}, tok, DataConfig(format="text"))
-    assert enc["labels"] == enc["input_ids"] and enc["input_ids"][-1] == tok.eos_token_id
-
-
-def test_instruction_fills_template_and_masks_it(tok):
-    cfg = DataConfig(format="instruction", instruction_template="Q: {instruction} {input}\nA:")
-    enc = tokenize_row({"instruction": "Add", "input": "two and two.", "output": " 4"}, tok, cfg)
-    assert tok.decode(enc["input_ids"]).startswith("Q: Add two and two.\nA: 4")
-    assert _labelled(enc, tok) == " 4" + tok.eos_token
-
-
-def test_chat_labels_only_assistant_turns(tok):
-    messages = [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "What is 1 plus 1?"},
-        {"role": "assistant", "content": "2"},
-        {"role": "user", "content": "And 2 plus 2?"},
-        {"role": "assistant", "content": "4"},
-    ]
-    enc = tokenize_row({"messages": messages}, tok, DataConfig(format="chat"))
-    assert tok.decode(enc["input_ids"]) == tok.apply_chat_template(messages, tokenize=False)
-    # Both assistant answers and their end-of-turn markers, nothing of the system or user turns.
-    assert _labelled(enc, tok) == "2<|im_end|>\n4<|im_end|>\n"
-    full = tokenize_row({"messages": messages}, tok, DataConfig(format="chat", completion_only_loss=False))
-    assert full["labels"] == full["input_ids"]
 
 
 def test_classification_single_and_paired(tok):
@@ -72,32 +30,48 @@ def test_classification_single_and_paired(tok):
     assert score["labels"] == 3.5
 
 
-def test_truncation_keeps_lengths_consistent(tok):
-    cfg = DataConfig(format="prompt_completion", max_length=8)
-    enc = tokenize_row({"prompt": "What is 2 plus 3? " * 3, "completion": " 5"}, tok, cfg)
-    assert len(enc["input_ids"]) == len(enc["labels"]) == 8
-
-
 def _write(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
 
 
-def test_build_datasets_from_files_with_column_mapping_and_collator(tmp_path, tok):
+def test_files_load_with_column_mapping_and_an_eval_fraction(tmp_path):
     train = _write(tmp_path / "train.jsonl", [{"q": f"What is {i} plus 1?", "a": f" {i + 1}"} for i in range(10)])
+    cfg = DataConfig(format="prompt_completion", train_file=train, eval_fraction=0.2,
+                     columns={"prompt": "q", "completion": "a"})
+    raw = load_raw(cfg)
+    assert (len(raw["train"]), len(raw["eval"])) == (8, 2)
+    assert set(raw["train"].column_names) == {"prompt", "completion"}  # canonical names, what TRL's type needs
+    assert sorted([*raw["train"]["prompt"], *raw["eval"]["prompt"]]) == sorted(f"What is {i} plus 1?" for i in range(10))
+
+
+def test_causal_rows_are_checked_before_trl_sees_them(tmp_path):
+    rows = [{"instruction": "Add", "input": None, "output": " 4"}, {"instruction": "Add", "input": 3, "output": " 5"}]
+    cfg = DataConfig(format="instruction", train_file=_write(tmp_path / "i.jsonl", rows))
+    with pytest.raises(DataError, match=r"i.jsonl, line 2: column 'input' must be a string or empty, got int"):
+        load_raw(cfg)
+    many = [{"text": f"row {i}"} for i in range(2500)] + [{"text": None}]  # past the first batches of the check
+    with pytest.raises(DataError, match=r"t.jsonl, line 2501: column 'text' must be a string"):
+        load_raw(DataConfig(format="text", train_file=_write(tmp_path / "t.jsonl", many)))
+    chat = [{"messages": [{"role": "user", "content": "hi"}]}, {"messages": []}]
+    with pytest.raises(DataError, match=r"c.jsonl, line 2: column 'messages' must be a list of"):
+        load_raw(DataConfig(format="chat", train_file=_write(tmp_path / "c.jsonl", chat)))
+
+
+def test_causal_rows_are_trls_business_and_classification_collates_here(tmp_path, tok):
+    cfg = DataConfig(format="prompt_completion")
+    with pytest.raises(ValueError, match="TRL"):
+        tokenize_row({"prompt": "a", "completion": "b"}, tok, cfg)
     recipe = validate_recipe({
-        "model": {"name": "embedded:tiny-llama"},
-        "data": {"format": "prompt_completion", "train_file": train, "eval_fraction": 0.2,
-                 "columns": {"prompt": "q", "completion": "a"}},
-        "optimizer": {"name": "adatam", "lr": 1e-3},
+        "model": {"name": "embedded:tiny-llama"}, "task": "sequence_classification",
+        "data": {"format": "classification", "train_file": _write(tmp_path / "c.jsonl", [
+            {"text": "good " * (i + 1), "label": "pos"} for i in range(3)])},
+        "optimizer": {"name": "adamw", "lr": 1e-3}, "eval": {"metrics": []},
     })
-    train_ds, eval_ds, raw, names = build_datasets(recipe, tok)
-    assert (len(train_ds), len(eval_ds)) == (8, 2) and names is None
-    assert set(train_ds.column_names) == {"input_ids", "attention_mask", "labels"}
-    batch = collator(recipe, tok)([train_ds[0], train_ds[1], train_ds[2]])
-    assert batch["input_ids"].shape == batch["labels"].shape
-    pad = batch["attention_mask"] == 0
-    assert (batch["labels"][pad] == IGNORE).all()  # padding never carries a label
+    train_ds, _, _, _ = build_datasets(recipe, tok)
+    batch = collator(recipe, tok)([train_ds[i] for i in range(3)])
+    assert batch["input_ids"].shape == batch["attention_mask"].shape and batch["labels"].tolist() == [0, 0, 0]
+    assert batch["attention_mask"][0].sum() < batch["attention_mask"][2].sum()  # padded to the longest
 
 
 def test_classification_labels_are_named_and_csv_loads(tmp_path, tok):
@@ -118,16 +92,36 @@ def test_missing_column_is_a_clear_error(tmp_path):
         load_raw(cfg)
 
 
-def test_local_dataset_directory_with_splits_and_plain_text_file(tmp_path, tok):
+def test_local_dataset_directory_with_splits_and_plain_text_file(tmp_path):
     root = tmp_path / "ds"
     root.mkdir()
     _write(root / "train.jsonl", [{"text": f"line {i}"} for i in range(6)])
     _write(root / "test.jsonl", [{"text": "held out"}])
-    recipe = validate_recipe({"model": {"name": "embedded:tiny-llama"},
-                              "data": {"format": "text", "dataset": str(root), "eval_split": "test"},
-                              "optimizer": {"name": "tam", "lr": 0.01}})
-    train_ds, eval_ds, _, _ = build_datasets(recipe, tok)
-    assert (len(train_ds), len(eval_ds)) == (6, 1)
+    raw = load_raw(DataConfig(format="text", dataset=str(root), eval_split="test"))
+    assert (len(raw["train"]), len(raw["eval"])) == (6, 1)
     (tmp_path / "corpus.txt").write_text("Add one and two.\nWhat is 3 plus 4?\n")
     raw = load_raw(DataConfig(format="text", train_file=str(tmp_path / "corpus.txt")))
     assert raw["train"]["text"] == ["Add one and two.", "What is 3 plus 4?"]
+
+
+def test_embedded_demo_data_is_what_the_generator_makes():
+    spec = importlib.util.spec_from_file_location("build_embedded", ROOT / "scripts" / "build_embedded.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    assets = ROOT / "tam_hf" / "assets"
+    data = gen.rows()
+    assert (assets / "demo_train.jsonl").read_text() == gen.jsonl(data[:168])
+    assert (assets / "demo_eval.jsonl").read_text() == gen.jsonl(data[168:])
+    assert (assets / "demo_chat.jsonl").read_text() == gen.jsonl(gen.chat_rows())  # byte for byte
+    assert (assets / "chat_templates" / "chatml.jinja").read_text() == gen.CHAT_TEMPLATE
+    assert (assets / "tiny-llama" / "chat_template.jinja").read_text() == gen.CHAT_TEMPLATE
+    chats = [json.loads(line)["messages"] for line in (assets / "demo_chat.jsonl").read_text().splitlines()]
+    assert len(chats) == 64 and sum(len(m) == 5 for m in chats) == 22  # (8a + b) % 3 == 0 for 22 of the 64
+    for messages in chats:
+        words = messages[1]["content"].rstrip("?.").split()  # "What is 3 plus 4" / "Add three and five"
+        a, b = (int(words[2]), int(words[4])) if words[0] == "What" else (gen.WORDS.index(words[1]), gen.WORDS.index(words[3]))
+        assert messages[2]["content"] == str(a + b)
+        assert len(messages) == 3 or messages[4]["content"] == str(a + b + 1)
+    train_prompts = {json.loads(line)["prompt"] for line in (assets / "demo_train.jsonl").read_text().splitlines()}
+    eval_prompts = {json.loads(line)["prompt"] for line in (assets / "demo_eval.jsonl").read_text().splitlines()}
+    assert not train_prompts & eval_prompts and len(train_prompts | eval_prompts) == 200

@@ -36,6 +36,9 @@ def test_hand_checked_values():
     assert spearman([1, 2, 3, 4], [1, 4, 9, 100]) == pytest.approx(1.0)  # monotone, not linear
     assert spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)  # 1 - 6 * 2 / (4 * 15)
     assert perplexity(math.log(7.0)) == pytest.approx(7.0)
+    # beyond float range (or not a number): None, which summary.json writes as null (JSON has no Infinity)
+    assert perplexity(700.0) == pytest.approx(math.exp(700.0)) and perplexity(710.0) is None
+    assert perplexity(math.inf) is None and perplexity(math.nan) is None
     assert exact_match([" 12", "Paris ", "no"], ["12", "paris", "yes"]) == pytest.approx(2 / 3)
 
 

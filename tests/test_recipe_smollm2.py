@@ -46,15 +46,25 @@ def test_smollm2_lora_two_steps_saves_a_loadable_adapter(tmp_path):
     assert all(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
 
-    # The real chat template (ChatML plus a default system prompt) still yields assistant-only labels.
-    from tam_hf.finetune.data import IGNORE, tokenize_row
-    from tam_hf.finetune.model import load_tokenizer
-    from tam_hf.finetune.recipe import DataConfig
+    # SmolLM2's own chat template has no {% generation %} markers: assistant-only loss is refused with the fix, and
+    # the shipped ChatML template with markers (what smollm2_lora_chat.yaml sets) labels the assistant turn only.
+    from datasets import Dataset
+
+    from tam_hf.finetune.data import DataError
+    from tam_hf.finetune.model import load_model, load_tokenizer
+    from tam_hf.finetune.recipe import resolve_path
+    from tam_hf.finetune.runner import build_training_arguments
+    from tam_hf.finetune.sft import build_sft_trainer
 
     tok = load_tokenizer(recipe.model)
-    messages = [{"role": "user", "content": "What is 1 plus 1?"}, {"role": "assistant", "content": "2"}]
-    enc = tokenize_row({"messages": messages}, tok, DataConfig(format="chat"))
-    assert tok.decode([t for t, l in zip(enc["input_ids"], enc["labels"]) if l != IGNORE]) == "2<|im_end|>\n"
+    chat = Dataset.from_list([{"messages": [{"role": "user", "content": "What is 1 plus 1?"},
+                                            {"role": "assistant", "content": "2"}]}])
+    model, args = load_model(recipe, tok), build_training_arguments(recipe)
+    with pytest.raises(DataError, match="data.chat_template_path"):
+        build_sft_trainer(model, tok, args, chat, fmt="chat", max_length=64)
+    marked = str(resolve_path("embedded:chat_templates/chatml.jinja"))
+    row = build_sft_trainer(model, tok, args, chat, fmt="chat", max_length=64, chat_template_path=marked).train_dataset[0]
+    assert tok.decode([t for t, l in zip(row["input_ids"], row["labels"]) if l != -100]) == "2<|im_end|>\n"
 
     base = AutoModelForCausalLM.from_pretrained(model_dir, gguf_file=GGUF, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, out)

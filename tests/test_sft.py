@@ -16,7 +16,9 @@ from tam_hf.finetune.model import load_tokenizer, model_path
 from tam_hf.finetune.recipe import ModelConfig, resolve_path
 from tam_hf.finetune.sft import (BLOCK_MASK_KEY, PackedBatchCollator, TAMSFTTrainer, build_sft_trainer,
                                  packing_problems, sft_config)
-from tam_hf.trainer import register
+
+# TrainingArguments(optim="adatamw") needs tam_hf.register(); the fixture undoes it after each test.
+pytestmark = pytest.mark.usefixtures("registered")
 
 TINY = ModelConfig(name="embedded:tiny-llama")
 TEMPLATE = "Q: {instruction}\n{input}\nA:"
@@ -24,7 +26,6 @@ TEMPLATE = "Q: {instruction}\n{input}\nA:"
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    register()
     return load_tokenizer(TINY)
 
 
@@ -152,7 +153,6 @@ def test_chat_template_without_generation_markers_is_a_data_error(tmp_path, toke
 
 
 def test_sft_config_keeps_the_training_arguments(tmp_path):
-    register()
     args = _args(tmp_path, logging_steps=3, weight_decay=0.1, optim_args="decay_rate=0.8")
     config = sft_config(args, fmt="prompt_completion", max_length=48, packing=True)
     assert (config.bf16, config.gradient_checkpointing, config.logging_steps) == (False, False, 3)  # not SFTConfig's
@@ -210,3 +210,33 @@ def test_resume_from_a_packed_checkpoint_continues_exactly(tmp_path, tokenizer):
     resumed, trainer = run(tmp_path / "b", 4, resume=str(tmp_path / "b" / "checkpoint-2"))
     assert trainer.state.global_step == 4
     assert [resumed[s] for s in (3, 4)] == pytest.approx([straight[s] for s in (3, 4)], abs=1e-6)
+
+
+@pytest.mark.parametrize("packing", [False, True], ids=["unpacked", "packed"])
+def test_a_causal_lm_recipe_trains_on_the_sft_trainer(tmp_path, monkeypatch, packing):
+    from tam_hf.finetune import sft
+    from tam_hf.finetune.recipe import validate_recipe
+    from tam_hf.finetune.runner import finetune
+
+    built = []
+    real = sft.build_sft_trainer
+    monkeypatch.setattr(sft, "build_sft_trainer", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    recipe = validate_recipe({
+        "model": {"name": "embedded:tiny-llama"},
+        "data": {"format": "prompt_completion", "train_file": "embedded:demo_train.jsonl",
+                 "eval_file": "embedded:demo_eval.jsonl", "max_length": 32, "max_eval_samples": 8, "packing": packing},
+        "finetune": {"method": "full"},
+        "optimizer": {"name": "adatamw", "lr": 1e-3},
+        "eval": {"metrics": ["perplexity", "exact_match"], "max_new_tokens": 4},
+        "training": {"max_steps": 4, "per_device_train_batch_size": 8, "logging_steps": 2, "save_strategy": "no",
+                     "output_dir": str(tmp_path / "out"), "disable_tqdm": True},
+    })
+    summary = finetune(recipe)
+    (trainer,) = built
+    assert isinstance(trainer, TAMSFTTrainer) and isinstance(trainer.data_collator, PackedBatchCollator) == packing
+    if packing:  # several demo rows share a packed row
+        assert any(len(r["seq_lengths"]) > 1 for r in trainer.train_dataset)
+    assert summary["status"] == "completed" and summary["steps"] == 4
+    assert 0.0 <= summary["damping"]["mean"] <= 1.0
+    assert set(summary["eval"]) == {"loss", "perplexity", "exact_match"}  # TRL's entropy / token accuracy left out
+    assert (tmp_path / "out" / "model.safetensors").is_file()

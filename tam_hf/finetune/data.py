@@ -1,13 +1,16 @@
-"""Datasets: load (Hub id, local directory or files), rename columns, tokenise with `datasets.map` (cached).
+"""Datasets: load (Hub id, local directory or files), rename columns to the canonical ones of the format, check
+every row.
 
-Each format is one function in FORMATS turning a row of canonical columns into input_ids / attention_mask /
-labels. Completion-only loss sets the labels of prompt (or non-assistant) tokens to -100, the value every
-transformers loss ignores; padding is left to transformers' collators, which pad labels with -100 too.
+Causal-LM formats (text, prompt_completion, instruction, chat) are tokenised by TRL's ``SFTTrainer``
+(:mod:`tam_hf.finetune.sft`): :func:`load_raw` hands it checked rows with the canonical columns. Sequence
+classification is tokenised here (:func:`build_datasets`, ``datasets.map``, cached) and padded by
+transformers' ``DataCollatorWithPadding``.
 
 Data that cannot be used is a :class:`DataError` of one line naming the file, the line (or row) and the column:
 an empty or binary file, a line that is not JSON, a missing column, a value that is not a string, a chat turn
 without a role. Files are checked cheaply before loading (size, the first bytes); anything `datasets` cannot
-parse is located afterwards, on the error path only; rows are checked as they are tokenised.
+parse is located afterwards, on the error path only. Rows of the causal-LM formats are checked in
+:func:`load_raw`, before TRL sees them; classification rows as they are tokenised.
 """
 
 from __future__ import annotations
@@ -18,11 +21,11 @@ from functools import partial
 from pathlib import Path
 
 from tam_hf.finetune.errors import DataError, hub_unavailable
-from tam_hf.finetune.recipe import COMPLETION_FORMATS, FILE_SUFFIXES, FORMAT_COLUMNS, DataConfig, Recipe, resolve_path
+from tam_hf.finetune.recipe import FILE_SUFFIXES, FORMAT_COLUMNS, DataConfig, Recipe, resolve_path
 
-__all__ = ["DataError", "load_raw", "tokenize_row", "build_datasets", "prompt_and_answer", "collator", "FORMATS"]
+__all__ = ["DataError", "load_raw", "check_rows", "tokenize_row", "build_datasets", "prompt_and_answer", "collator",
+           "label_names"]
 
-IGNORE = -100
 DATASET_OFFLINE = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
 _TEXT_BUILDERS = ("json", "csv", "text")
 _SNIFF = 8192
@@ -155,91 +158,36 @@ def load_raw(cfg: DataConfig):
             source = sources.get(name, sources["train"])
             raise DataError(f"{name} data ({source}) has no column(s) {missing} for format {cfg.format} (columns: "
                             f"{ds.column_names}); map them with data.columns, e.g. {{{missing[0]}: your_column}}")
+    if cfg.format != "classification":  # TRL tokenises these: their rows are checked here, before it sees them
+        check_rows(raw, cfg)
     return raw
 
 
 # ---------------------------------------------------------------------------------------------- formats
 
 
-def _join(tokenizer, prompt: str, completion: str, completion_only: bool, max_length: int) -> dict:
-    prompt_ids = tokenizer(prompt)["input_ids"]  # the tokenizer's own BOS handling applies to the prompt
-    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    ids = (prompt_ids + completion_ids)[:max_length]
-    labels = ([IGNORE] * len(prompt_ids) + completion_ids if completion_only else prompt_ids + completion_ids)
-    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels[:max_length]}
-
-
-def _text(row, tokenizer, cfg: DataConfig, completion_only: bool) -> dict:
-    ids = (tokenizer(row["text"])["input_ids"] + [tokenizer.eos_token_id])[: cfg.max_length]
-    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)}
-
-
-def _prompt_completion(row, tokenizer, cfg: DataConfig, completion_only: bool) -> dict:
-    return _join(tokenizer, row["prompt"], row["completion"], completion_only, cfg.max_length)
-
-
-def _instruction(row, tokenizer, cfg: DataConfig, completion_only: bool) -> dict:
-    prompt, answer = prompt_and_answer(row, cfg)
-    return _join(tokenizer, prompt, answer, completion_only, cfg.max_length)
-
-
-def _chat(row, tokenizer, cfg: DataConfig, completion_only: bool) -> dict:
-    """Renders with the tokenizer's chat template; with completion-only loss only assistant turns (their
-    content and end-of-turn tokens) carry labels. Spans are found by rendering each prefix of the
-    conversation, so the template must render a conversation's prefix as a prefix of its text."""
-    messages = row["messages"]
-    if not getattr(tokenizer, "chat_template", None):
-        raise DataError("format chat needs a tokenizer with a chat template (tokenizer.chat_template is empty)")
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
-        through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
-        if not (text.startswith(through) and through.startswith(before)):
-            raise DataError("the chat template does not render conversation prefixes as prefixes of the text; "
-                            "completion-only loss cannot locate assistant turns (set data.completion_only_loss: false)")
-        spans.append((len(before), len(through)))
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, truncation=True,
-                    max_length=cfg.max_length)
-    ids = enc["input_ids"]
-    if completion_only:
-        labels = [t if any(a <= start < b for a, b in spans) else IGNORE for t, (start, _) in zip(ids, enc["offset_mapping"])]
-    else:
-        labels = list(ids)
-    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
-
-
-def _classification(row, tokenizer, cfg: DataConfig, completion_only: bool, label2id=None) -> dict:
+def _classification(row, tokenizer, cfg: DataConfig, label2id=None) -> dict:
     pair = row.get("text_pair")
     enc = tokenizer(row["text"], pair, truncation=True, max_length=cfg.max_length)
     label = float(row["label"]) if cfg.target == "score" else label2id[str(row["label"])]
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": label}
 
 
-FORMATS = {
-    "text": _text,
-    "prompt_completion": _prompt_completion,
-    "instruction": _instruction,
-    "chat": _chat,
-    "classification": _classification,
-}
-
-
 def prompt_and_answer(row, cfg: DataConfig) -> tuple[str, str]:
-    """The generation prompt and reference answer of a prompt_completion or instruction row (for exact_match)."""
+    """The generation prompt and reference answer of a prompt_completion or instruction row (generated metrics)."""
     if cfg.format == "instruction":
-        return cfg.instruction_template.format(instruction=row["instruction"], input=row.get("input") or ""), row["output"]
+        from tam_hf.finetune.sft import instruction_prompt  # the prompt TRL trained on
+
+        return instruction_prompt(row, cfg.instruction_template), row["output"]
     return row["prompt"], row["completion"]
 
 
 def tokenize_row(row, tokenizer, cfg: DataConfig, label2id=None) -> dict:
-    completion_only = cfg.completion_only_loss is not False and cfg.format in COMPLETION_FORMATS
-    fn = FORMATS[cfg.format]
-    if cfg.format == "classification":
-        return fn(row, tokenizer, cfg, completion_only, label2id=label2id)
-    return fn(row, tokenizer, cfg, completion_only)
+    """A classification row as input_ids / attention_mask / labels (class id, or the score for target score).
+    Causal-LM rows are tokenised by TRL (:func:`tam_hf.finetune.sft.build_sft_trainer`)."""
+    if cfg.format != "classification":
+        raise ValueError(f"format {cfg.format} is tokenised by TRL's SFTTrainer (tam_hf.finetune.sft), not here")
+    return _classification(row, tokenizer, cfg, label2id=label2id)
 
 
 # ------------------------------------------------------------------------------------------ row checks
@@ -327,6 +275,20 @@ def _tokenize_checked(row, index, tokenizer, cfg: DataConfig, label2id, locate: 
     return tokenize_row(row, tokenizer, cfg, label2id=label2id)
 
 
+def check_rows(raw, cfg: DataConfig, batch_size: int = 1024) -> None:
+    """Raise a DataError naming the file and line (or split and row) of the first row of ``raw`` (a DatasetDict of
+    canonical columns) that the format cannot use. Read in batches of columns: a few seconds for 100k rows."""
+    for split, ds in raw.items():
+        locate, index = _Locator(cfg, split), 0
+        for batch in ds.iter(batch_size=batch_size):
+            columns = list(batch)
+            for j in range(len(batch[columns[0]]) if columns else 0):
+                problem = _row_problem({c: batch[c][j] for c in columns}, cfg)
+                if problem is not None:
+                    raise DataError(f"{locate(index + j)}: {problem}")
+            index += len(batch[columns[0]]) if columns else 0
+
+
 def label_names(raw, cfg: DataConfig) -> list[str] | None:
     """Class names in a stable order: sorted numerically when they are all integers, else as strings."""
     if cfg.format != "classification" or cfg.target == "score":
@@ -346,27 +308,26 @@ def label_names(raw, cfg: DataConfig) -> list[str] | None:
 
 
 def build_datasets(recipe: Recipe, tokenizer):
-    """(train, eval or None, raw DatasetDict, label names or None): tokenised datasets ready for a collator."""
+    """Sequence classification: (train, eval or None, raw DatasetDict, label names or None), tokenised datasets
+    ready for :func:`collator`. Causal-LM recipes hand :func:`load_raw`'s rows to TRL instead."""
     cfg = recipe.data
+    if cfg.format != "classification":
+        raise ValueError(f"format {cfg.format}: causal-LM data is tokenised by TRL (tam_hf.finetune.sft); "
+                         "use load_raw for its rows")
     raw = load_raw(cfg)
     names = label_names(raw, cfg)
     label2id = {n: i for i, n in enumerate(names)} if names else None
     out = {}
     for split, ds in raw.items():
         fn = partial(_tokenize_checked, tokenizer=tokenizer, cfg=cfg, label2id=label2id, locate=_Locator(cfg, split))
-        tokenised = ds.map(fn, with_indices=True, remove_columns=ds.column_names, desc=f"tokenising {split}")
-        if cfg.format != "classification":
-            # Truncation can cut every completion token; such rows would add nothing but a 0/0 loss.
-            tokenised = tokenised.filter(lambda labels: any(t != IGNORE for t in labels), input_columns="labels")
-        if len(tokenised) == 0:
-            raise DataError(f"no {split} example has a label left after tokenising (is data.max_length too short?)")
-        out[split] = tokenised
+        out[split] = ds.map(fn, with_indices=True, remove_columns=ds.column_names, desc=f"tokenising {split}")
     return out["train"], out.get("eval"), raw, names
 
 
 def collator(recipe: Recipe, tokenizer):
-    from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
+    """Sequence classification: pads input_ids and attention_mask (labels are one value per row)."""
+    from transformers import DataCollatorWithPadding
 
-    if recipe.task == "sequence_classification":
-        return DataCollatorWithPadding(tokenizer)
-    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE)
+    if recipe.task != "sequence_classification":
+        raise ValueError("causal-LM batches are collated by TRL's SFTTrainer (tam_hf.finetune.sft)")
+    return DataCollatorWithPadding(tokenizer)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 __all__ = ["FinetuneError", "OutputDirError", "CheckpointError", "NonFiniteError", "DataError",
-           "HubUnavailableError", "PushError", "hub_unavailable"]
+           "HubUnavailableError", "PushError", "EvaluationError", "hub_unavailable"]
 
 
 class FinetuneError(Exception):
@@ -41,7 +41,12 @@ class CheckpointError(FinetuneError):
 
 class NonFiniteError(FinetuneError):
     """The loss, the gradients or the weights stopped being finite. No checkpoint or model was written for the
-    diverged state; the last good checkpoint is kept."""
+    diverged state; the last good checkpoint is kept. ``step``: the first step found non-finite, when known (the
+    check runs at logging, evaluation and save steps, so the run may have gone on a few steps past it)."""
+
+    def __init__(self, message: str, summary: dict | None = None, step: int | None = None):
+        super().__init__(message, summary)
+        self.step = step
 
 
 class DataError(FinetuneError, ValueError):
@@ -54,6 +59,11 @@ class HubUnavailableError(FinetuneError):
 
 class PushError(FinetuneError):
     """The run finished and saved everything locally, but the push to the Hub failed."""
+
+
+class EvaluationError(FinetuneError):
+    """The run finished and saved the model (and ran the Hub step), but lm-evaluation-harness failed on it; the
+    message names the saved model and the command that evaluates it again (`tam-finetune eval RUN_DIR`)."""
 
 
 _TRUE = {"1", "on", "yes", "true"}

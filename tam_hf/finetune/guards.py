@@ -93,12 +93,13 @@ def nonfinite_guard(resumed_from: str | None = None):
             if self._first_bad is not None:
                 first = int(_all_reduce(self._first_bad.clone(), "MIN").item())
                 if first != _NONE:
-                    raise NonFiniteError(f"the gradient became non-finite (NaN or infinity) at step {first}")
+                    raise NonFiniteError(f"the gradient became non-finite (NaN or infinity) at step {first}",
+                                         step=first)
             if control.should_save and model is not None:
                 bad = nonfinite_parameters(model, args.device)
                 if bad:
                     raise NonFiniteError(f"the weights became non-finite by step {state.global_step} ({len(bad)} "
-                                         f"tensor(s), first {bad[0]})")
+                                         f"tensor(s), first {bad[0]})", step=state.global_step)
 
         def on_step_end(self, args, state, control, model=None, **kwargs):
             if control.should_log or control.should_save or control.should_evaluate or control.should_training_stop:
@@ -111,13 +112,14 @@ def nonfinite_guard(resumed_from: str | None = None):
             for key in ("loss", "grad_norm") if self._watch_gradients else ("loss",):
                 value = (logs or {}).get(key)
                 if isinstance(value, (int, float)) and not math.isfinite(value):
-                    raise NonFiniteError(f"the logged {key.replace('_', ' ')} is {value} at step {state.global_step}")
+                    raise NonFiniteError(f"the logged {key.replace('_', ' ')} is {value} at step {state.global_step}",
+                                         step=state.global_step)
 
         def check_weights(self, model, step: int) -> None:
             """The last check before the final model is saved."""
             bad = nonfinite_parameters(model)
             if bad:
                 raise NonFiniteError(f"the weights are non-finite after step {step} ({len(bad)} tensor(s), "
-                                     f"first {bad[0]})")
+                                     f"first {bad[0]})", step=step)
 
     return NonFiniteGuard()

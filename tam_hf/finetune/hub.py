@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 import tam_hf
-from tam_hf.finetune.recipe import HUB_ID, Recipe, to_yaml
+from tam_hf.finetune.recipe import HUB_ID, Recipe, RecipeError, read_recipe_file, rerun_yaml
 
 __all__ = ["prepare_upload", "model_card", "push", "push_main"]
 
@@ -50,6 +50,7 @@ def model_card(recipe: Recipe, summary: dict) -> str:
     hyper = "\n".join(f"| {k} | {v} |" for k, v in recipe.optimizer.kwargs().items())
     evals = summary.get("eval") or {}
     metrics = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in evals.items())
+    lm_eval = f"\nlm-evaluation-harness:\n\n{summary['lm_eval_table'].strip()}\n" if summary.get("lm_eval_table") else ""
     damping = summary.get("damping")
     damping_line = (f"Final mean damping {damping['mean']:.3f} (share of tensors below 0.5: "
                     f"{damping['frac_below_half']:.2f}).\n" if damping else "")
@@ -77,13 +78,13 @@ This repository holds the {"LoRA adapter" if artifact == "adapter" else "merged 
 | metric | value |
 |---|---|
 {metrics or "| (none) | |"}
-
+{lm_eval}
 ## Recipe
 
 Reproduce with `tam-finetune recipe.yaml` (the file is in this repository).
 
 ```yaml
-{to_yaml(recipe).strip()}
+{rerun_yaml(recipe).strip()}
 ```
 
 ## Citation
@@ -106,7 +107,7 @@ def prepare_upload(model, tokenizer, recipe: Recipe, summary: dict, output_dir: 
     else:
         model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    (folder / "recipe.yaml").write_text(to_yaml(recipe))
+    (folder / "recipe.yaml").write_text(rerun_yaml(recipe))
     (folder / "README.md").write_text(model_card(recipe, summary))
     return folder
 
@@ -145,7 +146,11 @@ def push_main(argv: list[str] | None = None) -> int:
     folder = run_dir / "hub_upload"
     hub = {}
     if (run_dir / "recipe.yaml").is_file():
-        hub = (yaml.safe_load((run_dir / "recipe.yaml").read_text()) or {}).get("hub") or {}
+        try:
+            hub = read_recipe_file(run_dir / "recipe.yaml").get("hub") or {}
+        except RecipeError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     repo_id = args.repo_id or hub.get("repo_id")
     problem = (f"{folder} not found: the run prepares it when hub.repo_id is set and training completed"
                if not (folder / "README.md").is_file()

@@ -213,9 +213,12 @@ def load_run_model(run_dir: Union[str, Path]):
 
 
 def _recipe_settings(run_dir: Path) -> dict:
-    import yaml
+    from tam_hf.finetune.recipe import RecipeError, read_recipe_file
 
-    raw = yaml.safe_load((run_dir / "recipe.yaml").read_text()) or {}
+    try:
+        raw = read_recipe_file(run_dir / "recipe.yaml")
+    except RecipeError as exc:
+        raise LMEvalError(str(exc)) from None
     return dict(((raw.get("eval") or {}).get("lm_eval")) or {})
 
 

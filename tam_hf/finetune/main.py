@@ -64,11 +64,19 @@ def format_summary(s: dict) -> str:
     loss = f"{loss:.4f}" if isinstance(loss, (int, float)) else "n/a"
     lines.append(f"optimizer: {s.get('optimizer')}   steps: {s.get('steps')}   final train loss: {loss}")
     for key, value in (s.get("eval") or {}).items():
-        lines.append(f"eval {key}: {value:.4f}" if isinstance(value, float) else f"eval {key}: {value}")
+        shown = f"{value:.4f}" if isinstance(value, float) else "n/a" if value is None else value
+        lines.append(f"eval {key}: {shown}")
+    lines += [f"note: {note}" for note in s.get("notes") or []]
     d = s.get("damping")
     if d:
         lines.append(f"damping: mean {d['mean']:.3f}  min {d['min']:.3f}  max {d['max']:.3f}  "
                      f"below 0.5: {d['frac_below_half']:.0%} of tensors")
+    if s.get("lm_eval_table"):
+        lines += [f"lm-eval ({s.get('lm_eval_results')}):", s["lm_eval_table"].rstrip()]
+    elif s.get("lm_eval_skipped"):
+        lines.append(f"lm-eval skipped: {s['lm_eval_skipped']}")
+    elif s.get("lm_eval_error"):
+        lines.append("lm-eval failed (see the error below)")
     if "wall_s" in s:
         lines.append(f"wall time: {s['wall_s']:.1f} s")
     lines.append(f"outputs: {s.get('output_dir')} (model, recipe.yaml, summary.json, checkpoints)")
@@ -113,16 +121,30 @@ def run_recipe(argv: list[str], prog: str = "tam-finetune") -> int:
         answer = exit_for(exc)
         if answer is None:
             raise
+        _leave_process_group(finished=False)
         code, message = answer
         if isinstance(getattr(exc, "summary", None), dict) and _first_process():
             print(format_summary(exc.summary))
         print(message, file=sys.stderr)
         return code
+    _leave_process_group(finished=True)
     if _first_process():  # launched runs: one summary, from the first process
         print(format_summary(summary))
     if summary.get("interrupted"):
         return 128 + int(getattr(signal, str(summary.get("signal") or "SIGINT"), signal.SIGINT))
     return 0
+
+
+def _leave_process_group(finished: bool) -> None:
+    """A launched process leaves its process group before it exits (after a barrier when the run finished on every
+    rank): a gloo group left for the interpreter to tear down can abort a rank (SIGABRT, "terminate called without
+    an active exception") after the work is done, and the launcher then reports the run as failed."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if finished:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 def _first_process() -> bool:

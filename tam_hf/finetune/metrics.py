@@ -10,7 +10,8 @@ Degenerate evaluation sets get defined numbers, never NaN (which is not JSON) an
 * F1 of a class never predicted and never present, MCC with constant predictions or a single class: 0.0
   (scikit-learn's ``zero_division=0`` convention, what GLUE's scripts report, here without the warning);
 * Pearson/Spearman with a constant (or non-finite) side, or fewer than two rows: 0.0, no measurable
-  correlation (scipy returns NaN with a ``ConstantInputWarning``).
+  correlation (scipy returns NaN with a ``ConstantInputWarning``);
+* perplexity of a loss whose exponential is beyond float range: None (``null`` in summary.json).
 """
 
 from __future__ import annotations
@@ -79,8 +80,14 @@ def _finite(value) -> float:
     return value if math.isfinite(value) else 0.0
 
 
-def perplexity(loss: float) -> float:
-    return float(math.exp(loss)) if loss < 700 else float("inf")
+def perplexity(loss: float) -> float | None:
+    """exp(loss); None when that is no finite number (a loss beyond ~709, or a non-finite loss): JSON has no
+    Infinity, and a capped value would read as a measurement."""
+    try:
+        value = math.exp(loss)
+    except OverflowError:
+        return None
+    return value if math.isfinite(value) else None
 
 
 def _normalise(text: str) -> str:
