@@ -19,6 +19,7 @@ from tam_hf.finetune.recipe import RecipeError, load_recipe, validate_recipe
 from tam_hf.finetune.runner import training_arguments
 from tam_hf.optim import AdaTAMW, registry
 from tam_hf.optim.registry import OptimizerSpec
+from transformers import TrainerCallback
 
 DEMO = Path(__file__).parents[1] / "recipes" / "examples" / "demo_tiny.yaml"
 # Short runs with a mid-run evaluation, so the eval-loss curve has two points; no checkpoints, no generation.
@@ -70,6 +71,17 @@ def test_plan_errors_are_collected(tmp_path):
     assert runs[3].recipe.optimizer.lr == 4e-4 and runs[2].recipe.optimizer.lr == pytest.approx(2e-3)
     with pytest.raises(ValueError, match="unknown optimizer 'adamx'"):
         compare.plan(DEMO, ["adamx"], [0], out=tmp_path)
+
+
+def test_the_recipe_file_is_read_by_the_recipe_loader(tmp_path, capsys):
+    twice = tmp_path / "twice.yaml"
+    twice.write_text(DEMO.read_text() + "optimizer:\n  name: adamw\n  lr: 1.0e-2\n")  # YAML keeps the last silently
+    with pytest.raises(RecipeError, match="duplicate key 'optimizer'"):
+        compare.plan(twice, ["adamw"], [0], out=tmp_path)
+    tagged = tmp_path / "tagged.yaml"
+    tagged.write_text("model: !!python/object/apply:os.getcwd []\n")
+    assert compare.main([str(tagged), "--out", str(tmp_path / "out")]) == 2
+    assert "could not determine a constructor" in capsys.readouterr().err
 
 
 class _HalfStep(OptimizerSpec):
@@ -274,3 +286,45 @@ def test_compare_stops_on_a_run_error_with_its_exit_code(tmp_path, monkeypatch, 
     assert compare.main(argv) == 1
     err = capsys.readouterr().err
     assert "adamw seed 0: error: data does not fit the recipe: row 3" in err and "rerun the same command" in err
+
+
+class _PoisonAt(TrainerCallback):
+    """A NaN gradient just before the optimizer step that becomes `step`: the run diverges there."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if state.global_step + 1 == self.step:
+            next(p for p in model.parameters() if p.grad is not None).grad.fill_(float("nan"))
+
+
+def test_a_diverged_run_is_a_result_the_study_goes_on_and_a_rerun_does_not_retry_it(tmp_path, monkeypatch, capsys):
+    import tam_hf.finetune.runner as runner
+
+    real = runner.finetune
+
+    def finetune(recipe, callbacks=()):  # seed 1 diverges at step 3, for real (the run's own guard stops it)
+        return real(recipe, callbacks=[*callbacks, *([_PoisonAt(3)] if recipe.training["seed"] == 1 else [])])
+
+    monkeypatch.setattr(runner, "finetune", finetune)
+    out = tmp_path / "cmp"
+    argv = [str(DEMO), "--optimizers", "adatamw", "--seeds", "3", "--out", str(out), *_sets()]
+    assert compare.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "[2/3] diverged at step 3 (a result: recorded, not retried)" in printed and "[3/3] finished" in printed
+
+    result = json.loads((out / "runs" / "adatamw" / "seed1" / "result.json").read_text())
+    assert result["status"] == "diverged" and result["diverged_at_step"] == 3 and "step 3" in result["diverged"]
+    assert result["summary"]["train_loss"] is None and result["summary"]["eval"] is None
+    assert not list((out / "runs" / "adatamw" / "seed1").glob("checkpoint-*"))  # pruned like a finished run
+    rows = {r["metric"]: r for r in _csv(out / "report.csv")}
+    assert rows["train_loss"]["n"] == "2"  # the means are over the two finished seeds
+    runs = {r["seed"]: r for r in _csv(out / "runs.csv")}
+    assert runs["1"]["train_loss"] == "diverged" and runs["0"]["train_loss"] not in ("", "diverged")
+    report = (out / "report.md").read_text()
+    assert "## Diverged runs" in report and "1 of 3 runs diverged" in report and "| adatamw | 1 of 3 | 1 | 3 |" in report
+
+    monkeypatch.setattr(compare, "execute", lambda run, keep_models=False: pytest.fail("nothing may be retried"))
+    assert compare.main(argv) == 0
+    assert "3 finished, 0 to do" in capsys.readouterr().out

@@ -8,6 +8,11 @@ Resumable: each run lives in ``DIR/runs/<arm>/seed<k>`` and is finished when its
 was produced by the same resolved recipe; a rerun of the same command skips those and only does the rest
 (a partial run is continued from its last checkpoint when it saved one, else started again).
 
+A run that diverges (non-finite loss, gradients or weights) is a result, not a reason to stop: its
+``result.json`` says ``status: diverged`` with the step and reason and no metrics (train loss and eval null), the
+study carries on, a rerun does not retry it, and the report lists it (per arm: how many seeds diverged, which)
+and leaves it out of the means. Any other run error stops the study with its message and exit code.
+
 Arms come from the optimizer registry (:mod:`tam_hf.optim.registry`): every entry is an arm under its own
 name, and every TAM entry that takes ``fixed_damping`` also gets a ``<name>-const`` control arm that holds the
 damping at d = 0.5 (no cosine) at the same lr as its TAM arm: same step size on average, no angle. The gap
@@ -41,9 +46,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import yaml
-
-from tam_hf.finetune.recipe import Recipe, RecipeError, apply_overrides, to_dict, validate_recipe
+from tam_hf.finetune.outputs import json_safe
+from tam_hf.finetune.recipe import (Recipe, RecipeError, apply_overrides, read_recipe_file, read_yaml, to_dict,
+                                    validate_recipe)
 from tam_hf.optim import registry
 from tam_hf.optim.registry import OptimizerSpec
 
@@ -158,8 +163,17 @@ def _parse_sweeps(items: list[str]) -> list[tuple[str, list]]:
         key, sep, values = item.partition("=")
         if not sep or not values:
             raise ValueError(f"--sweep {item!r}: expected key.path=v1,v2,...")
-        out.append((key, [yaml.safe_load(v) for v in values.split(",")]))
+        out.append((key, [_sweep_value(item, v) for v in values.split(",")]))
     return out
+
+
+def _sweep_value(item: str, text: str):
+    from yaml import YAMLError
+
+    try:
+        return read_yaml(text)  # the recipe's safe loader, as for overrides
+    except YAMLError:
+        raise ValueError(f"--sweep {item!r}: {text!r} is not a YAML value") from None
 
 
 def _applies(key: str, arm: Arm) -> bool:
@@ -216,7 +230,7 @@ def plan(recipe_path: str | Path, optimizers: list[str], seeds: list[int], sets:
     from tam_hf.finetune.runner import build_training_arguments
 
     recipe_path = Path(recipe_path)
-    raw = yaml.safe_load(recipe_path.read_text()) or {}
+    raw = read_recipe_file(recipe_path)
     problems = apply_overrides(raw, list(sets))
     base = validate_recipe(copy.deepcopy(raw), name=recipe_path.stem, source=str(recipe_path), problems=problems)
     arm_recipes, problems = expand(raw, base, optimizers, sweeps)
@@ -278,20 +292,63 @@ def _prune(directory: Path) -> None:
 
 
 def execute(run: Run, keep_models: bool = False) -> dict:
+    """Train one run and write its result.json; a run that diverges is written as a diverged result (see the
+    module docstring). Other run errors propagate."""
+    from tam_hf.finetune.errors import NonFiniteError
     from tam_hf.finetune.runner import finetune
 
     _prepare(run)
     history = _history_callback()
-    summary = finetune(run.recipe, callbacks=[history])
-    if summary.get("interrupted"):
-        raise KeyboardInterrupt
-    result = {"label": run.label, "seed": run.seed, "fingerprint": run.fingerprint,
-              "fixed_damping": run.fixed_damping, "summary": summary,
-              "log_history": history.state.log_history if history.state is not None else []}
-    (run.directory / "result.json").write_text(json.dumps(result, indent=1, default=str))
+    result = {"label": run.label, "seed": run.seed, "fingerprint": run.fingerprint, "fixed_damping": run.fixed_damping}
+    try:
+        summary = finetune(run.recipe, callbacks=[history])
+    except NonFiniteError as exc:
+        summary = dict(exc.summary or {})
+        # No metric of a diverged run may enter a mean: the report reads train_loss / eval / damping / wall_s.
+        summary.update(status="diverged", train_loss=None, eval=None, damping=None)
+        result.update(status="diverged", diverged=str(exc), diverged_at_step=exc.step,
+                      wall_s=summary.pop("wall_s", None))
+    else:
+        if summary.get("interrupted"):
+            raise KeyboardInterrupt
+        result["status"] = "completed"
+    result.update(summary=summary, log_history=history.state.log_history if history.state is not None else [])
+    (run.directory / "result.json").write_text(json.dumps(json_safe(result), indent=1, allow_nan=False))
     if not keep_models:
         _prune(run.directory)
     return result
+
+
+def diverged(result: dict) -> bool:
+    return result.get("status") == "diverged"
+
+
+def _report_diverged(paths: dict, results: list[dict], labels: list[str]) -> None:
+    """Diverged runs into the report: a section of report.md (per arm how many seeds and which, with the step and
+    reason) and a row per run in runs.csv whose metric cells say 'diverged'."""
+    import csv
+
+    bad = sorted((r for r in results if diverged(r)), key=lambda r: (labels.index(r["label"]), r["seed"]))
+    if not bad:
+        return
+    text = ["", "## Diverged runs", "",
+            f"{len(bad)} of {len(results)} runs diverged (non-finite loss, gradients or weights). They are left out of the "
+            "means above (the seeds column counts finished runs only):", "",
+            "| arm | diverged | seed | step | reason |", "|---|---|---|---|---|"]
+    for label in labels:
+        mine = [r for r in bad if r["label"] == label]
+        of = len([r for r in results if r["label"] == label])
+        for r in mine:
+            reason = r.get("diverged", "").split(". ")[0].replace("|", "/")
+            text.append(f"| {label} | {len(mine)} of {of} | {r['seed']} | {r.get('diverged_at_step')} | {reason} |")
+    with paths["report.md"].open("a") as f:
+        f.write("\n".join(text) + "\n")
+    with paths["runs.csv"].open() as f:
+        header = next(csv.reader(f))
+    with paths["runs.csv"].open("a", newline="") as f:
+        writer = csv.writer(f)
+        for r in bad:
+            writer.writerow([r["label"], r["seed"], *["diverged"] * (len(header) - 2)])
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -341,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
             started = time.time()
             print(f"[{i}/{len(todo)}] {run.label} seed {run.seed} -> {run.directory}", flush=True)
             try:
-                execute(run, keep_models=args.keep_models)
+                result = execute(run, keep_models=args.keep_models)
             except KeyboardInterrupt:
                 print("compare interrupted; rerun the same command to continue", file=sys.stderr)
                 return 130
@@ -354,7 +411,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{run.label} seed {run.seed}: {answer[1]}\nfinished runs are kept; fix the cause and rerun "
                       "the same command to continue", file=sys.stderr)
                 return answer[0]
-            print(f"[{i}/{len(todo)}] finished in {time.time() - started:.0f} s", flush=True)
+            if diverged(result):
+                print(f"[{i}/{len(todo)}] diverged at step {result['diverged_at_step']} (a result: recorded, not "
+                      f"retried): {result['diverged'].split('. ')[0]}", flush=True)
+            else:
+                print(f"[{i}/{len(todo)}] finished in {time.time() - started:.0f} s", flush=True)
     results = [json.loads((r.directory / "result.json").read_text()) for r in runs if r.done]
     if not results:
         print("error: no finished runs to report", file=sys.stderr)
@@ -364,7 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     present = [label for label in labels if any(r["label"] == label for r in results)]
     command = "python -m tam_hf.compare " + " ".join(sys.argv[1:] if argv is None else argv)
     title = f"{Path(args.recipe).stem}, {len(seeds)} seed(s): line = mean, band = min..max"
-    paths = write_report(results, present, out, title, command)
+    paths = write_report([r for r in results if not diverged(r)], present, out, title, command)
+    _report_diverged(paths, results, present)
     print((out / "report.md").read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
