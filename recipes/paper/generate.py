@@ -118,7 +118,8 @@ DATASETS = {
               "columns": {"prompt": "question", "completion": "answer"}, "max_length": 512},
         training={"num_train_epochs": 3, "eval_strategy": "epoch", "save_strategy": "epoch"},
         eval={"metrics": ["perplexity", "exact_match"], "answer_pattern": r"####\s*(-?[\d,.]+)",
-              "max_new_tokens": 256, "max_generate_samples": 500},
+              "max_new_tokens": 256, "max_generate_samples": 500,
+              "lm_eval": {"tasks": ["gsm8k"], "num_fewshot": 5, "batch_size": 16}},
         what="math word problems (GSM8K main, question -> worked solution ending in '#### <number>'; loss on "
              "the solution)",
     ),
@@ -136,7 +137,8 @@ def decoder_recipe(model: str, method: str, dataset: str) -> tuple[str, str, dic
              "on a GPU that has it (left out so the recipe also validates on a CPU).")
     if dataset == "gsm8k":
         about += (" Answer accuracy: exact_match of the number after '####' in the generated and the reference "
-                  "solution (eval.answer_pattern), on the first 500 test problems.")
+                  "solution (eval.answer_pattern), on the first 500 test problems; then lm-evaluation-harness "
+                  "gsm8k, 5-shot, on the whole test set (the [eval] extra; results in <output_dir>/lm_eval/).")
     header = f"""tam-finetune {path}
   AdamW baseline:  tam-finetune {path} optimizer.name=adamw optimizer.lr={_lr(adamw_lr)}
   Both + control, 3 seeds: python -m tam_hf.compare {path} --optimizers adamw,adatamw,adatamw-const --seeds 3 \\
