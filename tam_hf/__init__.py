@@ -6,11 +6,11 @@ child-process hook of ``python -m tam_hf.run`` costs nothing in processes that n
 from tam_hf.trainer import register, unregister
 
 __version__ = "0.1.0"
-__all__ = ["TAM", "AdaTAM", "AdaTAMW", "TAMTrainer", "register", "unregister", "__version__"]
+__all__ = ["TAM", "AdaTAM", "AdaTAMW", "AdaTAM8bit", "AdaTAMW8bit", "TAMTrainer", "register", "unregister", "__version__"]
 
 
 def __getattr__(name):
-    if name in ("TAM", "AdaTAM", "AdaTAMW", "optim"):
+    if name in ("TAM", "AdaTAM", "AdaTAMW", "AdaTAM8bit", "AdaTAMW8bit", "optim"):
         import tam_hf.optim as optim  # the submodule import sets tam_hf.optim: no recursion into __getattr__
 
         return optim if name == "optim" else getattr(optim, name)

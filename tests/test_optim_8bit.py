@@ -665,3 +665,21 @@ def test_benchmark_prints_the_table(capsys):
     names = [r.split("|")[1].strip() for r in rows]
     assert names[0] == "bitsandbytes AdamW8bit" and "tam_hf AdaTAMW8bit (default)" in names
     assert all(float(r.split("|")[2]) > 0 for r in rows)
+
+
+@pytest.mark.parametrize("backend", ["deepspeed", "fsdp"])
+def test_sharded_backends_are_refused_before_training_with_the_alternatives(backend):
+    from types import SimpleNamespace
+
+    from tam_hf.trainer.distributed import DistributedConfigError, check_training_args
+
+    args = SimpleNamespace(optim="adatamw_8bit", deepspeed=None, hf_deepspeed_config=None, fsdp=None, fsdp_config=None)
+    if backend == "deepspeed":
+        args.deepspeed = {"zero_optimization": {"stage": 2}}
+    else:
+        args.fsdp, args.fsdp_config = "full_shard", {"version": 2}
+    with pytest.raises(DistributedConfigError, match=r"AdaTAMW8bit cannot run under .*Use DDP.*adatamw"):
+        check_training_args(args)
+    args.optim = "adatamw"  # the 32-bit optimizer passes the same check
+    if backend == "fsdp":
+        check_training_args(args)

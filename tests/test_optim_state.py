@@ -352,3 +352,20 @@ def test_public_base_class_and_state_names():
         assert cls.state_buffers == buffers and cls.state_scalars == scalars
         params, opt = stepped(cls, [(3, 2)])
         assert set(opt.state[params[0]]) == set(buffers) | set(scalars)
+
+
+def test_an_8bit_state_refused_by_the_32bit_optimizer_names_the_conversion():
+    pytest.importorskip("bitsandbytes")
+    import tam_hf
+
+    p = [torch.nn.Parameter(torch.randn(5000))]
+    eight = tam_hf.AdaTAMW8bit(p, lr=1e-3)
+    p[0].grad = torch.randn(5000)
+    eight.step()
+    full = tam_hf.AdaTAMW([torch.nn.Parameter(torch.randn(5000))], lr=1e-3)
+    with pytest.raises(ValueError, match="8-bit AdaTAM.*dequantize_state_dict"):
+        full.load_state_dict(eight.state_dict())
+    from tam_hf.optim.tam8bit import dequantize_state_dict
+
+    full.load_state_dict(dequantize_state_dict(eight.state_dict()))
+    assert full.state[full.param_groups[0]["params"][0]]["exp_avg"].dtype == torch.float32

@@ -187,6 +187,9 @@ def _describe_keys(found: set, expected: set) -> str:
     kind = next((k for keys, k in _KNOWN_STATES if keys == found), None)
     if kind is not None:
         text += f": it looks like {kind}"
+    elif "exp_avg_q" in found and "exp_avg_q" not in expected:
+        text += (": it looks like an 8-bit AdaTAM(W) state; convert it with "
+                 "tam_hf.optim.tam8bit.dequantize_state_dict(state_dict) first")
     return f"{text} (expected {names(expected)})"
 
 
@@ -213,6 +216,9 @@ class TorqueOptimizer(Optimizer):
 
     state_buffers: tuple[str, ...] = ()
     state_scalars: tuple[str, ...] = ("s",)
+    # Whether state can be cut into per-tensor fragments for ZeRO/FSDP2 (tam_hf.optim.sharded); the trainer
+    # layer refuses sharded runs of optimizers that say no (8-bit state blocks would straddle the shards).
+    supports_sharded_statistics: bool = True
 
     def __init__(self, params, defaults: dict):
         super().__init__(params, defaults)

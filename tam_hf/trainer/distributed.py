@@ -107,17 +107,32 @@ def _check_fsdp_version(version: int) -> None:
             'use FSDP2 ("version": 2 in fsdp_config / fsdp_version: 2 in the accelerate config).')
 
 
+def _refuse_unsharded(optimizer_cls, backend: str) -> None:
+    """Optimizers whose state cannot be split into exact per-tensor fragments (8-bit blocks) refuse sharding."""
+    if optimizer_cls is not None and not getattr(optimizer_cls, "supports_sharded_statistics", True):
+        raise DistributedConfigError(
+            f"{optimizer_cls.__name__} cannot run under {backend}: its quantized state blocks would straddle the "
+            "shards and its cosine would silently become a per-shard one. Use DDP (several processes without "
+            "DeepSpeed/FSDP), or the 32-bit optimizer (adatamw / adatam) under ZeRO or FSDP2.")
+
+
 def check_training_args(args) -> None:
     """Checks ``TrainingArguments`` and the launcher's accelerate state for configurations that would replace
     TAM or break its statistics. Raises :class:`DistributedConfigError`."""
+    spec = torque_spec(args.optim)
+    cls = spec.cls if spec is not None else None
     if getattr(args, "deepspeed", None):
+        _refuse_unsharded(cls, "DeepSpeed ZeRO")
         check_deepspeed_config(getattr(args, "hf_deepspeed_config", None) or args.deepspeed)
     if getattr(args, "fsdp", None):
+        _refuse_unsharded(cls, "FSDP")
         _check_fsdp_version((getattr(args, "fsdp_config", None) or {}).get("version", 2))
     ds_config, fsdp_version = _launcher_plugins()
     if ds_config:
+        _refuse_unsharded(cls, "DeepSpeed ZeRO")
         check_deepspeed_config(ds_config)
     if fsdp_version is not None:
+        _refuse_unsharded(cls, "FSDP")
         _check_fsdp_version(fsdp_version)
 
 
@@ -166,6 +181,7 @@ def install_sharded_stats(optimizer, model=None) -> Optional[ShardedStats]:
         sources = dtensor_sources(tam, names)
     if not sources:
         return None
+    _refuse_unsharded(type(tam), "DeepSpeed ZeRO" if zero is not None else "FSDP2")
     return ShardedStats(tam, sources)
 
 
