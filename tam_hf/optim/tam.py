@@ -38,9 +38,12 @@ calling, on float32 temporaries, :func:`_torque_statistics`, :func:`_advance_dam
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
+import typing
 from dataclasses import dataclass, replace
-from typing import Callable, Iterable, NamedTuple, Optional
+from typing import Any, Callable, Iterable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -193,6 +196,43 @@ def _describe_keys(found: set, expected: set) -> str:
     return f"{text} (expected {names(expected)})"
 
 
+def variant_init(base_init: Callable, *, fixed: Optional[dict] = None, defaults: Optional[dict] = None,
+                 extra: Optional[dict] = None) -> Callable:
+    """Decorator for the ``__init__`` of a variant optimizer (AdaTAMW is AdaTAM with decoupled weight decay
+    fixed and ``weight_decay`` 0.01; the 8-bit classes add two arguments), so every argument list is written once.
+
+    The decorated ``__init__`` is called with every argument by keyword (the variant's defaults applied);
+    ``fixed`` arguments are gone from its signature and the body passes them on itself; ``extra`` maps new
+    keyword-only arguments to ``(type, default)``. The signature and annotations are the real ones, so
+    ``inspect.signature`` / ``typing.get_type_hints`` (the optimizer registry, ``--optim_args``) and
+    ``help()`` see the variant's arguments, and a wrong name is a ``TypeError`` as for any constructor."""
+    fixed, defaults, extra = fixed or {}, defaults or {}, extra or {}
+    hints = typing.get_type_hints(base_init)
+    params = [q.replace(default=defaults.get(q.name, q.default), annotation=hints.get(q.name, q.annotation))
+              for q in inspect.signature(base_init).parameters.values() if q.name not in fixed]
+    params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=kind)
+               for name, (kind, default) in extra.items()]
+    signature = inspect.Signature(params)
+
+    def decorate(init: Callable) -> Callable:
+        @functools.wraps(init, assigned=("__module__", "__name__", "__qualname__", "__doc__"), updated=())
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            try:
+                bound = signature.bind(self, *args, **kwargs)
+            except TypeError as e:  # name the class, as Python does for a constructor written out
+                raise TypeError(f"{__init__.__qualname__}() {e}") from None
+            bound.apply_defaults()
+            arguments = dict(bound.arguments)
+            del arguments["self"]
+            init(self, **arguments)
+
+        __init__.__signature__ = signature
+        __init__.__annotations__ = {q.name: q.annotation for q in params if q.annotation is not inspect.Parameter.empty}
+        return __init__
+
+    return decorate
+
+
 # ---------------------------------------------------------------------------------------------- optimizer
 
 
@@ -319,12 +359,17 @@ class TorqueOptimizer(Optimizer):
             scope=group["cosine_scope"], impl=impl, steps=steps,
         )
 
+    @staticmethod
+    def _evaluate_closure(closure) -> Optional[Tensor]:
+        """The loss of ``step(closure)``: the closure re-evaluates the model, so it runs with grad enabled."""
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
+
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._evaluate_closure(closure)
         active = self._params_with_grad()
         works = [(group, self._group_step(group, params)) for group, params in zip(self.param_groups, active)
                  if params]
@@ -480,9 +525,7 @@ class TAM(TorqueOptimizer):
         damping_eps: float = 1e-8,
         weight_decay: float = 0.0,
         maximize: bool = False,
-        foreach: Optional[bool] = None,
-        cosine_scope: str = "tensor",
-        fused: Optional[bool] = None,
+        foreach: Optional[bool] = None, cosine_scope: str = "tensor", fused: Optional[bool] = None,
         fixed_damping: Optional[float] = None,
     ):
         _validate_common(lr, decay_rate, damping_eps, weight_decay, cosine_scope, foreach, fused, fixed_damping)
@@ -582,30 +625,12 @@ class AdaTAM(TorqueOptimizer):
 
 class AdaTAMW(AdaTAM):
     r"""AdaTAM with decoupled weight decay (``p *= 1 - lr * weight_decay`` before the update), the form the
-    paper uses for its language-model fine-tuning. Same arguments as :class:`AdaTAM`; ``weight_decay``
-    defaults to 0.01 as in ``torch.optim.AdamW``."""
+    paper uses for its language-model fine-tuning. Same arguments as :class:`AdaTAM` less
+    ``decoupled_weight_decay``; ``weight_decay`` defaults to 0.01 as in ``torch.optim.AdamW``."""
 
-    def __init__(
-        self,
-        params: Iterable,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        decay_rate: float = 0.9,
-        damping_eps: float = 1e-8,
-        eps: float = 1e-8,
-        weight_decay: float = 1e-2,
-        maximize: bool = False,
-        foreach: Optional[bool] = None,
-        cosine_scope: str = "tensor",
-        fused: Optional[bool] = None,
-        fixed_damping: Optional[float] = None,
-        bias_correction: bool = False,
-    ):
-        super().__init__(
-            params, lr=lr, betas=betas, decay_rate=decay_rate, damping_eps=damping_eps, eps=eps,
-            weight_decay=weight_decay, maximize=maximize, foreach=foreach, cosine_scope=cosine_scope,
-            fused=fused, fixed_damping=fixed_damping, decoupled_weight_decay=True, bias_correction=bias_correction,
-        )
+    @variant_init(AdaTAM.__init__, fixed={"decoupled_weight_decay": True}, defaults={"weight_decay": 1e-2})
+    def __init__(self, **kwargs):
+        super().__init__(decoupled_weight_decay=True, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------- functional

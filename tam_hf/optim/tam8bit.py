@@ -43,12 +43,12 @@ optimizers on machines without it).
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from tam_hf.optim.tam import AdaTAM, adatam
+from tam_hf.optim.tam import AdaTAM, adatam, variant_init
 
 __all__ = ["AdaTAM8bit", "AdaTAMW8bit", "dequantize_state_dict", "SUPPORTED_DEVICES", "SUPPORTED_DTYPES",
            "BLOCK_SIZES"]
@@ -133,25 +133,8 @@ class AdaTAM8bit(AdaTAM):
 
     supports_sharded_statistics = False  # read by the trainer layer's distributed checks
 
-    def __init__(
-        self,
-        params: Iterable,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        decay_rate: float = 0.9,
-        damping_eps: float = 1e-8,
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        maximize: bool = False,
-        foreach: Optional[bool] = None,
-        cosine_scope: str = "tensor",
-        fused: Optional[bool] = None,
-        fixed_damping: Optional[float] = None,
-        decoupled_weight_decay: bool = False,
-        bias_correction: bool = False,
-        min_8bit_size: int = 4096,
-        block_size: int = 256,
-    ):
+    @variant_init(AdaTAM.__init__, extra={"min_8bit_size": (int, 4096), "block_size": (int, 256)})
+    def __init__(self, min_8bit_size: int, block_size: int, **kwargs):
         _bnb_functional()  # fail now, with the install command, not at the first step
         if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) or min_8bit_size < 0:
             raise ValueError(f"Invalid min_8bit_size value: {min_8bit_size!r} (a non-negative int)")
@@ -159,12 +142,7 @@ class AdaTAM8bit(AdaTAM):
             raise ValueError(f"Invalid block_size value: {block_size!r} (expected one of {BLOCK_SIZES})")
         self._constructing = (min_8bit_size, block_size)  # add_param_group runs inside super().__init__
         self._known_params: set[int] = set()  # what a step may find; DeepSpeed swaps in partitions
-        super().__init__(
-            params, lr=lr, betas=betas, decay_rate=decay_rate, damping_eps=damping_eps, eps=eps,
-            weight_decay=weight_decay, maximize=maximize, foreach=foreach, cosine_scope=cosine_scope, fused=fused,
-            fixed_damping=fixed_damping, decoupled_weight_decay=decoupled_weight_decay,
-            bias_correction=bias_correction,
-        )
+        super().__init__(**kwargs)
         del self._constructing
         self.defaults.update(min_8bit_size=min_8bit_size, block_size=block_size)  # for later add_param_group
 
@@ -247,10 +225,7 @@ class AdaTAM8bit(AdaTAM):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._evaluate_closure(closure)
         for gi, group in enumerate(self.param_groups):
             self._step_group(gi, group)
         return loss
@@ -410,32 +385,11 @@ def _where(group_index: int, index: int, p: Tensor, group: dict) -> str:
 
 class AdaTAMW8bit(AdaTAM8bit):
     r"""AdaTAMW (decoupled weight decay, ``weight_decay`` default 0.01) with 8-bit moments; same arguments as
-    :class:`AdaTAM8bit`."""
+    :class:`AdaTAM8bit` less ``decoupled_weight_decay``."""
 
-    def __init__(
-        self,
-        params: Iterable,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        decay_rate: float = 0.9,
-        damping_eps: float = 1e-8,
-        eps: float = 1e-8,
-        weight_decay: float = 1e-2,
-        maximize: bool = False,
-        foreach: Optional[bool] = None,
-        cosine_scope: str = "tensor",
-        fused: Optional[bool] = None,
-        fixed_damping: Optional[float] = None,
-        bias_correction: bool = False,
-        min_8bit_size: int = 4096,
-        block_size: int = 256,
-    ):
-        super().__init__(
-            params, lr=lr, betas=betas, decay_rate=decay_rate, damping_eps=damping_eps, eps=eps,
-            weight_decay=weight_decay, maximize=maximize, foreach=foreach, cosine_scope=cosine_scope, fused=fused,
-            fixed_damping=fixed_damping, decoupled_weight_decay=True, bias_correction=bias_correction,
-            min_8bit_size=min_8bit_size, block_size=block_size,
-        )
+    @variant_init(AdaTAM8bit.__init__, fixed={"decoupled_weight_decay": True}, defaults={"weight_decay": 1e-2})
+    def __init__(self, **kwargs):
+        super().__init__(decoupled_weight_decay=True, **kwargs)
 
 
 def dequantize_state_dict(state_dict: dict) -> dict:
