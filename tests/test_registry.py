@@ -1,0 +1,65 @@
+"""One registry entry reaches every layer: a new optimizer added with ``registry.add`` is accepted by recipes
+(with its keys read from its constructor), by ``--optim`` / ``--optim_args`` through ``register()``, and is an
+arm (with its constant-damping control) of ``compare`` — with no other edit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tam_hf.optim import registry
+from tam_hf.optim.registry import OptimizerSpec
+from tam_hf.optim.tam import AdaTAMW, variant_init
+
+DEMO = Path(__file__).parents[1] / "recipes" / "examples" / "demo_tiny.yaml"
+
+
+class SlowTAMW(AdaTAMW):
+    """AdaTAMW with one extra setting, to show that new constructor keys flow through too."""
+
+    @variant_init(AdaTAMW.__init__, extra={"lr_scale": (float, 1.0)})
+    def __init__(self, lr_scale: float, lr: float, **kwargs):
+        if not lr_scale > 0:
+            raise ValueError(f"Invalid lr_scale value: {lr_scale}")
+        super().__init__(lr=lr * lr_scale, **kwargs)
+
+
+@pytest.fixture
+def slowtamw():
+    spec = registry.add(OptimizerSpec("slowtamw", SlowTAMW, "adam", torque=True, help="test entry"))
+    yield spec
+    registry.OPTIMIZERS.pop("slowtamw")
+
+
+def test_a_new_registry_entry_reaches_recipes_optim_and_compare(slowtamw, tmp_path):
+    import tam_hf
+    from transformers import Trainer, TrainingArguments
+
+    from tam_hf.compare import study
+    from tam_hf.finetune.recipe import RecipeError, load_recipe
+
+    recipe = load_recipe(DEMO, ["optimizer.name=slowtamw", "optimizer.lr_scale=0.5",
+                                f"training.output_dir={tmp_path / 'run'}"])
+    assert recipe.optimizer.name == "slowtamw" and recipe.optimizer.kwargs()["lr_scale"] == 0.5
+    with pytest.raises(RecipeError, match="lr_scale"):  # the constructor's own check, through the recipe
+        load_recipe(DEMO, ["optimizer.name=slowtamw", "optimizer.lr_scale=-1"])
+
+    tam_hf.register()
+    try:
+        args = TrainingArguments(str(tmp_path / "out"), optim="slowtamw", learning_rate=1e-3,
+                                 optim_args="lr_scale=0.25,decay_rate=0.5", use_cpu=True, report_to="none")
+        cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+        assert cls is SlowTAMW and kwargs["lr_scale"] == 0.25 and kwargs["decay_rate"] == 0.5
+        opt = cls([torch.nn.Parameter(torch.zeros(2))], **kwargs)
+        assert opt.param_groups[0]["lr"] == pytest.approx(2.5e-4)
+    finally:
+        tam_hf.unregister()
+
+    labels, runs = study.plan(DEMO, ["adamw", "slowtamw", "slowtamw-const"], [0], out=tmp_path / "cmp")
+    assert labels == ["adamw", "slowtamw", "slowtamw-const"]
+    by_label = {r.label: r for r in runs}
+    # the transfer rule from the registry: 0.2x the AdamW reference, and the control holds d at 0.5
+    assert by_label["slowtamw"].recipe.optimizer.lr == pytest.approx(0.2 * by_label["adamw"].recipe.optimizer.lr)
+    assert by_label["slowtamw-const"].fixed_damping == registry.MEAN_DAMPING
