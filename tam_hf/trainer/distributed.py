@@ -119,7 +119,7 @@ def _refuse_unsharded(optimizer_cls, backend: str) -> None:
 def check_training_args(args) -> None:
     """Checks ``TrainingArguments`` and the launcher's accelerate state for configurations that would replace
     TAM or break its statistics. Raises :class:`DistributedConfigError`."""
-    spec = torque_spec(args.optim)
+    spec = torque_spec(getattr(args, "optim", None))
     cls = spec.cls if spec is not None else None
     if getattr(args, "deepspeed", None):
         _refuse_unsharded(cls, "DeepSpeed ZeRO")
