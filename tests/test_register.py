@@ -292,7 +292,7 @@ def test_bad_optim_args_stop_the_stock_script_before_its_model_with_exit_2(tmp_p
     assert errors == [
         "stock_clm.py: error: invalid --optim_args 'decay_rat=0.95' for --optim adatam: unknown key 'decay_rat' "
         "(did you mean 'decay_rate'?). Valid --optim_args keys: bias_correction, cosine_scope, damping_eps, "
-        "decay_rate, decoupled_weight_decay, fixed_damping, maximize"]
+        "decay_rate, decoupled_weight_decay, fixed_damping, maximize, moment_dtype"]
 
 
 @pytest.mark.usefixtures("registered")

@@ -56,6 +56,12 @@ __all__ = ["TAM", "AdaTAM", "AdaTAMW", "TorqueOptimizer", "tam", "adatam", "Stat
 
 PAPER = "https://arxiv.org/abs/2412.18790"
 COSINE_SCOPES = ("tensor", "global")
+# exp_avg / exp_avg_sq / momentum_buffer dtype: "auto" = float32 for 16-bit parameters on the fused GPU path
+# (where 16-bit moments lose the update) and the parameter's dtype elsewhere, as torch.optim; "float32" = at
+# least float32 everywhere; "param" = the parameter's dtype everywhere (half the state memory for 16-bit
+# parameters, at a precision cost: in bfloat16, v = beta2 v + (1 - beta2) g^2 moves by less than half an ulp
+# unless g^2 > ~3 v, so v stops decaying).
+MOMENT_DTYPES = ("auto", "float32", "param")
 
 # Maps the [n_tensors, 3] float64 partial sums (m.g, |m|^2, |g|^2) held by this process to the sums over each
 # whole logical tensor; see TorqueOptimizer. None on a single process; the distributed wiring installs one.
@@ -128,7 +134,8 @@ def _check(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def _validate_common(lr, decay_rate, damping_eps, weight_decay, cosine_scope, foreach, fused, fixed_damping) -> None:
+def _validate_common(lr, decay_rate, damping_eps, weight_decay, cosine_scope, foreach, fused, fixed_damping,
+                     moment_dtype) -> None:
     if isinstance(lr, Tensor):
         raise ValueError("lr as a Tensor is not supported; pass a float")
     _check(0.0 <= lr, f"Invalid learning rate: {lr}")
@@ -138,6 +145,8 @@ def _validate_common(lr, decay_rate, damping_eps, weight_decay, cosine_scope, fo
     _check(cosine_scope in COSINE_SCOPES, f"Invalid cosine_scope value: {cosine_scope!r} (expected one of {COSINE_SCOPES})")
     _check(not (foreach and fused), "foreach and fused cannot both be True")
     _check(fixed_damping is None or 0.0 <= fixed_damping <= 1.0, f"Invalid fixed_damping value: {fixed_damping}")
+    _check(moment_dtype in MOMENT_DTYPES,
+           f"Invalid moment_dtype value: {moment_dtype!r} (expected one of {MOMENT_DTYPES})")
 
 
 def _describe(p: Tensor) -> str:
@@ -273,6 +282,7 @@ class TorqueOptimizer(Optimizer):
             group.setdefault("maximize", False)
             group.setdefault("cosine_scope", "tensor")
             group.setdefault("fixed_damping", None)
+            group.setdefault("moment_dtype", "auto")
         self.__dict__.setdefault("stats_reducer", None)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -341,8 +351,8 @@ class TorqueOptimizer(Optimizer):
         for p in params:
             if not state[p]:
                 self._init_state(p, state[p])
-                if impl == "triton" and p.dtype in (torch.bfloat16, torch.float16):
-                    for name in self.state_buffers:  # 16-bit moments lose the update (see triton_kernels)
+                if _float32_moments(group.get("moment_dtype", "auto"), impl, p):
+                    for name in self.state_buffers:  # 16-bit moments lose the update (MOMENT_DTYPES)
                         state[p][name] = state[p][name].float()
                 if group_s is not None:  # global scope: a newcomer joins the group's running average
                     state[p]["s"].copy_(group_s)
@@ -426,8 +436,8 @@ class TorqueOptimizer(Optimizer):
                 if key in saved:
                     s_dtype = torch.promote_types(p.dtype, torch.float32)
                     self.state[p][key] = saved[key].detach().to(dtype=s_dtype, device=p.device).clone()
-            for key in self.state_buffers:  # float32 moments of 16-bit parameters (the Triton path) stay float32
-                if key in saved and saved[key].dtype == torch.float32 and p.dtype != saved[key].dtype:
+            for key in self.state_buffers:  # float32 moments of 16-bit parameters stay float32 (MOMENT_DTYPES)
+                if key in saved and saved[key].dtype == torch.float32 and p.dtype in (torch.bfloat16, torch.float16):
                     self.state[p][key] = saved[key].detach().to(device=p.device).clone()
 
     def _check_state_dict(self, state_dict: dict) -> None:
@@ -509,6 +519,10 @@ class TAM(TorqueOptimizer):
         fixed_damping: hold ``d`` at this value instead of measuring the angle (a control: 0.5 separates
             the angle's effect from simply halving the step). No statistics are computed; ``s`` reads
             ``2 d - 1`` so :meth:`damping` reports it.
+        moment_dtype: dtype of the momentum buffer (and AdaTAM's second moment) for 16-bit parameters:
+            ``"auto"`` (float32 on the fused GPU path, the parameter's dtype elsewhere, as ``torch.optim``),
+            ``"float32"`` (everywhere), or ``"param"`` (the parameter's dtype everywhere: half the state memory,
+            but in bfloat16 small updates of the second moment round away; see :data:`MOMENT_DTYPES`).
 
     State per tensor: ``momentum_buffer`` (parameter-sized) and ``s`` (0-dim, float32 or wider).
     """
@@ -527,12 +541,15 @@ class TAM(TorqueOptimizer):
         maximize: bool = False,
         foreach: Optional[bool] = None, cosine_scope: str = "tensor", fused: Optional[bool] = None,
         fixed_damping: Optional[float] = None,
+        moment_dtype: str = "auto",
     ):
-        _validate_common(lr, decay_rate, damping_eps, weight_decay, cosine_scope, foreach, fused, fixed_damping)
+        _validate_common(lr, decay_rate, damping_eps, weight_decay, cosine_scope, foreach, fused, fixed_damping,
+                         moment_dtype)
         _check(0.0 <= momentum < 1.0, f"Invalid momentum value: {momentum}")
         defaults = dict(
             lr=lr, momentum=momentum, decay_rate=decay_rate, damping_eps=damping_eps, weight_decay=weight_decay,
             maximize=maximize, foreach=foreach, cosine_scope=cosine_scope, fused=fused, fixed_damping=fixed_damping,
+            moment_dtype=moment_dtype,
         )
         super().__init__(params, defaults)
 
@@ -568,7 +585,7 @@ class AdaTAM(TorqueOptimizer):
         eps: added to :math:`\sqrt{v_t}` (default 1e-8).
         weight_decay: :math:`\lambda`; coupled (L2, like ``torch.optim.Adam``) unless
             ``decoupled_weight_decay`` (then like AdamW; see :class:`AdaTAMW`).
-        maximize, foreach, fused, cosine_scope, fixed_damping: as in :class:`TAM`.
+        maximize, foreach, fused, cosine_scope, fixed_damping, moment_dtype: as in :class:`TAM`.
         bias_correction: Adam-style correction of both moments (default False, the paper's form).
 
     State per tensor: ``exp_avg``, ``exp_avg_sq`` (parameter-sized), ``s`` and ``step`` (0-dim).
@@ -593,8 +610,10 @@ class AdaTAM(TorqueOptimizer):
         fixed_damping: Optional[float] = None,
         decoupled_weight_decay: bool = False,
         bias_correction: bool = False,
+        moment_dtype: str = "auto",
     ):
-        _validate_common(lr, decay_rate, damping_eps, weight_decay, cosine_scope, foreach, fused, fixed_damping)
+        _validate_common(lr, decay_rate, damping_eps, weight_decay, cosine_scope, foreach, fused, fixed_damping,
+                         moment_dtype)
         _check(len(betas) == 2, f"Invalid betas: {betas}")
         _check(0.0 <= betas[0] < 1.0, f"Invalid beta parameter at index 0: {betas[0]}")
         _check(0.0 <= betas[1] < 1.0, f"Invalid beta parameter at index 1: {betas[1]}")
@@ -603,7 +622,7 @@ class AdaTAM(TorqueOptimizer):
             lr=lr, betas=tuple(betas), decay_rate=decay_rate, damping_eps=damping_eps, eps=eps,
             weight_decay=weight_decay, maximize=maximize, foreach=foreach, cosine_scope=cosine_scope,
             fused=fused, fixed_damping=fixed_damping, decoupled_weight_decay=decoupled_weight_decay,
-            bias_correction=bias_correction,
+            bias_correction=bias_correction, moment_dtype=moment_dtype,
         )
         super().__init__(params, defaults)
 
@@ -699,6 +718,13 @@ def _functional_step(rule, params, grads, exp_avgs, exp_avg_sqs, s, scope, forea
 
 
 # ------------------------------------------------------------------------------------------- the step flow
+
+
+def _float32_moments(moment_dtype: str, impl: str, p: Tensor) -> bool:
+    """Whether a 16-bit parameter's moments are created in float32 (see :data:`MOMENT_DTYPES`)."""
+    if p.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    return moment_dtype == "float32" or (moment_dtype == "auto" and impl == "triton")
 
 
 def _default_impl(params: list[Tensor], foreach: Optional[bool], fused: Optional[bool]) -> str:
@@ -955,6 +981,8 @@ def _multi_tensor_update(work: _GroupStep, coeffs: list[Tensor]) -> None:
             groups.setdefault((p.device, p.dtype), []).append(i)
         for idx in groups.values():
             p, g, m, a = ([xs[i] for i in idx] for xs in (sub.params, sub.grads, sub.exp_avgs, sub_coeffs))
+            if any(x.dtype != y.dtype for x, y in zip(g, m)):  # float32 moments of 16-bit parameters: g * a in float32
+                g = [x.to(y.dtype) for x, y in zip(g, m)]
             torch._foreach_mul_(m, rule.beta1)
             torch._foreach_add_(m, torch._foreach_mul(g, a))
             if not rule.adaptive:

@@ -133,7 +133,8 @@ class AdaTAM8bit(AdaTAM):
 
     supports_sharded_statistics = False  # read by the trainer layer's distributed checks
 
-    @variant_init(AdaTAM.__init__, extra={"min_8bit_size": (int, 4096), "block_size": (int, 256)})
+    @variant_init(AdaTAM.__init__, fixed={"moment_dtype": "auto"},  # moments are uint8 codes or float32 here
+                  extra={"min_8bit_size": (int, 4096), "block_size": (int, 256)})
     def __init__(self, min_8bit_size: int, block_size: int, **kwargs):
         _bnb_functional()  # fail now, with the install command, not at the first step
         if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) or min_8bit_size < 0:
