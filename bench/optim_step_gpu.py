@@ -65,7 +65,8 @@ def candidates(device: str, dtype: torch.dtype) -> dict:
                                                                                bias_correction=True)
         c["tam_hf TAM (triton)"] = lambda p: tam_hf.TAM(p, lr=lr, fused=True)
         if dtype != torch.float32:
-            c["tam_hf AdaTAM (triton, 16-bit moments)"] = lambda p: tam_hf.AdaTAM(p, lr=lr, fused=True)
+            c["tam_hf AdaTAM (triton, 16-bit moments)"] = lambda p: tam_hf.AdaTAM(p, lr=lr, fused=True,
+                                                                                 moment_dtype="param")
     else:
         print(f"(no Triton rows: the kernels do not run on {device})")
     return c
@@ -73,14 +74,6 @@ def candidates(device: str, dtype: torch.dtype) -> dict:
 
 def state_bytes(opt) -> int:
     return sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values() if torch.is_tensor(t))
-
-
-def to_param_dtype_moments(opt) -> None:
-    """The documented low-memory option: moments in the parameter's dtype (the kernels read any of them)."""
-    for p, st in opt.state.items():
-        for name in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
-            if name in st:
-                st[name] = st[name].to(p.dtype)
 
 
 class Timer:
@@ -107,9 +100,6 @@ class Timer:
 def measure(name, make, params, args) -> dict:
     opt = make(params)
     for _ in range(3):  # state creation, kernel compilation
-        opt.step()
-    if "16-bit moments" in name:
-        to_param_dtype_moments(opt)
         opt.step()
     rounds = []
     for _ in range(args.rounds):
