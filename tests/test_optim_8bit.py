@@ -177,8 +177,12 @@ def make_pair(variant, impl, shapes=SHAPES, scope="tensor"):
 def test_each_step_matches_the_float64_reference(variant, impl):
     """Step by step from the same quantized state, the optimizer's parameters, s, absmax and every uint8 code
     equal the reference's (float32 vs float64 arithmetic: codes may differ only on a rounding tie)."""
-    params, opt, ref = make_pair(variant, impl)
-    for t, grads in enumerate(gradient_stream(SHAPES, 30)):
+    step_beside_reference(*make_pair(variant, impl), steps=30)
+
+
+def step_beside_reference(params, opt, ref, steps):
+    """Each step from the same quantized state (the reference follows the optimizer), checked by check_step."""
+    for t, grads in enumerate(gradient_stream(SHAPES, steps)):
         if t:
             ref.follow(opt, params)
         before = [p.detach().double().clone() for p in params]
@@ -191,15 +195,7 @@ def test_each_step_matches_the_float64_reference(variant, impl):
 
 def test_global_scope_matches_the_reference():
     params, opt, ref = make_pair("adatamw", "single", scope="global")
-    for t, grads in enumerate(gradient_stream(SHAPES, 20)):
-        if t:
-            ref.follow(opt, params)
-        before = [p.detach().double().clone() for p in params]
-        for p, g in zip(params, grads):
-            p.grad = g.clone()
-        opt.step()
-        ref.step(grads)
-        check_step(opt, ref, params, before)
+    step_beside_reference(params, opt, ref, steps=20)
     assert len({opt.state[p]["s"].item() for p in params}) == 1
 
 
