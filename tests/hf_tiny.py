@@ -81,3 +81,14 @@ class RecordS(TrainerCallback):
 def assert_logged_damping(entry: dict, expected: dict[str, float]) -> None:
     for key, value in expected.items():
         assert entry[key] == pytest.approx(value, abs=1e-7), (entry["step"], key)
+
+
+class PoisonGradient(TrainerCallback):
+    """Makes one gradient NaN just before the optimizer step that becomes `step`: the run diverges there."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if state.global_step + 1 == self.step:
+            next(p for p in model.parameters() if p.grad is not None).grad.fill_(float("nan"))

@@ -19,7 +19,7 @@ from tam_hf.finetune.recipe import RecipeError, load_recipe, validate_recipe
 from tam_hf.finetune.runner import training_arguments
 from tam_hf.optim import AdaTAMW, registry
 from tam_hf.optim.registry import OptimizerSpec
-from transformers import TrainerCallback
+from hf_tiny import PoisonGradient
 
 DEMO = Path(__file__).parents[1] / "recipes" / "examples" / "demo_tiny.yaml"
 # Short runs with a mid-run evaluation, so the eval-loss curve has two points; no checkpoints, no generation.
@@ -288,24 +288,13 @@ def test_compare_stops_on_a_run_error_with_its_exit_code(tmp_path, monkeypatch, 
     assert "adamw seed 0: error: data does not fit the recipe: row 3" in err and "rerun the same command" in err
 
 
-class _PoisonAt(TrainerCallback):
-    """A NaN gradient just before the optimizer step that becomes `step`: the run diverges there."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if state.global_step + 1 == self.step:
-            next(p for p in model.parameters() if p.grad is not None).grad.fill_(float("nan"))
-
-
 def test_a_diverged_run_is_a_result_the_study_goes_on_and_a_rerun_does_not_retry_it(tmp_path, monkeypatch, capsys):
     import tam_hf.finetune.runner as runner
 
     real = runner.finetune
 
     def finetune(recipe, callbacks=()):  # seed 1 diverges at step 3, for real (the run's own guard stops it)
-        return real(recipe, callbacks=[*callbacks, *([_PoisonAt(3)] if recipe.training["seed"] == 1 else [])])
+        return real(recipe, callbacks=[*callbacks, *([PoisonGradient(3)] if recipe.training["seed"] == 1 else [])])
 
     monkeypatch.setattr(runner, "finetune", finetune)
     out = tmp_path / "cmp"

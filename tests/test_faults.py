@@ -21,6 +21,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
+from hf_tiny import PoisonGradient
 from transformers import TrainerCallback
 
 import tam_hf.finetune.model
@@ -71,22 +72,11 @@ def _complete(checkpoint: Path) -> bool:
 # ------------------------------------------------------------------------------------------- non-finite
 
 
-class _PoisonGradient(TrainerCallback):
-    """Makes one gradient NaN just before the optimizer step that becomes `step`."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if state.global_step + 1 == self.step:
-            next(p for p in model.parameters() if p.grad is not None).grad.fill_(float("nan"))
-
-
 def test_nan_stops_the_run_keeps_the_last_good_checkpoint_and_resuming_nan_weights_fails(tmp_path):
     out = tmp_path / "out"
     recipe = _recipe(out, max_steps=8, save_steps=2, logging_steps=4)  # step 3: neither logged nor saved
     with pytest.raises(NonFiniteError) as info:
-        finetune(recipe, callbacks=[_PoisonGradient(3)])
+        finetune(recipe, callbacks=[PoisonGradient(3)])
     message = str(info.value)
     assert info.value.exit_code == 1 and "step 3" in message and "checkpoint-2" in message
     assert _complete(out / "checkpoint-2") and not (out / "checkpoint-4").exists()
