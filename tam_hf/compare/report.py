@@ -151,9 +151,29 @@ def _plot(results: list[dict], arms: list[str], keys: list[str], path: Path, tit
     plt.close(fig)
 
 
+def _diverged_section(bad: list[dict], results: list[dict], arms: list[str]) -> list[str]:
+    """report.md's account of diverged runs: per arm how many seeds and which, with the step and reason."""
+    text = ["", "## Diverged runs", "",
+            f"{len(bad)} of {len(results)} runs diverged (non-finite loss, gradients or weights). They are left out of the "
+            "means above (the seeds column counts finished runs only):", "",
+            "| arm | diverged | seed | step | reason |", "|---|---|---|---|---|"]
+    for arm in arms:
+        mine = [r for r in bad if r["label"] == arm]
+        of = len([r for r in results if r["label"] == arm])
+        for r in mine:
+            reason = r.get("diverged", "").split(". ")[0].replace("|", "/")
+            text.append(f"| {arm} | {len(mine)} of {of} | {r['seed']} | {r.get('diverged_at_step')} | {reason} |")
+    return text
+
+
 def write_report(results: list[dict], arms: list[str], out: Path, title: str, command: str = "") -> dict[str, Path]:
-    """Write report.md, report.csv, runs.csv, loss.png and damping.png into ``out``; returns their paths."""
+    """Write report.md, report.csv, runs.csv, loss.png and damping.png into ``out``; returns their paths. Runs whose
+    result says ``status: diverged`` stay out of every mean and plot: runs.csv marks their cells 'diverged' and
+    report.md lists them."""
     out.mkdir(parents=True, exist_ok=True)
+    order = lambda r: (arms.index(r["label"]), r["seed"])  # noqa: E731
+    bad = sorted((r for r in results if r.get("status") == "diverged"), key=order)
+    every, results = results, [r for r in results if r.get("status") != "diverged"]
     metrics, rows = aggregate(results, arms)
     seeds = sorted({r["seed"] for r in results})
     paths = {name: out / name for name in ("report.md", "report.csv", "runs.csv", "loss.png", "damping.png")}
@@ -167,9 +187,11 @@ def write_report(results: list[dict], arms: list[str], out: Path, title: str, co
     with paths["runs.csv"].open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["arm", "seed", *metrics])
-        for r in sorted(results, key=lambda r: (arms.index(r["label"]), r["seed"])):
+        for r in sorted(results, key=order):
             m = run_metrics(r)
             w.writerow([r["label"], r["seed"], *(m.get(k, "") for k in metrics)])
+        for r in bad:
+            w.writerow([r["label"], r["seed"], *["diverged"] * len(metrics)])
 
     _plot(results, arms, ["loss", "eval_loss"], paths["loss.png"], title)
     _plot(results, arms, ["damping/mean"], paths["damping.png"], title)
@@ -181,5 +203,7 @@ def write_report(results: list[dict], arms: list[str], out: Path, title: str, co
              f"**{arms[0]}** ± its standard error). A Δ within about 2 SE is not distinguishable from seed noise.",
              "", markdown_table(metrics, rows, arms), "",
              "![loss](loss.png)", "", "![damping](damping.png)", ""]
+    if bad:
+        text += _diverged_section(bad, every, arms) + [""]
     paths["report.md"].write_text("\n".join(text))
     return paths

@@ -323,34 +323,6 @@ def diverged(result: dict) -> bool:
     return result.get("status") == "diverged"
 
 
-def _report_diverged(paths: dict, results: list[dict], labels: list[str]) -> None:
-    """Diverged runs into the report: a section of report.md (per arm how many seeds and which, with the step and
-    reason) and a row per run in runs.csv whose metric cells say 'diverged'."""
-    import csv
-
-    bad = sorted((r for r in results if diverged(r)), key=lambda r: (labels.index(r["label"]), r["seed"]))
-    if not bad:
-        return
-    text = ["", "## Diverged runs", "",
-            f"{len(bad)} of {len(results)} runs diverged (non-finite loss, gradients or weights). They are left out of the "
-            "means above (the seeds column counts finished runs only):", "",
-            "| arm | diverged | seed | step | reason |", "|---|---|---|---|---|"]
-    for label in labels:
-        mine = [r for r in bad if r["label"] == label]
-        of = len([r for r in results if r["label"] == label])
-        for r in mine:
-            reason = r.get("diverged", "").split(". ")[0].replace("|", "/")
-            text.append(f"| {label} | {len(mine)} of {of} | {r['seed']} | {r.get('diverged_at_step')} | {reason} |")
-    with paths["report.md"].open("a") as f:
-        f.write("\n".join(text) + "\n")
-    with paths["runs.csv"].open() as f:
-        header = next(csv.reader(f))
-    with paths["runs.csv"].open("a", newline="") as f:
-        writer = csv.writer(f)
-        for r in bad:
-            writer.writerow([r["label"], r["seed"], *["diverged"] * (len(header) - 2)])
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tam-finetune compare",
@@ -425,8 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     present = [label for label in labels if any(r["label"] == label for r in results)]
     command = "python -m tam_hf.compare " + " ".join(sys.argv[1:] if argv is None else argv)
     title = f"{Path(args.recipe).stem}, {len(seeds)} seed(s): line = mean, band = min..max"
-    paths = write_report([r for r in results if not diverged(r)], present, out, title, command)
-    _report_diverged(paths, results, present)
+    paths = write_report(results, present, out, title, command)
     print((out / "report.md").read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
