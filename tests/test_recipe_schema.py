@@ -514,7 +514,11 @@ def test_output_dir_under_a_read_only_directory_is_found_at_validation():
     locked.mkdir()
     locked.chmod(0o555)
     base.chmod(0o755)
-    raw = _recipe(training={"output_dir": str(locked / "sub" / "run")})
+    data = base / "train.jsonl"  # readable by the ordinary user, wherever the repository sits
+    data.write_text('{"prompt": "a", "completion": "b"}\n')
+    data.chmod(0o644)
+    raw = _recipe(training={"output_dir": str(locked / "sub" / "run")}, data__train_file=str(data))
+    validate_recipe(_recipe(data__train_file=str(data), training={"output_dir": str(base / "run")}))  # lazy imports
     try:
         if os.geteuid() == 0:  # root writes anywhere: check as an ordinary user
             os.seteuid(65534)
@@ -527,6 +531,32 @@ def test_output_dir_under_a_read_only_directory_is_found_at_validation():
     finally:
         locked.chmod(0o755)
         locked.rmdir()
+        data.unlink()
+        base.rmdir()
+
+
+def test_a_data_file_behind_an_unsearchable_directory_is_a_problem_not_a_traceback():
+    base = Path(tempfile.mkdtemp())
+    hidden = base / "hidden"
+    hidden.mkdir()
+    (hidden / "train.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    hidden.chmod(0o000)
+    base.chmod(0o777)  # the run itself could be written there by anyone
+    raw = _recipe(data__train_file=str(hidden / "train.jsonl"), training={"output_dir": str(base / "run")})
+    validate_recipe(_recipe(training={"output_dir": str(base / "run")}))  # lazy imports now, while they can be read
+    try:
+        if os.geteuid() == 0:  # root searches anywhere: check as an ordinary user
+            os.seteuid(65534)
+        try:
+            (problem,) = _problems(raw)
+        finally:
+            if os.getuid() == 0:
+                os.seteuid(0)
+        assert problem == f"data.train_file: file not found: {hidden / 'train.jsonl'}"
+    finally:
+        hidden.chmod(0o755)
+        (hidden / "train.jsonl").unlink()
+        hidden.rmdir()
         base.rmdir()
 
 

@@ -75,7 +75,7 @@ def read_recipe_file(path: str | Path) -> dict:
     """The plain mapping a recipe file holds, read through :func:`read_yaml` (the safe loader); nothing is
     validated yet. Raises RecipeError when the file is missing, unreadable, not YAML or not a mapping."""
     path = Path(path)
-    if not path.is_file():
+    if not _is_file(path):
         raise RecipeError([f"recipe file not found: {path}"], str(path))
     try:
         raw = read_yaml(path.read_text(encoding="utf-8"), str(path))
@@ -570,12 +570,12 @@ def _check_launch(r, problems: list[str]) -> None:
     if r.distributed is not None:
         for key in ("accelerate_config", "deepspeed"):
             value = getattr(r.distributed, key)
-            if value is not None and not resolve_path(value).is_file():
+            if value is not None and not _is_file(resolve_path(value)):
                 problems.append(f"distributed.{key}: file not found: {clip(value)}")
     if r.overwrite and r.resume is not False:
         problems.append("overwrite: true and resume exclude each other: continue the run (resume) or start it over "
                         "(overwrite)")
-    if isinstance(r.resume, str) and not resolve_path(r.resume).is_dir():
+    if isinstance(r.resume, str) and not _is_dir(resolve_path(r.resume)):
         problems.append(f"resume: checkpoint directory not found: {clip(r.resume)}")
     output_dir = r.training.get("output_dir")
     if r.resume is True and isinstance(output_dir, str) and not any(Path(output_dir).glob("checkpoint-*")):
@@ -583,9 +583,23 @@ def _check_launch(r, problems: list[str]) -> None:
 
 
 def _exists(path: Path) -> bool:
+    return _probe(path, Path.exists)
+
+
+def _is_file(path: Path) -> bool:
+    return _probe(path, Path.is_file)
+
+
+def _is_dir(path: Path) -> bool:
+    return _probe(path, Path.is_dir)
+
+
+def _probe(path: Path, test) -> bool:
+    """``test(path)``, False where the path cannot be reached (a parent that cannot be searched raises
+    PermissionError before Python 3.14): a problem in the list, never a traceback."""
     try:
-        return path.exists()
-    except OSError:  # e.g. a parent that cannot be searched: look further up
+        return test(path)
+    except OSError:
         return False
 
 
@@ -603,7 +617,7 @@ def _check_output_dir(r, problems: list[str]) -> None:
     existing = path
     while not _exists(existing) and existing != existing.parent:
         existing = existing.parent
-    if not existing.is_dir():
+    if not _is_dir(existing):
         problems.append(f"training.output_dir: {existing} is a file, not a directory")
     elif not _writable(existing):
         problems.append(f"training.output_dir: {existing} is not writable" if existing == path else
@@ -622,9 +636,9 @@ def _check_model(r, problems: list[str]) -> None:
             problems.append(f"model.name: no embedded model {short(embedded)}{_did_you_mean(embedded, EMBEDDED_MODELS)}; "
                             f"embedded: {', '.join(EMBEDDED_MODELS)}")
     elif _is_pathlike(m.name):
-        if not resolve_path(m.name).is_dir():
+        if not _is_dir(resolve_path(m.name)):
             problems.append(f"model.name: local model directory not found: {clip(m.name)}")
-        elif m.gguf_file and not (resolve_path(m.name) / m.gguf_file).is_file():
+        elif m.gguf_file and not _is_file(resolve_path(m.name) / m.gguf_file):
             problems.append(f"model.gguf_file: {short(m.gguf_file)} not found in {clip(m.name)}")
     elif not HUB_ID.match(m.name):
         problems.append(f"model.name: {short(m.name)} is neither an existing directory nor a Hub id (org/name)")
@@ -652,7 +666,7 @@ def _check_data(r, problems: list[str]) -> None:
             if path.suffix not in FILE_SUFFIXES:
                 problems.append(f"data.{key}: {clip(item)}: unsupported file type {short(path.suffix)}; "
                                 f"use one of {', '.join(sorted(FILE_SUFFIXES))}")
-            elif not path.is_file():
+            elif not _is_file(path):
                 problems.append(f"data.{key}: file not found: {clip(item)}")
     if d.dataset is not None and _is_pathlike(d.dataset) and not _exists(resolve_path(d.dataset)):
         problems.append(f"data.dataset: local dataset not found: {clip(d.dataset)}")
@@ -680,7 +694,7 @@ def _check_data(r, problems: list[str]) -> None:
         elif path.suffix not in CHAT_TEMPLATE_SUFFIXES:
             problems.append(f"data.chat_template_path: {clip(d.chat_template_path)} is not a chat template file "
                             f"({' or '.join(CHAT_TEMPLATE_SUFFIXES)})")
-        elif not path.is_file():
+        elif not _is_file(path):
             problems.append(f"data.chat_template_path: file not found: {clip(d.chat_template_path)}")
 
 
