@@ -517,8 +517,9 @@ def test_output_dir_under_a_read_only_directory_is_found_at_validation():
     data = base / "train.jsonl"  # readable by the ordinary user, wherever the repository sits
     data.write_text('{"prompt": "a", "completion": "b"}\n')
     data.chmod(0o644)
-    raw = _recipe(training={"output_dir": str(locked / "sub" / "run")}, data__train_file=str(data))
-    validate_recipe(_recipe(data__train_file=str(data), training={"output_dir": str(base / "run")}))  # lazy imports
+    files = dict(data__train_file=str(data), data__eval_file=str(data))
+    raw = _recipe(training={"output_dir": str(locked / "sub" / "run")}, **files)
+    validate_recipe(_recipe(training={"output_dir": str(base / "run")}, **files))  # lazy imports, while readable
     try:
         if os.geteuid() == 0:  # root writes anywhere: check as an ordinary user
             os.seteuid(65534)
@@ -542,8 +543,13 @@ def test_a_data_file_behind_an_unsearchable_directory_is_a_problem_not_a_traceba
     (hidden / "train.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
     hidden.chmod(0o000)
     base.chmod(0o777)  # the run itself could be written there by anyone
-    raw = _recipe(data__train_file=str(hidden / "train.jsonl"), training={"output_dir": str(base / "run")})
-    validate_recipe(_recipe(training={"output_dir": str(base / "run")}))  # lazy imports now, while they can be read
+    readable = base / "eval.jsonl"  # the recipe's other file, readable wherever the repository sits
+    readable.write_text('{"prompt": "a", "completion": "b"}\n')
+    readable.chmod(0o644)
+    raw = _recipe(data__train_file=str(hidden / "train.jsonl"), data__eval_file=str(readable),
+                  training={"output_dir": str(base / "run")})
+    validate_recipe(_recipe(data__train_file=str(readable), data__eval_file=str(readable),
+                            training={"output_dir": str(base / "run")}))  # lazy imports now, while readable
     try:
         if os.geteuid() == 0:  # root searches anywhere: check as an ordinary user
             os.seteuid(65534)
@@ -557,6 +563,7 @@ def test_a_data_file_behind_an_unsearchable_directory_is_a_problem_not_a_traceba
         hidden.chmod(0o755)
         (hidden / "train.jsonl").unlink()
         hidden.rmdir()
+        readable.unlink()
         base.rmdir()
 
 
