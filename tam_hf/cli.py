@@ -5,9 +5,8 @@
     tam-finetune eval RUN_DIR --tasks hellaswag
     tam-finetune push RUN_DIR --repo-id USER/NAME
 
-Each command is a ``main(argv) -> exit code`` in the layer that does the work (see :data:`COMMANDS`); this
-module parses nothing else. Exit codes are the command's: for ``run`` 0 done, 2 invalid recipe, 1 data that
-does not fit the recipe, 130 / 143 interrupted by Ctrl-C / SIGTERM (:mod:`tam_hf.finetune.main`).
+Each command is a module of :mod:`tam_hf.commands` with a ``main(argv) -> exit code``; this module parses
+nothing else. Exit codes are the command's (see :mod:`tam_hf.commands.run`).
 """
 
 from __future__ import annotations
@@ -17,14 +16,13 @@ import sys
 
 __all__ = ["main", "COMMANDS"]
 
-# command -> (module, function taking argv and returning the exit code, one line of help). Imported only when
-# chosen, so `tam-finetune compare --help` does not pay for the run's imports and vice versa.
-COMMANDS: dict[str, tuple[str, str, str]] = {
-    "run": ("tam_hf.finetune.main", "run_recipe", "train one recipe (the default: the word 'run' may be left out)"),
-    "compare": ("tam_hf.compare.study", "main",
-                "run one recipe under several optimizers and seeds; report mean ± std with plots"),
-    "eval": ("tam_hf.finetune.lm_eval", "main", "lm-evaluation-harness on a finished run's model (the eval extra)"),
-    "push": ("tam_hf.finetune.hub", "push_main", "upload a finished run's hub_upload/ folder (e.g. after a failed push)"),
+# command -> one line of help; the module tam_hf.commands.<command> is imported only when chosen, so
+# `tam-finetune compare --help` does not pay for the run's imports and vice versa.
+COMMANDS: dict[str, str] = {
+    "run": "train one recipe (the default: the word 'run' may be left out)",
+    "compare": "run one recipe under several optimizers and seeds; report mean ± 95% CI with plots",
+    "eval": "lm-evaluation-harness on a finished run's model (the eval extra)",
+    "push": "upload a finished run's hub_upload/ folder (e.g. after a failed push)",
 }
 DEFAULT = "run"
 
@@ -33,7 +31,7 @@ def _overview() -> str:
     width = max(map(len, COMMANDS))
     lines = ["usage: tam-finetune [COMMAND] ARGS ...   (tam-finetune COMMAND --help for a command's options)", "",
              "commands:"]
-    lines += [f"  {name:{width}s}  {text}" for name, (_, _, text) in COMMANDS.items()]
+    lines += [f"  {name:{width}s}  {text}" for name, text in COMMANDS.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -43,8 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         print(_overview())  # then the default command's own help: most users want the recipe options
     name = argv[0] if argv[:1] and argv[0] in COMMANDS else DEFAULT
     rest = argv[1:] if argv[:1] == [name] else argv
-    module, function, _ = COMMANDS[name]
-    return getattr(importlib.import_module(module), function)(rest)
+    return importlib.import_module(f"tam_hf.commands.{name}").main(rest)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import tam_hf.finetune.model
 from tam_hf.finetune.errors import (CheckpointError, DataError, EvaluationError, HubUnavailableError,
                                     NonFiniteError, OutputDirError, PushError)
 from tam_hf.finetune.recipe import to_dict, validate_recipe
-from tam_hf.finetune.runner import finetune
+from tam_hf.finetune.pipeline import finetune
 
 ROOT = Path(__file__).absolute().parent.parent
 EXAMPLES = ROOT / "recipes" / "examples"
@@ -177,7 +177,7 @@ def save(obj, f, *args, **kwargs):  # the optimizer of checkpoint-4 is written a
 
 torch.save = save
 from tam_hf.finetune.recipe import load_recipe
-from tam_hf.finetune.runner import finetune
+from tam_hf.finetune.pipeline import finetune
 finetune(load_recipe(sys.argv[1]))
 """
 
@@ -359,7 +359,7 @@ def test_bad_data_fails_the_run_before_anything_is_removed_or_written(tmp_path):
 
 def test_a_perplexity_beyond_float_range_is_null_with_a_note(tmp_path, monkeypatch):
     from tam_hf.finetune import sft
-    from tam_hf.finetune.main import format_summary
+    from tam_hf.commands.run import format_summary
 
     monkeypatch.setattr(sft.TAMSFTTrainer, "evaluate", lambda self, *a, **k: {"eval_loss": 800.0})
     raw = _raw(tmp_path / "out", max_steps=1, save_strategy="no")
@@ -394,7 +394,7 @@ def test_a_failing_lm_eval_keeps_the_saved_run_exits_1_and_names_the_eval_comman
 
 
 def test_the_recipe_a_run_writes_neither_resumes_nor_wipes_it(tmp_path):
-    from tam_hf.finetune.main import run_recipe
+    from tam_hf.commands.run import main as run_recipe
     from tam_hf.finetune.recipe import load_recipe
 
     out = tmp_path / "out"
@@ -417,7 +417,7 @@ def test_the_recipe_a_run_writes_neither_resumes_nor_wipes_it(tmp_path):
 def test_a_failed_push_keeps_outputs_exits_1_and_names_the_retry_command_which_works(tmp_path, monkeypatch):
     import huggingface_hub
 
-    from tam_hf.finetune.hub import push_main
+    from tam_hf.commands.push import main as push_main
 
     out = tmp_path / "out"
     raw = _raw(out, max_steps=1, save_strategy="no")

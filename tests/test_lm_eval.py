@@ -109,9 +109,9 @@ def test_a_failing_evaluation_says_where_the_model_is_saved(tmp_path):
 
 @needs_lm_eval
 def test_a_recipe_runs_lm_eval_after_training_and_the_finished_run_evaluates_again(tmp_path, capsys):
-    from tam_hf.finetune.main import format_summary
+    from tam_hf.commands.run import format_summary
     from tam_hf.finetune.recipe import validate_recipe
-    from tam_hf.finetune.runner import finetune
+    from tam_hf.finetune.pipeline import finetune
 
     out = tmp_path / "run"
     recipe = validate_recipe({
@@ -143,9 +143,9 @@ def test_a_recipe_runs_lm_eval_after_training_and_the_finished_run_evaluates_aga
 def test_a_launched_run_skips_lm_eval_with_the_command_that_runs_it():
     from types import SimpleNamespace
 
-    from tam_hf.finetune.main import format_summary
+    from tam_hf.commands.run import format_summary
     from tam_hf.finetune.recipe import validate_recipe
-    from tam_hf.finetune.runner import _lm_eval
+    from tam_hf.finetune.pipeline import lm_eval
 
     recipe = validate_recipe({"model": {"name": "embedded:tiny-llama"},
                               "data": {"format": "prompt_completion", "train_file": "embedded:demo_train.jsonl"},
@@ -153,7 +153,8 @@ def test_a_launched_run_skips_lm_eval_with_the_command_that_runs_it():
                               "eval": {"metrics": [], "lm_eval": {"tasks": [CHOICE]}}})
     summary = {"optimizer": "adatamw", "steps": 2, "output_dir": "/runs/x"}
     trainer = SimpleNamespace(args=SimpleNamespace(world_size=2), model=None)  # lm-eval would fail on model None
-    assert _lm_eval(recipe, trainer, None, Path("/runs/x"), summary) is None
+    run = SimpleNamespace(recipe=recipe, trainer=trainer, tokenizer=None, output_dir=Path("/runs/x"), summary=summary)
+    assert lm_eval(run) is None  # the lm-eval phase of a run
     assert "tam-finetune eval /runs/x" in summary["lm_eval_skipped"] and "lm_eval" not in summary
     assert "lm-eval skipped: lm-eval runs in one process, this run had 2" in format_summary(summary)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tam_hf.compare import study as compare
-from tam_hf.finetune.runner import build_training_arguments
+from tam_hf.finetune.training_args import build_training_arguments
 from tam_hf.finetune.recipe import load_recipe
 
 ROOT = Path(__file__).parents[1]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-import tam_hf.finetune.runner
+import tam_hf.finetune.pipeline
 from tam_hf.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +70,7 @@ def no_training(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("training must not start")
 
-    monkeypatch.setattr(tam_hf.finetune.runner, "finetune", refuse)
+    monkeypatch.setattr(tam_hf.finetune.pipeline, "finetune", refuse)
 
 
 def test_validate_prints_resolved_recipe_and_loads_nothing(no_training, capsys):
@@ -157,7 +157,7 @@ def test_print_config_then_summary_and_data_error_exit_1(monkeypatch, capsys):
     fake = {"output_dir": "outputs/demo_tiny", "steps": 7, "train_loss": 1.25, "optimizer": "adatamw",
             "eval": {"loss": 1.5, "exact_match": 0.25}, "wall_s": 3.0,
             "damping": {"mean": 0.55, "min": 0.4, "max": 0.7, "frac_below_half": 0.25}}
-    monkeypatch.setattr(tam_hf.finetune.runner, "finetune", lambda recipe: fake)
+    monkeypatch.setattr(tam_hf.finetune.pipeline, "finetune", lambda recipe: fake)
     assert main([str(DEMO), "--print-config"]) == 0
     out = capsys.readouterr().out
     assert yaml.safe_load(out.split("\n== tam-finetune summary ==")[0])["model"]["name"] == "embedded:tiny-llama"
@@ -168,6 +168,6 @@ def test_print_config_then_summary_and_data_error_exit_1(monkeypatch, capsys):
     def bad_data(recipe):
         raise DataError("train data has no column(s) ['prompt']")
 
-    monkeypatch.setattr(tam_hf.finetune.runner, "finetune", bad_data)
+    monkeypatch.setattr(tam_hf.finetune.pipeline, "finetune", bad_data)
     assert main([str(DEMO)]) == 1
     assert "data does not fit the recipe: train data has no column(s) ['prompt']" in capsys.readouterr().err

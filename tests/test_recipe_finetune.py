@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from tam_hf.finetune.errors import PushError
-from tam_hf.finetune.runner import finetune, training_arguments
+from tam_hf.finetune.pipeline import finetune
+from tam_hf.finetune.training_args import build_training_arguments
 from tam_hf.finetune.model import model_path
 from tam_hf.finetune.recipe import ModelConfig, validate_recipe
 
@@ -180,13 +181,16 @@ def test_push_prepares_folder_with_card_and_offline_failure_loses_nothing(tmp_pa
 
 
 def test_optimizer_section_maps_onto_training_arguments(tmp_path):
-    kwargs = training_arguments(_recipe(tmp_path, optimizer={
+    args = build_training_arguments(_recipe(tmp_path, optimizer={
         "name": "tam", "lr": 0.1, "momentum": 0.8, "decay_rate": 0.95, "weight_decay": 0.01}))
-    assert kwargs["optim"] == "tam" and kwargs["learning_rate"] == 0.1 and kwargs["weight_decay"] == 0.01
-    assert kwargs["adam_beta1"] == 0.8  # the registry feeds TAM's momentum through TrainingArguments.adam_beta1
-    assert kwargs["optim_args"] == "decay_rate=0.95"
-    adam = training_arguments(_recipe(tmp_path, optimizer={"name": "adamw", "lr": 1e-4, "betas": [0.8, 0.99], "eps": 1e-6}))
-    assert (adam["optim"], adam["adam_beta1"], adam["adam_beta2"], adam["adam_epsilon"]) == ("adamw_torch", 0.8, 0.99, 1e-6)
+    assert args.optim == "tam" and args.learning_rate == 0.1 and args.weight_decay == 0.01
+    assert args.adam_beta1 == 0.8  # the registry feeds TAM's momentum through TrainingArguments.adam_beta1
+    assert args.optim_args == "decay_rate=0.95"
+    adam = build_training_arguments(_recipe(tmp_path, optimizer={"name": "adamw", "lr": 1e-4, "betas": [0.8, 0.99],
+                                                                 "eps": 1e-6}))
+    assert (adam.optim, adam.adam_beta1, adam.adam_beta2, adam.adam_epsilon) == ("adamw_torch", 0.8, 0.99, 1e-6)
+    sgd = build_training_arguments(_recipe(tmp_path, optimizer={"name": "sgd", "lr": 0.1, "momentum": 0.8}))
+    assert sgd.optim == "sgd" and sgd.optim_args == "momentum=0.8"  # transformers' SGD reads momentum from optim_args
 
 
 def test_push_calls_the_hub_with_the_prepared_folder(tmp_path, monkeypatch):

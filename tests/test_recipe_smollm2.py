@@ -23,7 +23,7 @@ def test_smollm2_lora_two_steps_saves_a_loadable_adapter(tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from tam_hf.finetune.runner import finetune
+    from tam_hf.finetune.pipeline import finetune
     from tam_hf.finetune.recipe import validate_recipe
 
     model_dir = spec.submodule_search_locations[0]
@@ -53,7 +53,7 @@ def test_smollm2_lora_two_steps_saves_a_loadable_adapter(tmp_path):
     from tam_hf.finetune.data import DataError
     from tam_hf.finetune.model import load_model, load_tokenizer
     from tam_hf.finetune.recipe import resolve_path
-    from tam_hf.finetune.runner import build_training_arguments
+    from tam_hf.finetune.training_args import build_training_arguments
     from tam_hf.finetune.sft import build_sft_trainer
 
     tok = load_tokenizer(recipe.model)

@@ -216,7 +216,7 @@ def test_resume_from_a_packed_checkpoint_continues_exactly(tmp_path, tokenizer):
 def test_a_causal_lm_recipe_trains_on_the_sft_trainer(tmp_path, monkeypatch, packing):
     from tam_hf.finetune import sft
     from tam_hf.finetune.recipe import validate_recipe
-    from tam_hf.finetune.runner import finetune
+    from tam_hf.finetune.pipeline import finetune
 
     built = []
     real = sft.build_sft_trainer

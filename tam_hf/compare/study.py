@@ -227,7 +227,7 @@ def plan(recipe_path: str | Path, optimizers: list[str], seeds: list[int], sets:
          sweeps: list[str] = (), out: str | Path = "compare") -> tuple[list[str], list[Run]]:
     """(arm labels in order, runs). Every run's recipe is validated here, before anything trains; a
     RecipeError lists the problems of every arm at once."""
-    from tam_hf.finetune.runner import build_training_arguments
+    from tam_hf.finetune.training_args import build_training_arguments
 
     recipe_path = Path(recipe_path)
     raw = read_recipe_file(recipe_path)
@@ -295,7 +295,7 @@ def execute(run: Run, keep_models: bool = False) -> dict:
     """Train one run and write its result.json; a run that diverges is written as a diverged result (see the
     module docstring). Other run errors propagate."""
     from tam_hf.finetune.errors import NonFiniteError
-    from tam_hf.finetune.runner import finetune
+    from tam_hf.finetune.pipeline import finetune
 
     _prepare(run)
     history = _history_callback()

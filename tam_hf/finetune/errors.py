@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["FinetuneError", "OutputDirError", "CheckpointError", "NonFiniteError", "DataError",
-           "HubUnavailableError", "PushError", "EvaluationError", "hub_unavailable"]
+__all__ = ["FinetuneError", "OutputDirError", "CheckpointError", "ResumeError", "NonFiniteError", "DataError",
+           "HubUnavailableError", "PushError", "EvaluationError", "LMEvalError", "WriteError", "Aborted", "RunFailed", "hub_unavailable",
+           "write_failure"]
 
 
 class FinetuneError(Exception):
@@ -18,6 +19,7 @@ class FinetuneError(Exception):
     written (the CLI may print it before the message)."""
 
     exit_code = 1
+    headline = ""  # said before the message, e.g. "data does not fit the recipe"
 
     def __init__(self, message: str, summary: dict | None = None):
         super().__init__(message)
@@ -39,6 +41,13 @@ class CheckpointError(FinetuneError):
         self.exit_code = exit_code
 
 
+class ResumeError(FinetuneError):
+    """``resume`` asks to continue a run with settings that differ from the ones it ran with (optimizer, model,
+    data, learning-rate schedule), or into an output directory holding another run. Nothing was loaded."""
+
+    exit_code = 2
+
+
 class NonFiniteError(FinetuneError):
     """The loss, the gradients or the weights stopped being finite. No checkpoint or model was written for the
     diverged state; the last good checkpoint is kept. ``step``: the first step found non-finite, when known (the
@@ -52,6 +61,8 @@ class NonFiniteError(FinetuneError):
 class DataError(FinetuneError, ValueError):
     """The data does not match the recipe or cannot be read (missing column, malformed line, empty file, ...)."""
 
+    headline = "data does not fit the recipe"
+
 
 class HubUnavailableError(FinetuneError):
     """A model or dataset needs the Hugging Face Hub, which is switched off (offline mode) or unreachable."""
@@ -64,6 +75,63 @@ class PushError(FinetuneError):
 class EvaluationError(FinetuneError):
     """The run finished and saved the model (and ran the Hub step), but lm-evaluation-harness failed on it; the
     message names the saved model and the command that evaluates it again (`tam-finetune eval RUN_DIR`)."""
+
+
+class LMEvalError(FinetuneError):
+    """lm-evaluation-harness is missing, was given nothing to evaluate (exit 2), or failed (exit 1)."""
+
+    def __init__(self, message: str, exit_code: int = 1, summary: dict | None = None):
+        super().__init__(message, summary)
+        self.exit_code = exit_code
+
+
+class WriteError(FinetuneError):
+    """Writing a checkpoint, the model or a result failed (full disk, file size limit, read-only or forbidden
+    directory). What was half-written is removed; the message names the error, the file system and what is kept."""
+
+
+class Aborted(FinetuneError, KeyboardInterrupt):
+    """A second signal stopped the run at once (a KeyboardInterrupt still, so callers that stop on Ctrl-C do);
+    the exit code is 128 + the signal's number."""
+
+    def __init__(self, message: str, exit_code: int = 130, summary: dict | None = None):
+        super().__init__(message, summary)
+        self.exit_code = exit_code
+
+
+class RunFailed(FinetuneError):
+    """An error tam_hf has no better words for, in a phase of a run: the message names the phase, the error and
+    what was kept; the traceback is saved beside the run's summary."""
+
+
+# Messages of write failures that reach Python without an errno: torch.save's zip writer and safetensors.
+_WRITE_FAILURES = {"unexpected pos": "no space left on the device (or a file size limit)",
+                   "file write failed": "no space left on the device (or a file size limit)",
+                   "No space left": "no space left on the device", "File too large": "file too large (a file size limit)",
+                   "Read-only file system": "read-only file system", "Permission denied": "permission denied",
+                   "Disk quota exceeded": "disk quota exceeded"}
+_ERRNO_NAMES = {"ENOSPC": "no space left on the device", "EFBIG": "file too large (a file size limit)",
+                "EROFS": "read-only file system", "EACCES": "permission denied", "EPERM": "operation not permitted",
+                "EDQUOT": "disk quota exceeded"}
+
+
+def write_failure(exc: BaseException) -> str | None:
+    """What went wrong, in words, when `exc` (or an error it was raised from) is a failed write; else None."""
+    import errno
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno is not None:
+            name = errno.errorcode.get(exc.errno, "")
+            if name in _ERRNO_NAMES:
+                return _ERRNO_NAMES[name]
+        text = str(exc)
+        for needle, meaning in _WRITE_FAILURES.items():
+            if needle in text:
+                return meaning
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 _TRUE = {"1", "on", "yes", "true"}

@@ -11,7 +11,12 @@ from typing import Optional
 
 from tam_hf.finetune.recipe import Recipe, resolve_path
 
-__all__ = ["launched", "launch_command", "launch_problems"]
+__all__ = ["launched", "rank", "launch_command", "launch_problems"]
+
+
+def rank() -> int:
+    """This process's rank in a launched run (torchrun and accelerate set RANK); 0 on its own."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def launched() -> bool:

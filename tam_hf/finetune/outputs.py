@@ -11,6 +11,10 @@ checkpoints that count only once they are complete.
   file of checkpoint N (``on_save`` runs after the weights, optimizer, scheduler, RNG states and trainer state),
   listing each file's size. A checkpoint whose marker is missing or disagrees with the files was cut short
   (kill -9, a full disk) or damaged later; it is skipped on resume.
+* :class:`Manifest` (``<output_dir>/.tam_hf_run.json``) records every file and folder the run writes, phase by
+  phase, so that ``overwrite: true`` removes exactly those and refuses a directory holding anything else. A phase
+  that writes names itself first (with what the directory held before it): what a run killed mid-write left
+  behind is still known to be the run's.
 * :func:`write_summary` writes ``summary.json`` atomically and always as valid JSON (non-finite numbers become
   ``null``).
 """
@@ -29,27 +33,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tam_hf.finetune.errors import CheckpointError, OutputDirError
+from tam_hf.finetune.launch import rank
 
 try:  # POSIX; elsewhere runs go unlocked
     import fcntl
 except ImportError:  # pragma: no cover
     fcntl = None
 
-__all__ = ["LOCK_NAME", "MARKER", "run_lock", "rank", "previous_outputs", "plan_output_dir", "OutputPlan",
-           "checkpoint_problem", "complete_checkpoints", "remove_checkpoint", "completion_marker", "write_summary",
-           "json_safe"]
+__all__ = ["LOCK_NAME", "MARKER", "MANIFEST", "Manifest", "run_lock", "previous_outputs", "plan_output_dir",
+           "OutputPlan", "checkpoint_problem", "checkpoint_record", "complete_checkpoints", "remove_checkpoint",
+           "remove_entry", "completion_marker", "write_summary", "write_json", "json_safe"]
 
 LOCK_NAME = ".tam_hf.lock"
 MARKER = "tam_hf_checkpoint.json"
+MANIFEST = ".tam_hf_run.json"
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # Files a finished run leaves at the top of its output directory (besides checkpoint-* and hub_upload/).
 RESULT_FILES = ("summary.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "adapter_model.bin",
                 "adapter_config.json", "training_args.bin")
-
-
-def rank() -> int:
-    """This process's rank in a launched run (torchrun and accelerate set RANK); 0 on its own."""
-    return int(os.environ.get("RANK", "0"))
 
 
 # ------------------------------------------------------------------------------------------------- lock
@@ -183,19 +184,31 @@ def _write_atomic(path: Path, text: str) -> None:
     _fsync(path.parent)
 
 
-def write_marker(checkpoint: Path, step: int) -> None:
-    """Flush every file of `checkpoint` to disk, then record them (name -> size) in its completion marker."""
+def write_marker(checkpoint: Path, step: int, run: dict | None = None) -> None:
+    """Flush every file of `checkpoint` to disk, then record them (name -> size) in its completion marker, with
+    `run`, the settings the checkpoint was written under (see :mod:`tam_hf.finetune.resume`)."""
     files = {}
     for path in sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.name != MARKER):
         _fsync(path)
         files[path.relative_to(checkpoint).as_posix()] = path.stat().st_size
     import tam_hf
 
-    _write_atomic(checkpoint / MARKER, json.dumps({"step": step, "tam_hf_version": tam_hf.__version__,
-                                                   "files": files}, indent=1))
+    record = {"step": step, "tam_hf_version": tam_hf.__version__, "files": files}
+    if run is not None:
+        record["run"] = run
+    _write_atomic(checkpoint / MARKER, json.dumps(record, indent=1))
 
 
-def completion_marker():
+def checkpoint_record(checkpoint) -> dict:
+    """The completion marker of a checkpoint ({} when it has none or it cannot be read)."""
+    try:
+        record = json.loads((Path(checkpoint) / MARKER).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def completion_marker(run: dict | None = None):
     """A TrainerCallback that marks each checkpoint complete once the Trainer has saved it: on_save runs after
     the Trainer wrote every file of checkpoint-N (and rotated old ones). Rank 0 writes the marker, after every
     rank has finished writing its part (DeepSpeed and FSDP save optimizer shards from each rank)."""
@@ -209,9 +222,80 @@ def completion_marker():
                 dist.barrier()
             checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if args.should_save and checkpoint.is_dir():
-                write_marker(checkpoint, state.global_step)
+                write_marker(checkpoint, state.global_step, run)
 
     return CompletionMarker()
+
+
+# ------------------------------------------------------------------------------------------------ manifest
+
+
+def _entries(directory: Path) -> set[str]:
+    """The top-level names in `directory`, without the lock and the manifest themselves."""
+    if not directory.is_dir():
+        return set()
+    return {p.name for p in directory.iterdir()} - {LOCK_NAME, MANIFEST}
+
+
+def remove_entry(path: Path) -> None:
+    """Remove one file or folder a run wrote (a checkpoint's marker first, see :func:`remove_checkpoint`)."""
+    if CHECKPOINT.match(path.name) and path.is_dir():
+        remove_checkpoint(path)
+    elif path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+class Manifest:
+    """What tam_hf runs wrote in one output directory: ``owned`` (names at its top level) and, while a phase is
+    writing, ``writing`` = {phase, before}: everything that appears meanwhile is that phase's. Rank 0 writes it."""
+
+    def __init__(self, directory, data: dict | None = None):
+        self.directory = Path(directory)
+        self.data = data or {"owned": [], "writing": None}
+
+    @classmethod
+    def read(cls, directory) -> "Manifest | None":
+        """The directory's manifest; None when it has none. An unreadable one (a run killed while writing it,
+        which happens atomically, or a hand edit) counts as none: nothing is then known to be a run's."""
+        try:
+            data = json.loads((Path(directory) / MANIFEST).read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(data, dict) or not isinstance(data.get("owned"), list):
+            return None
+        return cls(directory, data)
+
+    def owned(self) -> set[str]:
+        """The names present now that a run wrote, the ones a phase cut short left behind included."""
+        present = _entries(self.directory)
+        owned = set(self.data["owned"]) & present
+        writing = self.data.get("writing")
+        if isinstance(writing, dict):
+            owned |= present - set(writing.get("before") or ())
+        return owned
+
+    def begin(self, phase: str) -> None:
+        self.data["owned"] = sorted(self.owned())
+        self.data["writing"] = {"phase": phase, "before": sorted(_entries(self.directory))}
+        self._save()
+
+    def written(self) -> list[str]:
+        """What the phase in progress has written so far."""
+        writing = self.data.get("writing") or {}
+        return sorted(_entries(self.directory) - set(writing.get("before") or ()))
+
+    def end(self) -> None:
+        self.data["owned"] = sorted(self.owned())
+        self.data["writing"] = None
+        self._save()
+
+    def _save(self) -> None:
+        if rank() == 0:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            _write_atomic(self.directory / MANIFEST, json.dumps(self.data, indent=1))
 
 
 # ------------------------------------------------------------------------------------- output directory
@@ -239,34 +323,34 @@ class OutputPlan:
     skipped: list[str] = field(default_factory=list)
     stale: list[Path] = field(default_factory=list)  # incomplete checkpoints newer than `checkpoint`
     clear: list[str] = field(default_factory=list)
+    manifest: Manifest | None = None  # the record of a run continued in place
 
-    def apply(self) -> None:
+    def apply(self) -> Manifest:
         """Rank 0 only: remove what a resumed or overwriting run must not find (the other ranks read nothing
-        of it). Incomplete checkpoints would otherwise be rewritten piecemeal or counted by the rotation."""
-        if rank() != 0:
-            return
-        for checkpoint in self.stale:
-            remove_checkpoint(checkpoint)
-        for name in self.clear:
-            path = self.output_dir / name.rstrip("/")
-            if CHECKPOINT.match(path.name):
-                remove_checkpoint(path)
-            elif path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
+        of it; incomplete checkpoints would otherwise be rewritten piecemeal or counted by the rotation).
+        Returns the manifest this run records its writes in."""
+        if rank() == 0:
+            for checkpoint in self.stale:
+                remove_checkpoint(checkpoint)
+            for name in self.clear:
+                remove_entry(self.output_dir / name)
+        manifest = self.manifest or Manifest(self.output_dir)
+        manifest.end()
+        return manifest
 
 
 def plan_output_dir(output_dir, resume, overwrite: bool) -> OutputPlan:
     """Check the output directory against the recipe, before anything is loaded (errors exit 2):
 
     * ``resume: true``: the newest complete checkpoint-N; incomplete newer ones are named and skipped;
-    * ``resume: PATH``: that checkpoint, which must be complete;
-    * neither: the directory must hold no other run's outputs, unless ``overwrite: true`` (then they are
-      removed just before training starts)."""
+    * ``resume: PATH``: that checkpoint, which must be complete; continuing it in another directory follows the
+      rule of a fresh run there;
+    * a fresh run: the directory must hold no other run's outputs, unless ``overwrite: true``; then exactly what
+      tam_hf runs wrote there is removed (just before training starts), and a directory holding anything else
+      is refused."""
     directory = Path(output_dir)
     plan = OutputPlan(directory)
+    manifest = Manifest.read(directory)
     if isinstance(resume, str):
         checkpoint = Path(resume).expanduser()
         problem = checkpoint_problem(checkpoint)
@@ -274,6 +358,10 @@ def plan_output_dir(output_dir, resume, overwrite: bool) -> OutputPlan:
             raise CheckpointError(f"resume: {resume} is not a complete checkpoint ({problem}); "
                                   f"{_alternatives(checkpoint.parent)}", exit_code=2)
         plan.checkpoint = checkpoint
+        if checkpoint.resolve().parent == directory.resolve():
+            plan.manifest = manifest
+        else:
+            plan.clear = _fresh_start(directory, manifest, overwrite, f"resume: {resume} continues that run in ")
         return plan
     if resume:
         complete, skipped = complete_checkpoints(directory)
@@ -281,19 +369,46 @@ def plan_output_dir(output_dir, resume, overwrite: bool) -> OutputPlan:
             raise CheckpointError(f"resume: true but {directory} holds no complete checkpoint to continue from"
                                   + (f" (skipped {'; '.join(skipped)})" if skipped else "")
                                   + "; start over with overwrite: true", exit_code=2)
-        plan.checkpoint = complete[0]
+        plan.checkpoint, plan.manifest = complete[0], manifest
         newer = [c for c in _checkpoints(directory) if _step(c) > _step(complete[0])]
         plan.stale = newer
         plan.skipped = [s for s in skipped if any(s.startswith(c.name + ":") for c in newer)]
         return plan
-    found = previous_outputs(directory)
-    if found and not overwrite:
-        shown = ", ".join(found[:6]) + (f" and {len(found) - 6} more" if len(found) > 6 else "")
-        raise OutputDirError(f"{directory} holds another run's outputs ({shown}); continue that run with "
-                             "resume: true, start over in it with overwrite: true (its checkpoints, weights and "
-                             "summary are removed), or choose another training.output_dir")
-    plan.clear = found
+    plan.clear = _fresh_start(directory, manifest, overwrite, "")
     return plan
+
+
+def _fresh_start(directory: Path, manifest: Manifest | None, overwrite: bool, why: str) -> list[str]:
+    """What a run starting afresh in `directory` must remove first (overwrite), or the refusal."""
+    found = previous_outputs(directory)
+    owned = manifest.owned() if manifest is not None else set()
+    found += sorted(owned - set(found) - {n.rstrip("/") for n in found})
+    if not found:
+        return []
+    if not overwrite and manifest is not None and _trained_nothing(directory, owned):
+        return sorted(owned)  # a run that stopped or failed before its first step: nothing to lose
+    if not overwrite:
+        shown = ", ".join(found[:6]) + (f" and {len(found) - 6} more" if len(found) > 6 else "")
+        raise OutputDirError(f"{why}{directory}, which holds another run's outputs ({shown}); continue that run "
+                             "with resume: true, start over in it with overwrite: true (what tam_hf runs wrote "
+                             "there is removed), or choose another training.output_dir")
+    foreign = sorted(_entries(directory) - owned)
+    if foreign:
+        shown = ", ".join(foreign[:6]) + (f" and {len(foreign) - 6} more" if len(foreign) > 6 else "")
+        record = "no tam_hf run recorded writing" if manifest is None else "no tam_hf run wrote"
+        raise OutputDirError(f"overwrite: true removes only what tam_hf runs wrote, and {directory} holds "
+                             f"{shown}, which {record} there (nothing was removed); move them away or choose "
+                             "another training.output_dir")
+    return sorted(owned)
+
+
+def _trained_nothing(directory: Path, owned: set[str]) -> bool:
+    try:
+        summary = json.loads((directory / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(summary, dict) and summary.get("status") in ("failed", "interrupted")
+            and not summary.get("steps") and not any(CHECKPOINT.match(name) for name in owned))
 
 
 def _alternatives(directory: Path) -> str:
@@ -321,10 +436,18 @@ def json_safe(value):
     return str(value)
 
 
+def write_json(path, value) -> Path:
+    """`value` as JSON at `path`, atomically (a reader finds the old file or the whole new one, never a part) and
+    always valid (non-finite numbers become null)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(path, json.dumps(json_safe(value), indent=2, allow_nan=False) + "\n")
+    return path
+
+
 def write_summary(output_dir, summary: dict) -> Path:
     """summary.json, atomically and always valid JSON (rank 0 only)."""
     path = Path(output_dir) / "summary.json"
     if rank() == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(path, json.dumps(json_safe(summary), indent=2, allow_nan=False) + "\n")
+        write_json(path, summary)
     return path

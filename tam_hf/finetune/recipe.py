@@ -54,6 +54,8 @@ __all__ = ["Recipe", "RecipeError", "load_recipe", "read_recipe_file", "validate
 class RecipeError(ValueError):
     """All the problems found in one recipe, reported together."""
 
+    exit_code = 2
+
     def __init__(self, problems: list[str], source: str = "recipe"):
         self.problems = list(problems)
         lines = "\n".join(f"  - {p}" for p in self.problems)

@@ -1,40 +1,27 @@
-"""The ``run`` command: `tam-finetune RECIPE.yaml [key.path=value ...] [--validate] [--print-config] [--nproc N]`.
+"""``tam-finetune RECIPE.yaml [key.path=value ...] [--validate] [--print-config] [--nproc N] [--verbose]``.
 
 One recipe, one run: validate (every problem at once, nothing loaded), launch under torchrun / accelerate when
-asked to, else train in this process and print the summary. :func:`run_recipe` returns the exit code:
+asked to, else run :func:`tam_hf.finetune.pipeline.finetune` in this process and print the summary. Exit codes:
 
 * 0 done (or ``--validate`` found the recipe valid);
-* 2 invalid recipe: every problem listed on stderr, nothing loaded;
-* 1 data that does not fit the recipe;
-* 130 (Ctrl-C) or 143 (SIGTERM), 128 + the signal as a shell reports a process stopped by it: interrupted. After
-  the first signal the run saves a checkpoint at the end of the step, prints its summary and still exits with
-  this code, so a scheduler or script sees that the work is not done; a second Ctrl-C aborts at once (130).
-
-An error raised by the run ends in a message instead of a traceback when it carries its own ``exit_code``
-(an ``int`` attribute; a ``summary`` dict attribute, when set, is printed first), or when :data:`RUN_ERRORS`
-lists it. Anything else is a bug and keeps its traceback.
+* 2 the recipe or the output directory is wrong: every problem listed on stderr, nothing loaded;
+* 1 the run started and failed (its data, a write, divergence, lm-eval, the push): one line, and the summary;
+* 128 + the signal's number (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP): interrupted. After the first signal the run
+  finishes the phase in progress (during training: the step, then a checkpoint), prints its summary and still
+  exits with this code, so a scheduler or script sees that the work is not done; a second signal aborts at once.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import subprocess
 import sys
 
-from tam_hf.finetune.data import DataError
-from tam_hf.finetune.launch import launch_command, launch_problems
+from tam_hf.commands import report
+from tam_hf.finetune.launch import launch_command, launch_problems, rank
 from tam_hf.finetune.recipe import RecipeError, load_recipe, to_yaml
 
-__all__ = ["run_recipe", "format_summary", "parser", "exit_for", "RUN_ERRORS"]
-
-# Errors without an exit_code of their own -> (exit code, message on stderr). The first match wins.
-RUN_ERRORS: list[tuple[type[BaseException], int, str]] = [
-    (DataError, 1, "error: data does not fit the recipe: {exc}"),
-    (RecipeError, 2, "error: {exc}"),  # a problem only the run could see (e.g. a model without a chat template)
-    (KeyboardInterrupt, 130, "\naborted (second Ctrl-C): no checkpoint was written for the current step"),
-]
+__all__ = ["main", "parser", "format_summary"]
 
 
 def parser(prog: str = "tam-finetune") -> argparse.ArgumentParser:
@@ -51,6 +38,8 @@ def parser(prog: str = "tam-finetune") -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=None, metavar="N",
                    help="train on N processes (torchrun; with distributed.accelerate_config, accelerate launch's "
                         "--num_processes)")
+    p.add_argument("--verbose", action="store_true",
+                   help="show the third-party notices and progress bars that are held back by default")
     return p
 
 
@@ -58,14 +47,19 @@ def format_summary(s: dict) -> str:
     """The summary a finished (or interrupted) run prints: the numbers of ``summary.json`` for a reader."""
     lines = ["", "== tam-finetune summary =="]
     if s.get("interrupted"):
-        lines.append(f"interrupted at step {s['steps']}; checkpoint: {s['checkpoint']}")
+        lines.append(f"interrupted ({s.get('signal')}) in the {s.get('phase', 'train')} phase: {s.get('kept')}")
         lines.append("continue with: tam-finetune <recipe> resume=true")
-    loss = s.get("train_loss")
-    loss = f"{loss:.4f}" if isinstance(loss, (int, float)) else "n/a"
-    lines.append(f"optimizer: {s.get('optimizer')}   steps: {s.get('steps')}   final train loss: {loss}")
+    loss, mean = s.get("train_loss"), s.get("mean_train_loss")
+    if isinstance(loss, (int, float)):
+        shown = f"final train loss: {loss:.4f}"
+    elif isinstance(mean, (int, float)):
+        shown = f"mean train loss: {mean:.4f} (no step was logged)"
+    else:
+        shown = "train loss: n/a"
+    lines.append(f"optimizer: {s.get('optimizer')}   steps: {s.get('steps')}   {shown}")
     for key, value in (s.get("eval") or {}).items():
-        shown = f"{value:.4f}" if isinstance(value, float) else "n/a" if value is None else value
-        lines.append(f"eval {key}: {shown}")
+        value = f"{value:.4f}" if isinstance(value, float) else "n/a" if value is None else value
+        lines.append(f"eval {key}: {value}")
     lines += [f"note: {note}" for note in s.get("notes") or []]
     d = s.get("damping")
     if d:
@@ -87,50 +81,53 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
-def run_recipe(argv: list[str], prog: str = "tam-finetune") -> int:
+def main(argv: list[str] | None = None, prog: str = "tam-finetune") -> int:
     """Parse the run command's arguments, validate, launch or train; returns the exit code."""
-    args = parser(prog).parse_intermixed_args(argv)  # flags may come before or after the overrides
+    args = parser(prog).parse_intermixed_args(sys.argv[1:] if argv is None else argv)
     try:
         recipe = load_recipe(args.recipe, args.overrides)
-        from tam_hf.finetune.runner import build_training_arguments
-
-        build_training_arguments(recipe)  # TrainingArguments' own checks, still before any loading
         problems = launch_problems(recipe, args.nproc)
         if problems:
             raise RecipeError(problems, args.recipe)
     except RecipeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return report(exc)
     if args.validate or args.print_config:
         print(to_yaml(recipe), end="")
     if args.validate:
-        print(f"# {args.recipe}: valid", file=sys.stderr)
+        print(f"# {args.recipe}: valid (TrainingArguments' own cross-field checks run when training starts, "
+              "before anything loads)", file=sys.stderr)
         return 0
 
+    from tam_hf.finetune import pipeline
+    from tam_hf.finetune.training_args import build_training_arguments
+    from tam_hf.trainer import quiet
+
+    getattr(quiet, "install", lambda verbose: None)(verbose=args.verbose)  # TODO(lead): wire at merge
+    try:
+        build_training_arguments(recipe)  # their own checks, before a launcher starts processes
+    except RecipeError as exc:
+        return report(exc)
     command = launch_command(recipe, args.recipe, args.overrides, args.nproc,
                              ["--print-config"] if args.print_config else [])
     if command is not None:  # this process only starts the launcher; each launched process trains
         print("+ " + " ".join(command), file=sys.stderr)
         return subprocess.run(command).returncode
-
-    from tam_hf.finetune.runner import finetune
-
     try:
-        summary = finetune(recipe)
-    except BaseException as exc:  # what exit_for does not recognise is re-raised with its traceback
-        answer = exit_for(exc)
-        if answer is None:
-            raise
+        summary = pipeline.finetune(recipe)
+    except BaseException as exc:  # what report() does not recognise is a bug: re-raised with its traceback
         _leave_process_group(finished=False)
-        code, message = answer
-        if isinstance(getattr(exc, "summary", None), dict) and _first_process():
+        if isinstance(getattr(exc, "summary", None), dict) and rank() == 0:
             print(format_summary(exc.summary))
-        print(message, file=sys.stderr)
+        code = report(exc)
+        if code is None:
+            raise
         return code
     _leave_process_group(finished=True)
-    if _first_process():  # launched runs: one summary, from the first process
+    if rank() == 0:  # launched runs: one summary, from the first process
         print(format_summary(summary))
     if summary.get("interrupted"):
+        import signal
+
         return 128 + int(getattr(signal, str(summary.get("signal") or "SIGINT"), signal.SIGINT))
     return 0
 
@@ -139,6 +136,8 @@ def _leave_process_group(finished: bool) -> None:
     """A launched process leaves its process group before it exits (after a barrier when the run finished on every
     rank): a gloo group left for the interpreter to tear down can abort a rank (SIGABRT, "terminate called without
     an active exception") after the work is done, and the launcher then reports the run as failed."""
+    if "torch" not in sys.modules:
+        return
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -146,17 +145,3 @@ def _leave_process_group(finished: bool) -> None:
             dist.barrier()
         dist.destroy_process_group()
 
-
-def _first_process() -> bool:
-    return os.environ.get("RANK", "0") == "0"
-
-
-def exit_for(exc: BaseException) -> tuple[int, str] | None:
-    """(exit code, message) for an error the user can act on; None for a bug."""
-    for kind, code, message in RUN_ERRORS:
-        if isinstance(exc, kind):
-            return code, message.format(exc=exc)
-    code = getattr(exc, "exit_code", None)
-    if isinstance(code, int) and not isinstance(code, bool):
-        return code, f"error: {exc}"
-    return None
