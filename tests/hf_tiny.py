@@ -92,3 +92,50 @@ class PoisonGradient(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         if state.global_step + 1 == self.step:
             next(p for p in model.parameters() if p.grad is not None).grad.fill_(float("nan"))
+
+
+# ------------------------------------------------------------------------------ recipe runs on the tiny model
+
+
+def run_raw(out, **training) -> dict:
+    """A full fine-tuning recipe (as a mapping) on the embedded tiny Llama and demo data, writing to `out`."""
+    return {
+        "model": {"name": "embedded:tiny-llama"},
+        "data": {"format": "prompt_completion", "train_file": "embedded:demo_train.jsonl", "max_length": 32},
+        "finetune": {"method": "full"},
+        "optimizer": {"name": "adatamw", "lr": 1e-3},
+        "eval": {"metrics": []},
+        "training": {"max_steps": 4, "per_device_train_batch_size": 8, "logging_steps": 2, "save_steps": 2,
+                     "output_dir": str(out), "disable_tqdm": True, **training},
+    }
+
+
+def run_recipe(out, **training):
+    from tam_hf.finetune.recipe import validate_recipe
+
+    return validate_recipe(run_raw(out, **training))
+
+
+def set_fields(recipe, **values):
+    for key, value in values.items():
+        setattr(recipe, key, value)
+    return recipe
+
+
+def read_summary(out) -> dict:
+    """summary.json, refusing the bare NaN / Infinity that would make it invalid JSON."""
+    import json
+    from pathlib import Path
+
+    def refuse(constant):
+        raise AssertionError(f"summary.json holds a bare {constant}: not JSON")
+
+    return json.loads((Path(out) / "summary.json").read_text(), parse_constant=refuse)
+
+
+def complete(checkpoint) -> bool:
+    from pathlib import Path
+
+    from tam_hf.finetune.outputs import MARKER
+
+    return (Path(checkpoint) / MARKER).is_file()

@@ -21,7 +21,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
-from hf_tiny import PoisonGradient
+from hf_tiny import PoisonGradient, complete, read_summary, run_raw, run_recipe, set_fields
 from transformers import TrainerCallback
 
 import tam_hf.finetune.model
@@ -34,65 +34,30 @@ ROOT = Path(__file__).absolute().parent.parent
 EXAMPLES = ROOT / "recipes" / "examples"
 
 
-def _raw(out, **training):
-    return {
-        "model": {"name": "embedded:tiny-llama"},
-        "data": {"format": "prompt_completion", "train_file": "embedded:demo_train.jsonl", "max_length": 32},
-        "finetune": {"method": "full"},
-        "optimizer": {"name": "adatamw", "lr": 1e-3},
-        "eval": {"metrics": []},
-        "training": {"max_steps": 4, "per_device_train_batch_size": 8, "logging_steps": 2, "save_steps": 2,
-                     "output_dir": str(out), "disable_tqdm": True, **training},
-    }
-
-
-def _recipe(out, **training):
-    return validate_recipe(_raw(out, **training))
-
-
-def _set(recipe, **values):
-    for key, value in values.items():
-        setattr(recipe, key, value)
-    return recipe
-
-
-def _summary(out) -> dict:
-    def refuse(constant):
-        raise AssertionError(f"summary.json holds a bare {constant}: not JSON")
-
-    return json.loads((Path(out) / "summary.json").read_text(), parse_constant=refuse)
-
-
-def _complete(checkpoint: Path) -> bool:
-    from tam_hf.finetune.outputs import MARKER
-
-    return (checkpoint / MARKER).is_file()
-
-
 # ------------------------------------------------------------------------------------------- non-finite
 
 
 def test_nan_stops_the_run_keeps_the_last_good_checkpoint_and_resuming_nan_weights_fails(tmp_path):
     out = tmp_path / "out"
-    recipe = _recipe(out, max_steps=8, save_steps=2, logging_steps=4)  # step 3: neither logged nor saved
+    recipe = run_recipe(out, max_steps=8, save_steps=2, logging_steps=4)  # step 3: neither logged nor saved
     with pytest.raises(NonFiniteError) as info:
         finetune(recipe, callbacks=[PoisonGradient(3)])
     message = str(info.value)
     assert info.value.exit_code == 1 and "step 3" in message and "checkpoint-2" in message
-    assert _complete(out / "checkpoint-2") and not (out / "checkpoint-4").exists()
+    assert complete(out / "checkpoint-2") and not (out / "checkpoint-4").exists()
     assert not (out / "model.safetensors").exists()  # the diverged weights are not the run's result
-    summary = _summary(out)
+    summary = read_summary(out)
     assert summary["status"] == "failed" and "step 3" in summary["reason"]
 
     # A checkpoint whose weights are NaN must not "finish" when resumed.
     weights = out / "checkpoint-2" / "model.safetensors"
     save_file({k: torch.full_like(v, float("nan")) for k, v in load_file(weights).items()}, weights,
               metadata={"format": "pt"})
-    _set(recipe, resume=True)
+    set_fields(recipe, resume=True)
     with pytest.raises(NonFiniteError) as info:
         finetune(recipe)
     assert "checkpoint-2" in str(info.value) and "weights" in str(info.value)
-    assert not (out / "checkpoint-4").exists() and _summary(out)["status"] == "failed"
+    assert not (out / "checkpoint-4").exists() and read_summary(out)["status"] == "failed"
 
 
 # ----------------------------------------------------------------------------------- output directories
@@ -100,23 +65,45 @@ def test_nan_stops_the_run_keeps_the_last_good_checkpoint_and_resuming_nan_weigh
 
 def test_a_directory_with_another_runs_outputs_is_refused_before_loading_then_overwritten(tmp_path, monkeypatch):
     out = tmp_path / "out"
-    (out / "checkpoint-3").mkdir(parents=True)
-    (out / "summary.json").write_text("{}")
+    finetune(run_recipe(out, max_steps=3, save_steps=3))  # another run: checkpoint-3, weights, summary
 
     def refuse(*args, **kwargs):
         raise AssertionError("nothing may be loaded")
 
     monkeypatch.setattr(tam_hf.finetune.model, "load_tokenizer", refuse)
-    recipe = _recipe(out, max_steps=2, save_strategy="no")
+    recipe = run_recipe(out, max_steps=2, save_strategy="no")
     with pytest.raises(OutputDirError) as info:
         finetune(recipe)
     message = str(info.value)
     assert info.value.exit_code == 2 and str(out) in message
     assert "resume: true" in message and "overwrite: true" in message and "checkpoint-3" in message
     monkeypatch.undo()
-    summary = finetune(_set(recipe, overwrite=True))
+    summary = finetune(set_fields(recipe, overwrite=True))
     assert summary["steps"] == 2 and not (out / "checkpoint-3").exists()
-    assert _summary(out)["status"] == "completed"
+    assert read_summary(out)["status"] == "completed"
+
+
+def test_overwrite_removes_only_what_runs_wrote(tmp_path, monkeypatch):
+    """A directory that no run recorded writing (outputs of an older tool, a saved model, a user's files) is never
+    cleared: overwrite refuses it before loading, naming what it would not remove; so does a run's directory
+    where a user added a file."""
+    out = tmp_path / "out"
+    (out / "checkpoint-3").mkdir(parents=True)
+    (out / "model.safetensors").write_bytes(b"weights")
+    recipe = set_fields(run_recipe(out, max_steps=2, save_strategy="no"), overwrite=True)
+    with pytest.raises(OutputDirError) as info:
+        finetune(recipe)
+    assert info.value.exit_code == 2 and "model.safetensors" in str(info.value) and "nothing was removed" in str(info.value)
+    assert (out / "model.safetensors").read_bytes() == b"weights" and (out / "checkpoint-3").is_dir()
+
+    other = tmp_path / "other"
+    finetune(run_recipe(other, max_steps=2, save_strategy="no"))
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(OutputDirError) as info:
+        finetune(set_fields(run_recipe(other, max_steps=2, save_strategy="no"), overwrite=True))
+    assert "notes.txt" in str(info.value) and (other / "model.safetensors").is_file()
+    (other / "notes.txt").unlink()
+    assert finetune(set_fields(run_recipe(other, max_steps=1, save_strategy="no"), overwrite=True))["steps"] == 1
 
 
 LOCK_HOLDER = """\
@@ -138,7 +125,7 @@ def test_a_concurrent_run_is_refused_naming_the_pid_and_a_stale_lock_is_taken_ov
                               text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        recipe = _recipe(out, max_steps=2, save_strategy="no")
+        recipe = run_recipe(out, max_steps=2, save_strategy="no")
         with pytest.raises(OutputDirError) as info:
             finetune(recipe)
         assert info.value.exit_code == 2 and f"pid {holder.pid}" in str(info.value)
@@ -194,17 +181,17 @@ def _env():
 def test_kill_9_in_the_middle_of_a_save_then_resume_uses_the_previous_complete_checkpoint(tmp_path):
     out = tmp_path / "out"
     path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(_raw(out, max_steps=6, save_steps=2)))
+    path.write_text(yaml.safe_dump(run_raw(out, max_steps=6, save_steps=2)))
     proc = subprocess.run([sys.executable, "-c", KILL_MID_SAVE, str(path)], cwd=tmp_path, env=_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert (out / "checkpoint-4" / "model.safetensors").is_file()  # half written: weights, no optimizer
-    assert _complete(out / "checkpoint-2") and not _complete(out / "checkpoint-4")
+    assert complete(out / "checkpoint-2") and not complete(out / "checkpoint-4")
 
-    summary = finetune(_set(_recipe(out, max_steps=6, save_steps=2), resume=True))
+    summary = finetune(set_fields(run_recipe(out, max_steps=6, save_steps=2), resume=True))
     assert summary["resumed_from"] == str(out / "checkpoint-2")
     assert any("checkpoint-4" in s for s in summary["skipped_checkpoints"])
-    assert summary["steps"] == 6 and _complete(out / "checkpoint-4") and _complete(out / "checkpoint-6")
+    assert summary["steps"] == 6 and complete(out / "checkpoint-4") and complete(out / "checkpoint-6")
 
 
 def _wait_for_logged_steps(stream, n):
@@ -219,11 +206,11 @@ def _wait_for_logged_steps(stream, n):
 
 def test_sigterm_saves_at_the_end_of_the_step_and_the_resumed_run_is_exact(tmp_path):
     steps = 12
-    reference = finetune(_recipe(tmp_path / "ref", max_steps=steps, logging_steps=1, save_strategy="no"))
+    reference = finetune(run_recipe(tmp_path / "ref", max_steps=steps, logging_steps=1, save_strategy="no"))
 
     out = tmp_path / "out"
     path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(_raw(out, max_steps=steps, logging_steps=1, save_strategy="no")))
+    path.write_text(yaml.safe_dump(run_raw(out, max_steps=steps, logging_steps=1, save_strategy="no")))
     with open(tmp_path / "stderr.txt", "w") as stderr:  # a file: a full stderr pipe would stall the run
         proc = subprocess.Popen([sys.executable, "-m", "tam_hf.cli", str(path)], cwd=tmp_path, env=_env(),
                                 stdout=subprocess.PIPE, stderr=stderr, text=True)
@@ -239,12 +226,12 @@ def test_sigterm_saves_at_the_end_of_the_step_and_the_resumed_run_is_exact(tmp_p
     err = (tmp_path / "stderr.txt").read_text()
     assert "Traceback" not in err and "SIGTERM: saving a checkpoint after this step" in err, err[-3000:]
     assert proc.returncode in (0, 143)  # 143 = 128 + SIGTERM once the CLI maps the interrupted status
-    interrupted = _summary(out)
+    interrupted = read_summary(out)
     assert interrupted["status"] == "interrupted" and interrupted["signal"] == "SIGTERM"
     stopped = interrupted["steps"]
-    assert 2 <= stopped < steps and _complete(out / f"checkpoint-{stopped}")
+    assert 2 <= stopped < steps and complete(out / f"checkpoint-{stopped}")
 
-    resumed = finetune(_set(_recipe(out, max_steps=steps, logging_steps=1, save_strategy="no"), resume=True))
+    resumed = finetune(set_fields(run_recipe(out, max_steps=steps, logging_steps=1, save_strategy="no"), resume=True))
     assert resumed["steps"] == steps and resumed["train_loss"] == reference["train_loss"]
     final, expected = load_file(out / "model.safetensors"), load_file(tmp_path / "ref" / "model.safetensors")
     assert final.keys() == expected.keys()
@@ -271,25 +258,25 @@ def test_a_second_ctrl_c_during_a_save_leaves_no_half_written_checkpoint(tmp_pat
 
     monkeypatch.setattr(torch, "save", save)
     with pytest.raises(KeyboardInterrupt):
-        finetune(_recipe(out, max_steps=4, save_steps=1), callbacks=[_CtrlCAt(2)])
-    assert _complete(out / "checkpoint-1") and not (out / "checkpoint-2").exists()
+        finetune(run_recipe(out, max_steps=4, save_steps=1), callbacks=[_CtrlCAt(2)])
+    assert complete(out / "checkpoint-1") and not (out / "checkpoint-2").exists()
 
 
 def test_corrupt_checkpoint_files_are_skipped_or_named(tmp_path):
     out = tmp_path / "out"
-    finetune(_recipe(out, max_steps=4, save_steps=2))
+    finetune(run_recipe(out, max_steps=4, save_steps=2))
     optimizer = out / "checkpoint-4" / "optimizer.pt"
     optimizer.write_bytes(optimizer.read_bytes()[: optimizer.stat().st_size // 2])  # truncated
-    summary = finetune(_set(_recipe(out, max_steps=6, save_steps=2), resume=True))
+    summary = finetune(set_fields(run_recipe(out, max_steps=6, save_steps=2), resume=True))
     assert summary["resumed_from"] == str(out / "checkpoint-2")
     assert any("checkpoint-4" in s and "optimizer.pt" in s for s in summary["skipped_checkpoints"])
 
     optimizer = out / "checkpoint-6" / "optimizer.pt"
     optimizer.write_bytes(bytes(optimizer.stat().st_size))  # same size, garbage: found only when loaded
     with pytest.raises(CheckpointError) as info:
-        finetune(_set(_recipe(out, max_steps=8, save_steps=2), resume=True))
+        finetune(set_fields(run_recipe(out, max_steps=8, save_steps=2), resume=True))
     assert info.value.exit_code == 1 and "checkpoint-6" in str(info.value)
-    assert _summary(out)["status"] == "failed"
+    assert read_summary(out)["status"] == "failed"
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -317,7 +304,7 @@ def test_bad_data_is_a_one_line_message_naming_file_line_and_column(tmp_path, na
 
     path = tmp_path / name
     path.write_bytes(content)
-    raw = _raw(tmp_path / "out")
+    raw = run_raw(tmp_path / "out")
     raw["data"].update(train_file=str(path), **data)
     with pytest.raises(DataError) as info:
         load_raw(validate_recipe(raw).data)  # what the run loads before TRL tokenises anything
@@ -332,26 +319,30 @@ def test_bad_data_is_a_one_line_message_naming_file_line_and_column(tmp_path, na
     ("data", {"format": "prompt_completion", "dataset": "someone/not-in-the-cache"}, "HF_DATASETS_OFFLINE=1"),
 ])
 def test_the_hub_while_offline_is_one_line_naming_the_id_the_setting_and_a_local_way(tmp_path, section, value, variable):
-    raw = _raw(tmp_path / "out")
+    raw = run_raw(tmp_path / "out")
     raw[section] = value
     with pytest.raises(HubUnavailableError) as info:
         finetune(validate_recipe(raw))
     message = str(info.value)
     assert info.value.exit_code == 1 and "\n" not in message
     assert "someone/not-in-the-cache" in message and variable in message and "local" in message
-    assert not (tmp_path / "out").exists()  # a run that loaded nothing leaves nothing behind
+    failed = read_summary(tmp_path / "out")  # the run's record says where it stopped ...
+    assert failed["status"] == "failed" and failed["phase"] == "build" and "someone/not-in-the-cache" in failed["reason"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".tam_hf_run.json", "summary.json"]
+    # ... and a run that trained nothing does not block the next one (no overwrite needed)
+    assert finetune(run_recipe(tmp_path / "out", max_steps=1, save_strategy="no"))["status"] == "completed"
 
 
 def test_bad_data_fails_the_run_before_anything_is_removed_or_written(tmp_path):
     out = tmp_path / "out"
-    finetune(_recipe(out, max_steps=2, save_strategy="no"))
+    finetune(run_recipe(out, max_steps=2, save_strategy="no"))
     path = tmp_path / "bad.jsonl"
     path.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": 7}\n')
-    raw = _raw(out, max_steps=2, save_strategy="no")
+    raw = run_raw(out, max_steps=2, save_strategy="no")
     raw["data"]["train_file"] = str(path)
     with pytest.raises(DataError, match="bad.jsonl, line 2"):
-        finetune(_set(validate_recipe(raw), overwrite=True))
-    assert (out / "model.safetensors").is_file() and _summary(out)["status"] == "completed"  # the old run is intact
+        finetune(set_fields(validate_recipe(raw), overwrite=True))
+    assert (out / "model.safetensors").is_file() and read_summary(out)["status"] == "completed"  # the old run is intact
 
 
 # ----------------------------------------------------------------------------------------- evaluation
@@ -362,12 +353,12 @@ def test_a_perplexity_beyond_float_range_is_null_with_a_note(tmp_path, monkeypat
     from tam_hf.commands.run import format_summary
 
     monkeypatch.setattr(sft.TAMSFTTrainer, "evaluate", lambda self, *a, **k: {"eval_loss": 800.0})
-    raw = _raw(tmp_path / "out", max_steps=1, save_strategy="no")
+    raw = run_raw(tmp_path / "out", max_steps=1, save_strategy="no")
     raw["data"]["eval_file"] = "embedded:demo_eval.jsonl"
     raw["eval"] = {"metrics": ["perplexity"]}
     summary = finetune(validate_recipe(raw))
     assert summary["eval"] == {"loss": 800.0, "perplexity": None}
-    assert _summary(tmp_path / "out")["eval"]["perplexity"] is None  # JSON null, not Infinity
+    assert read_summary(tmp_path / "out")["eval"]["perplexity"] is None  # JSON null, not Infinity
     assert "beyond float range" in summary["notes"][0]
     assert "eval perplexity: n/a" in format_summary(summary) and "note: eval perplexity is null" in format_summary(summary)
 
@@ -380,7 +371,7 @@ def test_a_failing_lm_eval_keeps_the_saved_run_exits_1_and_names_the_eval_comman
                                     "output_type": "multiple_choice", "doc_to_text": "{{q}}",
                                     "doc_to_choice": "{{c}}", "doc_to_target": 0}))
     out = tmp_path / "out"
-    raw = _raw(out, max_steps=1, save_strategy="no")
+    raw = run_raw(out, max_steps=1, save_strategy="no")
     raw["eval"] = {"metrics": [], "lm_eval": {"tasks": [str(task)], "limit": 2}}
     raw["hub"] = {"repo_id": "someone/tiny-tam"}  # the Hub step still runs after the failure: nothing is lost
     with pytest.raises(EvaluationError) as info:
@@ -388,18 +379,18 @@ def test_a_failing_lm_eval_keeps_the_saved_run_exits_1_and_names_the_eval_comman
     message = str(info.value)
     assert info.value.exit_code == 1 and f"saved at {out}" in message and f"tam-finetune eval {out}" in message
     assert (out / "model.safetensors").is_file() and (out / "hub_upload" / "README.md").is_file()
-    summary = _summary(out)
+    summary = read_summary(out)
     assert summary["status"] == "completed" and summary["lm_eval_error"] == message
     assert not (out / "lm_eval" / "results.json").exists()
 
 
 def test_the_recipe_a_run_writes_neither_resumes_nor_wipes_it(tmp_path):
-    from tam_hf.commands.run import main as run_recipe
+    from tam_hf.commands.run import main as run_command
     from tam_hf.finetune.recipe import load_recipe
 
     out = tmp_path / "out"
-    finetune(_recipe(out, max_steps=2, save_steps=2))
-    finetune(_set(_recipe(out, max_steps=3, save_steps=2), resume=True))  # this run had resume: true
+    finetune(run_recipe(out, max_steps=2, save_steps=2))
+    finetune(set_fields(run_recipe(out, max_steps=3, save_steps=2), resume=True))  # this run had resume: true
     written = out / "recipe.yaml"
     text = written.read_text()
     assert "resume:" not in text and "overwrite:" not in text
@@ -407,8 +398,8 @@ def test_the_recipe_a_run_writes_neither_resumes_nor_wipes_it(tmp_path):
     recipe = load_recipe(written)
     assert (recipe.resume, recipe.overwrite, recipe.training["max_steps"]) == (False, False, 3)
     before = sorted(p.name for p in out.iterdir())
-    assert run_recipe([str(written)]) == 2  # the "rerun with" line refuses the directory, naming both ways
-    assert sorted(p.name for p in out.iterdir()) == before and _summary(out)["steps"] == 3
+    assert run_command([str(written)]) == 2  # the "rerun with" line refuses the directory, naming both ways
+    assert sorted(p.name for p in out.iterdir()) == before and read_summary(out)["steps"] == 3
 
 
 # -------------------------------------------------------------------------------------------------- hub
@@ -420,13 +411,13 @@ def test_a_failed_push_keeps_outputs_exits_1_and_names_the_retry_command_which_w
     from tam_hf.commands.push import main as push_main
 
     out = tmp_path / "out"
-    raw = _raw(out, max_steps=1, save_strategy="no")
+    raw = run_raw(out, max_steps=1, save_strategy="no")
     raw["hub"] = {"push": True, "repo_id": "someone/tiny-tam"}
     with pytest.raises(PushError) as info:
         finetune(validate_recipe(raw))  # offline: the push fails
     assert info.value.exit_code == 1 and f"tam-finetune push {out}" in str(info.value)
     assert (out / "model.safetensors").is_file() and (out / "hub_upload" / "README.md").is_file()
-    assert _summary(out)["status"] == "completed" and "failed" in _summary(out)["hub"]
+    assert read_summary(out)["status"] == "completed" and "failed" in read_summary(out)["hub"]
     assert push_main([str(out)]) == 1  # still offline: the retry fails the same way, nothing is touched
 
     uploads = []
@@ -442,7 +433,7 @@ def test_a_failed_push_keeps_outputs_exits_1_and_names_the_retry_command_which_w
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     assert push_main([str(out)]) == 0
     assert uploads == [("create", "someone/tiny-tam", True), ("upload", str(out / "hub_upload"), "someone/tiny-tam")]
-    assert _summary(out)["hub"].startswith("pushed to")
+    assert read_summary(out)["hub"].startswith("pushed to")
 
 
 # ------------------------------------------------------------------------------------- offline headers

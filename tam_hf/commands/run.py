@@ -49,13 +49,13 @@ def format_summary(s: dict) -> str:
     if s.get("interrupted"):
         lines.append(f"interrupted ({s.get('signal')}) in the {s.get('phase', 'train')} phase: {s.get('kept')}")
         lines.append("continue with: tam-finetune <recipe> resume=true")
-    loss, mean = s.get("train_loss"), s.get("mean_train_loss")
-    if isinstance(loss, (int, float)):
-        shown = f"final train loss: {loss:.4f}"
-    elif isinstance(mean, (int, float)):
-        shown = f"mean train loss: {mean:.4f} (no step was logged)"
-    else:
+    loss = s.get("train_loss")
+    if not isinstance(loss, (int, float)):
         shown = "train loss: n/a"
+    elif s.get("train_loss_logged", True):
+        shown = f"final train loss: {loss:.4f}"
+    else:
+        shown = f"mean train loss: {loss:.4f} (no step was logged)"
     lines.append(f"optimizer: {s.get('optimizer')}   steps: {s.get('steps')}   {shown}")
     for key, value in (s.get("eval") or {}).items():
         value = f"{value:.4f}" if isinstance(value, float) else "n/a" if value is None else value

@@ -21,25 +21,21 @@ saved adapter on top (or the saved full model), and evaluates that.
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import importlib.util
 import json
-import sys
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
-__all__ = ["INSTALL", "LMEvalError", "check_available", "task_problems", "run_lm_eval", "evaluate_saved_run",
+from tam_hf.finetune.errors import LMEvalError
+
+__all__ = ["INSTALL", "check_available", "task_problems", "run_lm_eval", "evaluate_saved_run",
            "load_run_model", "summary_table", "main"]
 
 INSTALL = 'pip install "tam_hf[eval]"   (from a checkout: pip install -e ".[eval]")'
 YAML_SUFFIXES = (".yaml", ".yml")
 COMMON_TASKS = ("gsm8k", "hellaswag", "arc_easy", "arc_challenge", "mmlu", "truthfulqa_mc2", "winogrande", "piqa")
-
-
-class LMEvalError(RuntimeError):
-    """lm-eval could not run or failed. After training the model is already saved; the message says where."""
 
 
 def check_available() -> Optional[str]:
@@ -151,12 +147,13 @@ def run_lm_eval(model, tokenizer, tasks: list[str], output_dir: Union[str, Path]
     says the trained model is saved there and how to evaluate it again."""
     after = (f" The trained model is saved at {saved_at}; evaluate it again with: tam-finetune eval {saved_at}"
              if saved_at else "")
+    limit = limit if limit is None or limit < 1 else int(limit)  # a row count, or a fraction of each task
     problem = check_available()
     if problem:
-        raise LMEvalError(problem + "." + after)
+        raise LMEvalError(problem + "." + after, exit_code=2)
     problems = task_problems(tasks)
     if problems:
-        raise LMEvalError("; ".join(problems) + "." + after)
+        raise LMEvalError("; ".join(problems) + "." + after, exit_code=2)
     try:
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
@@ -218,7 +215,7 @@ def _recipe_settings(run_dir: Path) -> dict:
     try:
         raw = read_recipe_file(run_dir / "recipe.yaml")
     except RecipeError as exc:
-        raise LMEvalError(str(exc)) from None
+        raise LMEvalError(str(exc), exit_code=2) from None
     return dict(((raw.get("eval") or {}).get("lm_eval")) or {})
 
 
@@ -227,47 +224,19 @@ def evaluate_saved_run(run_dir: Union[str, Path], tasks: Optional[list[str]] = N
     (num_fewshot, limit, batch_size) replacing them."""
     run_dir = Path(run_dir)
     if not (run_dir / "recipe.yaml").is_file():
-        raise LMEvalError(f"{run_dir} is not a finished tam-finetune run (no recipe.yaml in it)")
+        raise LMEvalError(f"{run_dir} is not a finished tam-finetune run (no recipe.yaml in it)", exit_code=2)
     settings = _recipe_settings(run_dir)
     settings.update({k: v for k, v in overrides.items() if v is not None})
     tasks = tasks or settings.get("tasks")
     if not tasks:
-        raise LMEvalError("no lm-eval tasks: the run's recipe has no eval.lm_eval.tasks; give --tasks")
+        raise LMEvalError("no lm-eval tasks: the run's recipe has no eval.lm_eval.tasks; give --tasks", exit_code=2)
     problem = check_available()
     problems = [problem] if problem else task_problems(tasks)
     if problems:
-        raise LMEvalError("; ".join(problems))
+        raise LMEvalError("; ".join(problems), exit_code=2)
     try:
         model, tokenizer, _ = load_run_model(run_dir)
     except Exception as exc:
         raise LMEvalError(f"could not load the model of {run_dir}: {type(exc).__name__}: {exc}") from exc
     return run_lm_eval(model, tokenizer, tasks, run_dir, num_fewshot=settings.get("num_fewshot"),
                        limit=settings.get("limit"), batch_size=settings.get("batch_size") or 1)
-
-
-def _parser(prog: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Run lm-evaluation-harness on a finished run's model; "
-                                "settings default to the run's recipe (eval.lm_eval).")
-    p.add_argument("run_dir", help="the run's output directory (holds recipe.yaml and the saved model or adapter)")
-    p.add_argument("--tasks", help="comma-separated lm-eval task names or task YAML files")
-    p.add_argument("--num-fewshot", type=int, default=None)
-    p.add_argument("--limit", type=float, default=None, help="rows per task (a fraction when < 1)")
-    p.add_argument("--batch-size", type=int, default=None)
-    return p
-
-
-def main(argv: Optional[list[str]] = None, prog: str = "tam-finetune eval") -> int:
-    """``tam-finetune eval RUN_DIR [--tasks a,b] [--num-fewshot K] [--limit N] [--batch-size B]``: prints lm-eval's
-    table; exit 0 done, 2 nothing to evaluate / unknown task / lm-eval missing, 1 lm-eval failed."""
-    args = _parser(prog).parse_args(sys.argv[1:] if argv is None else argv)
-    limit = args.limit if args.limit is None or args.limit < 1 else int(args.limit)
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
-    try:
-        result = evaluate_saved_run(args.run_dir, tasks, num_fewshot=args.num_fewshot, limit=limit,
-                                    batch_size=args.batch_size)
-    except LMEvalError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1 if isinstance(exc.__cause__, Exception) else 2
-    print(result["table"])
-    print(f"results: {result['results_file']}")
-    return 0

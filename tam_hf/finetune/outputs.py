@@ -361,7 +361,8 @@ def plan_output_dir(output_dir, resume, overwrite: bool) -> OutputPlan:
         if checkpoint.resolve().parent == directory.resolve():
             plan.manifest = manifest
         else:
-            plan.clear = _fresh_start(directory, manifest, overwrite, f"resume: {resume} continues that run in ")
+            plan.clear = _fresh_start(directory, manifest, overwrite, f" (resume: {resume} would continue its own run"
+                                                                      " there)")
         return plan
     if resume:
         complete, skipped = complete_checkpoints(directory)
@@ -389,7 +390,7 @@ def _fresh_start(directory: Path, manifest: Manifest | None, overwrite: bool, wh
         return sorted(owned)  # a run that stopped or failed before its first step: nothing to lose
     if not overwrite:
         shown = ", ".join(found[:6]) + (f" and {len(found) - 6} more" if len(found) > 6 else "")
-        raise OutputDirError(f"{why}{directory}, which holds another run's outputs ({shown}); continue that run "
+        raise OutputDirError(f"{directory} holds another run's outputs ({shown}){why}; continue that run "
                              "with resume: true, start over in it with overwrite: true (what tam_hf runs wrote "
                              "there is removed), or choose another training.output_dir")
     foreign = sorted(_entries(directory) - owned)

@@ -151,7 +151,8 @@ def train(run: _Run) -> Any:
     if not run.stop.requested:
         run.guard.check_weights(trainer.model, trainer.state.global_step)
     logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    run.summary.update(train_loss=logged[-1] if logged else None,  # the last logged loss, not the run's mean
+    # The last logged loss, not the run's mean; the mean when no step was logged (and the summary says so).
+    run.summary.update(train_loss=logged[-1] if logged else result.training_loss, train_loss_logged=bool(logged),
                        mean_train_loss=result.training_loss, steps=trainer.state.global_step, damping=_damping(trainer))
     checkpoint = run.output_dir / f"checkpoint-{trainer.state.global_step}"
     if run.stop.requested and checkpoint.is_dir():  # else the signal came after the last step: save goes on
@@ -189,10 +190,9 @@ def lm_eval(run: _Run) -> None:
         run.summary["lm_eval_skipped"] = (f"lm-eval runs in one process, this run had {run.trainer.args.world_size}:"
                                           f" evaluate the saved model with: tam-finetune eval {run.output_dir}")
         return
-    limit = cfg.limit if cfg.limit is None or cfg.limit < 1 else int(cfg.limit)
     try:
         out = run.write("lm-eval", lambda: run_lm_eval(
-            run.trainer.model, run.tokenizer, cfg.tasks, run.output_dir, num_fewshot=cfg.num_fewshot, limit=limit,
+            run.trainer.model, run.tokenizer, cfg.tasks, run.output_dir, num_fewshot=cfg.num_fewshot, limit=cfg.limit,
             batch_size=cfg.batch_size, saved_at=str(run.output_dir)))
     except LMEvalError as exc:
         run.manifest.end()
