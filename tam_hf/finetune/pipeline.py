@@ -147,17 +147,50 @@ def build(run: _Run) -> Any:
 
 def train(run: _Run) -> Any:
     trainer = run.trainer
-    result = run.write("train", lambda: trainer.train(resume_from_checkpoint=run.checkpoint))
+    if _trained_to_the_end(run):
+        mean = _restore_finished(run)
+    else:
+        mean = run.write("train", lambda: trainer.train(resume_from_checkpoint=run.checkpoint)).training_loss
     if not run.stop.requested:
         run.guard.check_weights(trainer.model, trainer.state.global_step)
     logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     # The last logged loss, not the run's mean; the mean when no step was logged (and the summary says so).
-    run.summary.update(train_loss=logged[-1] if logged else result.training_loss, train_loss_logged=bool(logged),
-                       mean_train_loss=result.training_loss, steps=trainer.state.global_step, damping=_damping(trainer))
+    run.summary.update(train_loss=logged[-1] if logged else mean, train_loss_logged=bool(logged),
+                       mean_train_loss=mean, steps=trainer.state.global_step, damping=_damping(trainer))
     checkpoint = run.output_dir / f"checkpoint-{trainer.state.global_step}"
     if run.stop.requested and checkpoint.is_dir():  # else the signal came after the last step: save goes on
         run.summary["checkpoint"] = str(checkpoint)
         return _STOPPED
+
+
+def _trained_to_the_end(run: _Run) -> bool:
+    """Resuming a checkpoint written at the last step (a run stopped after training, in its save or evaluation):
+    transformers' train() would take one step more, so the checkpoint is loaded without training."""
+    if run.checkpoint is None or run.args.max_steps <= 0:
+        return False
+    import json
+
+    try:
+        step = json.loads((Path(run.checkpoint) / "trainer_state.json").read_text())["global_step"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return step >= run.args.max_steps
+
+
+def _restore_finished(run: _Run) -> None:
+    """The model, trainer state and optimizer state of a checkpoint taken at the last step, without a training
+    step. The run's mean train loss is not in the checkpoint: the summary has the last logged loss."""
+    import torch
+    from transformers import TrainerState
+
+    trainer = run.trainer
+    trainer._load_from_checkpoint(run.checkpoint)  # the Trainer's own loader: full models, adapters, shards
+    trainer.state = TrainerState.load_from_json(str(Path(run.checkpoint) / "trainer_state.json"))
+    optimizer_pt = Path(run.checkpoint) / "optimizer.pt"
+    if optimizer_pt.is_file():  # for the damping of the summary
+        trainer.create_optimizer()
+        trainer.optimizer.load_state_dict(torch.load(optimizer_pt, map_location="cpu", weights_only=True))
+    return None
 
 
 def save(run: _Run) -> None:
