@@ -13,6 +13,7 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from tam_hf.finetune import lm_eval as tam_lm_eval
+from tam_hf.commands import eval as eval_command
 from tam_hf.finetune.lm_eval import LMEvalError, check_available, load_run_model, run_lm_eval, task_problems
 from tam_hf.finetune.model import load_tokenizer, model_path
 from tam_hf.finetune.recipe import ModelConfig
@@ -70,7 +71,7 @@ def test_finished_run_is_evaluated_with_its_adapter(tmp_path, capsys):
     with torch.no_grad():
         assert torch.allclose(model(input_ids=ids).logits, trained.eval()(input_ids=ids).logits, atol=1e-5)
         assert not torch.allclose(model(input_ids=ids).logits, _base()(input_ids=ids).logits, atol=1e-3)
-    assert tam_lm_eval.main([str(run_dir), "--tasks", CHOICE, "--limit", "2"]) == 0
+    assert eval_command.main([str(run_dir), "--tasks", CHOICE, "--limit", "2"]) == 0
     assert "tam_tiny_arith_choice" in capsys.readouterr().out
     assert "tam_tiny_arith_choice" in json.loads((run_dir / "lm_eval" / "results.json").read_text())
 
