@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM
 
 from tam_hf.finetune import lm_eval as tam_lm_eval
 from tam_hf.commands import eval as eval_command
-from tam_hf.finetune.lm_eval import LMEvalError, check_available, load_run_model, run_lm_eval, task_problems
+from tam_hf.finetune.errors import LMEvalError
+from tam_hf.finetune.lm_eval import check_available, load_run_model, run_lm_eval, task_problems
 from tam_hf.finetune.model import load_tokenizer, model_path
 from tam_hf.finetune.recipe import ModelConfig
 
