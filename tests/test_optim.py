@@ -5,10 +5,9 @@ import math
 import pytest
 import torch
 
-from tam_hf import TAM, AdaTAM, AdaTAMW
 from tam_hf.optim import fused
 from tam_hf.optim.reference import ReferenceTorque
-from tam_hf.optim.tam import _default_impl, adatam, tam
+from tam_hf.optim.tam import TAM, AdaTAM, AdaTAMW, _default_impl, adatam, tam
 
 SHAPES = [(), (7,), (5, 3), (2, 3, 4), (11, 6)]
 KINDS = ["tam", "adatam", "adatamw"]
