@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import inspect
+import math
 import sys
 import typing
 from typing import Any, Callable, Iterable, Optional
@@ -128,6 +129,11 @@ def _check(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def _finite_non_negative(x) -> bool:
+    # inf passes 0 <= x and turns the weights to NaN a few steps later; NaN fails the comparison
+    return 0.0 <= x and math.isfinite(x)
+
+
 def check_path_options(cosine_scope, foreach, fused) -> None:
     """Also run by the functional API, which takes these three but no learning rate to check."""
     _check(cosine_scope in COSINE_SCOPES,
@@ -140,10 +146,10 @@ def _check_common(v: dict) -> None:
     torch = sys.modules.get("torch")  # a Tensor can only come from a process that imported torch
     if torch is not None and isinstance(lr, torch.Tensor):
         raise ValueError("lr as a Tensor is not supported; pass a float")
-    _check(0.0 <= lr, f"Invalid learning rate: {lr}")
+    _check(_finite_non_negative(lr), f"Invalid learning rate: {lr}")
     _check(0.0 <= v["decay_rate"] < 1.0, f"Invalid decay_rate value: {v['decay_rate']}")
-    _check(0.0 <= v["damping_eps"], f"Invalid damping_eps value: {v['damping_eps']}")
-    _check(0.0 <= v["weight_decay"], f"Invalid weight_decay value: {v['weight_decay']}")
+    _check(_finite_non_negative(v["damping_eps"]), f"Invalid damping_eps value: {v['damping_eps']}")
+    _check(_finite_non_negative(v["weight_decay"]), f"Invalid weight_decay value: {v['weight_decay']}")
     check_path_options(v["cosine_scope"], v["foreach"], v["fused"])
     fixed_damping = v["fixed_damping"]
     _check(fixed_damping is None or 0.0 <= fixed_damping <= 1.0, f"Invalid fixed_damping value: {fixed_damping}")
@@ -162,7 +168,7 @@ def _check_adatam(v: dict) -> None:
     _check(len(betas) == 2, f"Invalid betas: {betas}")
     _check(0.0 <= betas[0] < 1.0, f"Invalid beta parameter at index 0: {betas[0]}")
     _check(0.0 <= betas[1] < 1.0, f"Invalid beta parameter at index 1: {betas[1]}")
-    _check(0.0 <= v["eps"], f"Invalid epsilon value: {v['eps']}")
+    _check(_finite_non_negative(v["eps"]), f"Invalid epsilon value: {v['eps']}")
 
 
 def _check_8bit(v: dict) -> None:
