@@ -15,7 +15,8 @@ import yaml
 
 from tam_hf.compare import study as compare
 from tam_hf.compare.report import aggregate, curves
-from tam_hf.finetune.recipe import RecipeError, load_recipe, validate_recipe
+from tam_hf.finetune.config.load import load_recipe, validate_recipe
+from tam_hf.finetune.errors import RecipeError
 from tam_hf.finetune.runner import training_arguments
 from tam_hf.optim import AdaTAMW, registry
 from tam_hf.optim.registry import OptimizerSpec
@@ -245,7 +246,7 @@ def test_run_errors_end_in_their_exit_code_and_bugs_keep_their_traceback(monkeyp
     message and that code (its ``summary`` printed first); anything else propagates."""
     import tam_hf.finetune.runner
     from tam_hf import cli
-    from tam_hf.finetune.data import DataError
+    from tam_hf.finetune.errors import DataError
 
     class Diverged(RuntimeError):
         exit_code = 1
@@ -276,7 +277,7 @@ def test_run_errors_end_in_their_exit_code_and_bugs_keep_their_traceback(monkeyp
 
 
 def test_compare_stops_on_a_run_error_with_its_exit_code(tmp_path, monkeypatch, capsys):
-    from tam_hf.finetune.data import DataError
+    from tam_hf.finetune.errors import DataError
 
     def execute(run, keep_models=False):
         raise DataError("row 3 has no 'completion'")

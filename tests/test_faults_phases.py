@@ -20,7 +20,7 @@ from transformers import Trainer, TrainerCallback
 from tam_hf.finetune.errors import OutputDirError, ResumeError, RunFailed, WriteError
 from tam_hf.finetune.outputs import LOCK_NAME
 from tam_hf.finetune.pipeline import finetune
-from tam_hf.finetune.recipe import validate_recipe
+from tam_hf.finetune.config.load import validate_recipe
 
 
 def _signal_at(monkeypatch, cls, method, signum, when=lambda *args, **kwargs: True):

@@ -15,9 +15,10 @@ from transformers import AutoModelForCausalLM
 from tam_hf.finetune import lm_eval as tam_lm_eval
 from tam_hf.commands import eval as eval_command
 from tam_hf.finetune.errors import LMEvalError
-from tam_hf.finetune.lm_eval import check_available, load_run_model, run_lm_eval, task_problems
+from tam_hf.finetune.config.checks import check_available, task_problems
+from tam_hf.finetune.lm_eval import load_run_model, run_lm_eval
 from tam_hf.finetune.model import load_tokenizer, model_path
-from tam_hf.finetune.recipe import ModelConfig
+from tam_hf.finetune.config.schema import ModelConfig
 
 TINY = ModelConfig(name="embedded:tiny-llama")
 # lm-eval is the optional [eval] extra: without it only the test of its absence runs
@@ -112,7 +113,7 @@ def test_a_failing_evaluation_says_where_the_model_is_saved(tmp_path):
 @needs_lm_eval
 def test_a_recipe_runs_lm_eval_after_training_and_the_finished_run_evaluates_again(tmp_path, capsys):
     from tam_hf.commands.run import format_summary
-    from tam_hf.finetune.recipe import validate_recipe
+    from tam_hf.finetune.config.load import validate_recipe
     from tam_hf.finetune.pipeline import finetune
 
     out = tmp_path / "run"
@@ -146,7 +147,7 @@ def test_a_launched_run_skips_lm_eval_with_the_command_that_runs_it():
     from types import SimpleNamespace
 
     from tam_hf.commands.run import format_summary
-    from tam_hf.finetune.recipe import validate_recipe
+    from tam_hf.finetune.config.load import validate_recipe
     from tam_hf.finetune.pipeline import lm_eval
 
     recipe = validate_recipe({"model": {"name": "embedded:tiny-llama"},
@@ -163,7 +164,8 @@ def test_a_launched_run_skips_lm_eval_with_the_command_that_runs_it():
 
 @needs_lm_eval
 def test_recipe_validation_names_unknown_tasks_and_the_missing_extra(monkeypatch):
-    from tam_hf.finetune.recipe import RecipeError, validate_recipe
+    from tam_hf.finetune.config.load import validate_recipe
+    from tam_hf.finetune.errors import RecipeError
 
     raw = {"model": {"name": "embedded:tiny-llama"},
            "data": {"format": "prompt_completion", "train_file": "embedded:demo_train.jsonl"},

@@ -14,7 +14,7 @@ import pytest
 
 from tam_hf.compare import study as compare
 from tam_hf.finetune.training_args import build_training_arguments
-from tam_hf.finetune.recipe import load_recipe
+from tam_hf.finetune.config.load import load_recipe
 
 ROOT = Path(__file__).parents[1]
 PAPER = ROOT / "recipes" / "paper"

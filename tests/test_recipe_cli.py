@@ -152,7 +152,7 @@ def test_bad_override_and_missing_file_exit_2(capsys, no_training, tmp_path):
 
 
 def test_print_config_then_summary_and_data_error_exit_1(monkeypatch, capsys):
-    from tam_hf.finetune.data import DataError
+    from tam_hf.finetune.errors import DataError
 
     fake = {"output_dir": "outputs/demo_tiny", "steps": 7, "train_loss": 1.25, "optimizer": "adatamw",
             "eval": {"loss": 1.5, "exact_match": 0.25}, "wall_s": 3.0,

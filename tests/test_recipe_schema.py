@@ -11,8 +11,9 @@ import pytest
 import torch
 import yaml
 
-from tam_hf.finetune.recipe import (RecipeError, apply_overrides, load_recipe, read_yaml, to_dict, to_yaml,
-                                    validate_recipe)
+from tam_hf.finetune.config.load import apply_overrides, load_recipe, to_dict, to_yaml, validate_recipe
+from tam_hf.finetune.config.yaml_io import read_yaml
+from tam_hf.finetune.errors import RecipeError
 from tam_hf.optim import registry
 
 ROOT = Path(__file__).resolve().parents[1]

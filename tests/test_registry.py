@@ -43,7 +43,8 @@ def test_a_new_registry_entry_reaches_recipes_optim_and_compare(slowtamw, tmp_pa
     from transformers import Trainer, TrainingArguments
 
     from tam_hf.compare import study
-    from tam_hf.finetune.recipe import RecipeError, load_recipe
+    from tam_hf.finetune.config.load import load_recipe
+    from tam_hf.finetune.errors import RecipeError
 
     recipe = load_recipe(DEMO, ["optimizer.name=slowtamw", "optimizer.lr_scale=0.5",
                                 f"training.output_dir={tmp_path / 'run'}"])

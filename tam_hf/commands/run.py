@@ -19,7 +19,8 @@ import sys
 
 from tam_hf.commands import report
 from tam_hf.finetune.launch import launch_command, launch_problems, rank
-from tam_hf.finetune.recipe import RecipeError, load_recipe, to_yaml
+from tam_hf.finetune.config.load import load_recipe, to_yaml
+from tam_hf.finetune.errors import RecipeError
 
 __all__ = ["main", "parser", "format_summary"]
 

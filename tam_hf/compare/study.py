@@ -47,8 +47,10 @@ from pathlib import Path
 from typing import Optional
 
 from tam_hf.finetune.outputs import json_safe
-from tam_hf.finetune.recipe import (Recipe, RecipeError, apply_overrides, read_recipe_file, read_yaml, to_dict,
-                                    validate_recipe)
+from tam_hf.finetune.config.load import apply_overrides, read_recipe_file, to_dict, validate_recipe
+from tam_hf.finetune.config.schema import Recipe
+from tam_hf.finetune.config.yaml_io import read_yaml
+from tam_hf.finetune.errors import RecipeError
 from tam_hf.optim import registry
 from tam_hf.optim.registry import OptimizerSpec
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import yaml
 
 import tam_hf
-from tam_hf.finetune.recipe import HUB_ID, Recipe, rerun_yaml
+from tam_hf.finetune.config.load import rerun_yaml
+from tam_hf.finetune.config.schema import HUB_ID, Recipe
 
 __all__ = ["prepare_upload", "model_card", "push"]
 

@@ -9,7 +9,8 @@ import os
 import sys
 from typing import Optional
 
-from tam_hf.finetune.recipe import Recipe, resolve_path
+from tam_hf.finetune.config.resolve import resolve_path
+from tam_hf.finetune.config.schema import Recipe
 
 __all__ = ["launched", "rank", "launch_command", "launch_problems"]
 

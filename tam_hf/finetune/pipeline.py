@@ -33,7 +33,9 @@ from tam_hf.finetune.errors import (Aborted, CheckpointError, EvaluationError, F
 from tam_hf.finetune.outputs import (CHECKPOINT, checkpoint_problem, complete_checkpoints, completion_marker,
                                      plan_output_dir, remove_checkpoint, remove_entry, run_lock, write_summary)
 from tam_hf.finetune.launch import rank
-from tam_hf.finetune.recipe import Recipe, rerun_yaml, resolve_path
+from tam_hf.finetune.config.load import rerun_yaml
+from tam_hf.finetune.config.resolve import resolve_path
+from tam_hf.finetune.config.schema import Recipe
 from tam_hf.finetune.signals import GracefulStop
 from tam_hf.finetune.training_args import build_training_arguments
 
@@ -434,7 +436,7 @@ def _trainer(recipe: Recipe, args, tokenizer, callbacks: list):
     d = recipe.data
     if recipe.task == "sequence_classification":
         from tam_hf.finetune.data import build_datasets, collator
-        from tam_hf.finetune.hf_metrics import classification_metrics
+        from tam_hf.finetune.metrics import classification_metrics
         from tam_hf.trainer.tam_trainer import TAMTrainer
 
         train_ds, eval_ds, raw, label_names = build_datasets(recipe, tokenizer)

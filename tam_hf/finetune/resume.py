@@ -15,7 +15,8 @@ import json
 from pathlib import Path
 
 from tam_hf.finetune.outputs import checkpoint_record
-from tam_hf.finetune.recipe import Recipe, resolve_path
+from tam_hf.finetune.config.resolve import resolve_path
+from tam_hf.finetune.config.schema import Recipe
 
 __all__ = ["run_settings", "resume_problems", "SCHEDULE_KEYS"]
 

@@ -9,7 +9,9 @@ registry's table (``OptimizerSpec.training_args_keys``); the rest go in ``optim_
 
 from __future__ import annotations
 
-from tam_hf.finetune.recipe import Recipe, RecipeError, resolve_path
+from tam_hf.finetune.config.resolve import resolve_path
+from tam_hf.finetune.config.schema import Recipe
+from tam_hf.finetune.errors import RecipeError
 
 __all__ = ["build_training_arguments"]
 
