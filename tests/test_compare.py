@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shlex
 from pathlib import Path
 
 import pytest
@@ -36,7 +37,7 @@ def _sets(extra=()):
 
 
 def test_plan_lrs_follow_the_transfer_rule_and_control_gets_fixed_damping(tmp_path):
-    labels, runs = study.plan(DEMO, ["adamw", "adatamw", "constant-damping"], [0, 1], out=tmp_path)
+    labels, runs, _ = study.plan(DEMO, ["adamw", "adatamw", "constant-damping"], [0, 1], out=tmp_path)
     assert labels == ["adamw", "adatamw", "adatamw-const"]
     lr = {r.label: r.recipe.optimizer.lr for r in runs}
     # demo_tiny is adatamw at 2e-3 -> AdamW reference 2e-3 * 0.5 / (1 - 0.9) = 1e-2
@@ -52,7 +53,7 @@ def test_plan_lrs_follow_the_transfer_rule_and_control_gets_fixed_damping(tmp_pa
 
 
 def test_plan_sweep_multiplies_only_arms_it_applies_to(tmp_path):
-    labels, runs = study.plan(DEMO, ["adamw", "adatamw", "adatamw-const"], [0],
+    labels, runs, _ = study.plan(DEMO, ["adamw", "adatamw", "adatamw-const"], [0],
                                 sweeps=["optimizer.decay_rate=0.5,0.99"], out=tmp_path)
     assert labels == ["adamw", "adatamw decay_rate=0.5", "adatamw decay_rate=0.99", "adatamw-const"]
     rate = {r.label: r.recipe.optimizer.kwargs().get("decay_rate") for r in runs}
@@ -66,7 +67,7 @@ def test_plan_errors_are_collected(tmp_path):
     with pytest.raises(RecipeError) as err:  # then every arm's problems, all at once
         study.plan(DEMO, ["tam", "adamw", "sgd"], [0], out=tmp_path)
     assert "tam@LR" in str(err.value) and "sgd@LR" in str(err.value) and len(err.value.problems) == 2
-    labels, runs = study.plan(DEMO, ["adamw", "tam@0.05", "adatamw", "adatamw@4e-4"], [0], out=tmp_path)
+    labels, runs, _ = study.plan(DEMO, ["adamw", "tam@0.05", "adatamw", "adatamw@4e-4"], [0], out=tmp_path)
     assert labels == ["adamw", "tam@0.05", "adatamw", "adatamw@0.0004"]  # one optimizer at two lrs: two arms
     assert runs[1].recipe.optimizer.name == "tam" and runs[1].recipe.optimizer.lr == 0.05
     assert runs[3].recipe.optimizer.lr == 4e-4 and runs[2].recipe.optimizer.lr == pytest.approx(2e-3)
@@ -83,6 +84,22 @@ def test_the_recipe_file_is_read_by_the_recipe_loader(tmp_path, capsys):
     tagged.write_text("model: !!python/object/apply:os.getcwd []\n")
     assert command.main([str(tagged), "--out", str(tmp_path / "out")]) == 2
     assert "could not determine a constructor" in capsys.readouterr().err
+
+
+def test_a_run_too_short_for_the_recipes_logging_is_logged_often_enough_to_draw(tmp_path, capsys):
+    # demo_tiny logs every 25 steps: a 10-step run would log nothing and draw empty loss/damping plots
+    _, runs, notes = study.plan(DEMO, ["adamw", "adatamw"], [0], sets=["training.max_steps=10"], out=tmp_path)
+    assert {r.recipe.training["logging_steps"] for r in runs} == {1}
+    assert len(notes) == 1 and "training.logging_steps=1" in notes[0] and "10-step run" in notes[0]
+    _, runs, notes = study.plan(DEMO, ["adamw"], [0], sets=["training.max_steps=300"], out=tmp_path)
+    assert runs[0].recipe.training["logging_steps"] == 25 and notes == []  # 12 points: the recipe's own
+    _, runs, notes = study.plan(DEMO, ["adamw"], [0], sets=["training.max_steps=10", "training.logging_steps=5"],
+                                out=tmp_path)
+    assert runs[0].recipe.training["logging_steps"] == 5 and notes == []  # the user's own choice is kept
+    # overrides may also be written as for the run command, after the recipe
+    assert command.main([str(DEMO), "--optimizers", "adamw", "--seeds", "1", "--out", str(tmp_path / "o"),
+                         "training.max_steps=10", "--dry-run"]) == 0
+    assert "note: compare logs every 1 step(s)" in capsys.readouterr().out
 
 
 class _HalfStep(OptimizerSpec):
@@ -123,7 +140,7 @@ def test_an_optimizer_added_to_the_registry_is_planned_with_no_other_edit(added_
     assert sections["adatamw-half-const"]["fixed_damping"] == 0.5
     assert sections["adatamw-half-const"]["lr"] == pytest.approx(1e-3)
     # the whole plan: the recipe schema and the Trainer mapping read the registry too
-    labels, runs = study.plan(DEMO, ["adamw", "adatamw-half-const"], [0], out=tmp_path)
+    labels, runs, _ = study.plan(DEMO, ["adamw", "adatamw-half-const"], [0], out=tmp_path)
     assert labels == ["adamw", "adatamw-half-const"]
     assert runs[1].recipe.optimizer.name == "adatamw-half" and runs[1].recipe.optimizer.lr == pytest.approx(1e-3)
     assert "fixed_damping=0.5" in build_training_arguments(runs[1].recipe).to_dict()["optim_args"]
@@ -152,6 +169,20 @@ def test_aggregate_mean_std_delta():
     assert by["b", "eval_accuracy"]["delta_se"] == pytest.approx(math.sqrt(0.02 / 2))
 
 
+def test_an_empty_plot_panel_is_named_with_its_reason(tmp_path):
+    from tam_hf.compare.report import write_report
+
+    results = [{"label": "adamw", "seed": seed, "summary": {"train_loss": 1.0, "eval": {"loss": 2.0}},
+                "log_history": [{"eval_loss": 2.0 + seed, "step": 10}]} for seed in (0, 1)]
+    paths, notes = write_report(results, ["adamw"], tmp_path, "t", "tam-finetune compare r.yaml", ["planned note"])
+    assert notes[0] == "planned note"
+    assert any(n.startswith("loss.png: the train loss panel is empty") for n in notes)
+    assert any(n.startswith("damping.png:") and "only TAM optimizers" in n for n in notes)
+    assert not any("eval loss" in n for n in notes)  # one point is drawn
+    report = paths["report.md"].read_text()
+    assert "## Notes" in report and all(n in report for n in notes)
+
+
 # ------------------------------------------------------------------------------------------------ real runs
 
 
@@ -178,6 +209,7 @@ def test_compare_two_optimizers_two_seeds_then_resume(tmp_path, monkeypatch, cap
     assert runs[0]["train_loss"] != runs[1]["train_loss"]  # the seeds really differ
 
     table = (out / "report.md").read_text()
+    assert "tam-finetune compare " + shlex.join(argv) in table  # the command as typed, to be pasted again
     assert "| adamw | 2 |" in table and "| adatamw | 2 |" in table and "(Δ " in table and " ± " in table
     for png in ("loss.png", "damping.png"):
         data = (out / png).read_bytes()

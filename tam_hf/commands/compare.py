@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -45,6 +46,8 @@ def parser() -> argparse.ArgumentParser:
         "--optimizers adamw,adatamw,adatamw-const --seeds 3 --out runs/demo",
     )
     p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value",
+                   help="recipe override for every run, as for the run command (the same as --set)")
     p.add_argument("--optimizers", default="adamw,adatamw",
                    help="comma-separated arms, the first is the baseline of the deltas; NAME@LR sets an lr")
     p.add_argument("--seeds", default="3", help="N (seeds 0..N-1) or a comma-separated list (default 3)")
@@ -61,11 +64,12 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser().parse_args(argv)
+    args = parser().parse_intermixed_args(argv)
     out = Path(args.out or Path("runs") / "compare" / Path(args.recipe).stem)
     try:
         seeds = parse_seeds(args.seeds)
-        labels, runs = study.plan(args.recipe, args.optimizers.split(","), seeds, args.sets, args.sweeps, out)
+        labels, runs, notes = study.plan(args.recipe, args.optimizers.split(","), seeds,
+                                         [*args.overrides, *args.sets], args.sweeps, out)
     except (RecipeError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -75,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     for run in runs:
         print(f"  {run.label:32s} seed {run.seed}  lr {run.recipe.optimizer.lr:.3g}  "
               f"{'done' if run.done else 'to do'}", flush=True)
+    for note in notes:
+        print(f"note: {note}", flush=True)
     if args.dry_run:
         return 0
     if not args.report_only:
@@ -105,10 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     from tam_hf.compare.report import write_report
 
     present = [label for label in labels if any(r["label"] == label for r in results)]
-    command = "python -m tam_hf.compare " + " ".join(argv)
+    command = "tam-finetune compare " + shlex.join(argv)  # what the user typed, quoted to be pasted again
     title = f"{Path(args.recipe).stem}, {len(seeds)} seed(s): line = mean, band = min..max"
-    paths = write_report(results, present, out, title, command)
-    print((out / "report.md").read_text())
+    paths, _ = write_report(results, present, out, title, command, notes)
+    print((out / "report.md").read_text())  # its Notes section says why a plot panel is empty, if one is
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 

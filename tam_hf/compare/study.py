@@ -27,6 +27,11 @@ AdamW for the Adam family, SGD-momentum for the SGD family; AdaTAM ``(1 - beta1)
 the README, "The algorithm, and the learning rate to use"). Write ``NAME@LR`` (``adamw@2e-5``) to set an arm's
 lr yourself, which is required across families (AdamW vs TAM).
 
+Logging: a run of ``max_steps`` that the recipe's ``logging_steps`` would log fewer than :data:`MIN_POINTS` times
+(``training.max_steps=10`` on a recipe that logs every 25 steps logs nothing) is logged every ``max_steps // 10``
+steps instead, so that the loss and damping curves can be drawn; the plan's notes (console and report.md) say
+so. A ``logging_steps`` given on the command line is kept as it is.
+
 Sweeps: ``--sweep optimizer.decay_rate=0.5,0.9,0.99`` multiplies every arm the key applies to (adamw has no
 decay_rate, the -const arms ignore it) into one arm per value, labelled ``adatamw decay_rate=0.5``.
 """
@@ -42,7 +47,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from tam_hf.finetune.outputs import json_safe
 from tam_hf.finetune.recipe import (Recipe, RecipeError, apply_overrides, read_recipe_file, read_yaml, to_dict,
@@ -50,7 +55,7 @@ from tam_hf.finetune.recipe import (Recipe, RecipeError, apply_overrides, read_r
 from tam_hf.optim import registry
 from tam_hf.optim.registry import OptimizerSpec
 
-__all__ = ["Arm", "Run", "arms", "find_arm", "expand", "plan", "execute", "diverged"]
+__all__ = ["Arm", "Run", "Plan", "MIN_POINTS", "arms", "find_arm", "expand", "plan", "execute", "diverged"]
 
 # TrainingArguments fields that cannot change a run's numbers: a rerun that differs only in these is not redone.
 COSMETIC = ("output_dir", "disable_tqdm", "report_to", "run_name", "logging_dir")
@@ -60,6 +65,8 @@ CONTROL_SUFFIX = "-const"
 # TAM arm's, and its step is on average the same.
 CONTROL_DAMPING = registry.MEAN_DAMPING
 ALIASES = {"constant-damping": "adatamw-const"}
+# Fewest logged steps that draw a curve worth reading; fewer, and compare logs more often (see _log_often_enough).
+MIN_POINTS = 10
 
 
 @dataclass(frozen=True)
@@ -212,16 +219,23 @@ def expand(raw: dict, base: Recipe, optimizers: list[str], sweeps: list[str] = (
     return out, problems
 
 
+class Plan(NamedTuple):
+    labels: list[str]   # arm labels in order; the first is the baseline of the differences
+    runs: list[Run]
+    notes: list[str]    # what compare changed in the recipe, for the console and report.md
+
+
 def plan(recipe_path: str | Path, optimizers: list[str], seeds: list[int], sets: list[str] = (),
-         sweeps: list[str] = (), out: str | Path = "compare") -> tuple[list[str], list[Run]]:
-    """(arm labels in order, runs). Every run's recipe is validated here, before anything trains; a
-    RecipeError lists the problems of every arm at once."""
+         sweeps: list[str] = (), out: str | Path = "compare") -> Plan:
+    """Every run's recipe, validated here before anything trains; a RecipeError lists the problems of every arm
+    at once."""
     from tam_hf.finetune.training_args import build_training_arguments
 
     recipe_path = Path(recipe_path)
     raw = read_recipe_file(recipe_path)
     problems = apply_overrides(raw, list(sets))
     base = validate_recipe(copy.deepcopy(raw), name=recipe_path.stem, source=str(recipe_path), problems=problems)
+    notes = _log_often_enough(raw, base, sets)
     arm_recipes, problems = expand(raw, base, optimizers, sweeps)
     runs = []
     for label, arm, arm_raw in arm_recipes:
@@ -239,7 +253,33 @@ def plan(recipe_path: str | Path, optimizers: list[str], seeds: list[int], sets:
             runs.append(Run(label, seed, recipe, arm.fixed_damping, directory))
     if problems:
         raise RecipeError(sorted(set(problems), key=problems.index), f"compare {recipe_path}")
-    return [label for label, _, _ in arm_recipes], runs
+    return Plan([label for label, _, _ in arm_recipes], runs, notes)
+
+
+def _log_often_enough(raw: dict, base: Recipe, sets: list[str]) -> list[str]:
+    """A short run under the recipe's logging interval logs too few steps to draw a curve (max_steps=10 with
+    logging_steps=25 logs none): log every max_steps / MIN_POINTS steps instead, unless the command line set the
+    interval itself. Runs without max_steps (epochs) are left as they are: their length is known only once the
+    data is loaded."""
+    from tam_hf.finetune.training_args import build_training_arguments
+
+    if any(s.split("=", 1)[0].strip() in ("training.logging_steps", "training.logging_strategy") for s in sets):
+        return []
+    try:
+        args = build_training_arguments(base)
+    except RecipeError:
+        return []  # the per-arm checks report it
+    steps, every = args.max_steps, args.logging_steps
+    if steps <= 0 or args.logging_strategy != "steps" or every <= 0:
+        return []
+    every = every * steps if every < 1 else every  # TrainingArguments: below 1 is a fraction of the run
+    if steps // every >= MIN_POINTS:
+        return []
+    chosen = max(1, steps // MIN_POINTS)
+    raw.setdefault("training", {})["logging_steps"] = chosen
+    return [f"compare logs every {chosen} step(s) (training.logging_steps={chosen}): the recipe's interval of "
+            f"{every:g} logs {int(steps // every)} point(s) in a {steps}-step run, too few to draw the curves "
+            "(--set training.logging_steps=N chooses another)"]
 
 
 # ------------------------------------------------------------------------------------------------- running
