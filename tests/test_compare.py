@@ -154,6 +154,21 @@ def test_seeds_argument():
         command.parse_seeds("0")
 
 
+@pytest.mark.parametrize("args, fragment", [
+    (["--seeds", "3,3"], "--seeds: seed 3 is given twice"),  # one seed shown as two would shrink every interval
+    (["--seeds", ","], "--seeds ',': no seed"),
+    (["--seeds", "a,1"], "--seeds 'a,1': 'a' is not a whole number"),
+    (["--optimizers", ","], "--optimizers ',': no optimizer"),
+    (["--optimizers", "adamw,adatamw,adamw"], "--optimizers: 'adamw' is given twice"),
+    (["--optimizers", "adatamw-const,constant-damping"], "'constant-damping' is the same arm as 'adatamw-const'"),
+    (["--sweep", "optimizer.decay_rate=0.5,0.5"], "--sweep 'optimizer.decay_rate=0.5,0.5': 0.5 is given twice"),
+])
+def test_duplicate_or_empty_lists_exit_2_with_one_line(tmp_path, capsys, args, fragment):
+    assert command.main([str(DEMO), "--out", str(tmp_path), "--dry-run", *args]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and err.count("\n") == 1 and "Traceback" not in err
+
+
 def test_aggregate_mean_std_delta():
     def result(label, seed, loss, acc):
         return {"label": label, "seed": seed, "log_history": [],
@@ -181,6 +196,65 @@ def test_an_empty_plot_panel_is_named_with_its_reason(tmp_path):
     assert not any("eval loss" in n for n in notes)  # one point is drawn
     report = paths["report.md"].read_text()
     assert "## Notes" in report and all(n in report for n in notes)
+
+
+def _fake_finetune(monkeypatch, wall_s=2.0, seen=None):
+    """The pipeline replaced by a run that trains nothing and returns a summary at once."""
+    import tam_hf.finetune.pipeline as pipeline
+
+    def finetune(recipe, callbacks=()):
+        if seen is not None:
+            seen.append(recipe.resume)
+        return {"status": "completed", "optimizer": recipe.optimizer.name, "train_loss": 1.0, "wall_s": wall_s}
+
+    monkeypatch.setattr(pipeline, "finetune", finetune)
+
+
+def test_result_json_is_written_atomically(tmp_path, monkeypatch):
+    import os
+
+    _fake_finetune(monkeypatch)
+    replaced = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: replaced.append(Path(dst).name) or real_replace(src, dst))
+    _, runs, _ = study.plan(DEMO, ["adamw"], [0], out=tmp_path)
+    study.execute(runs[0])
+    assert {"result.json", "study.json"} <= set(replaced)  # a reader finds the old file or the whole new one
+    assert runs[0].done
+
+
+def test_a_truncated_result_means_not_finished_the_run_is_redone_with_a_note(tmp_path, monkeypatch, capsys):
+    _fake_finetune(monkeypatch)
+    argv = [str(DEMO), "--optimizers", "adamw", "--seeds", "2", "--out", str(tmp_path), "training.max_steps=4"]
+    assert command.main(argv) == 0
+    result = tmp_path / "runs" / "adamw" / "seed1" / "result.json"
+    result.write_text(result.read_text()[:40])  # a full disk or a power cut in the middle of the write
+    capsys.readouterr()
+    assert command.main(argv) == 0
+    out = capsys.readouterr()
+    assert "1 finished, 1 to do" in out.out and "Traceback" not in out.err
+    assert f"note: {result} is unreadable" in out.err and "the run is counted as not finished and redone" in out.err
+    assert json.loads(result.read_text())["seed"] == 1
+
+
+def test_the_wall_time_of_a_resumed_run_adds_up_its_parts(tmp_path, monkeypatch):
+    from tam_hf.finetune.outputs import write_marker
+
+    seen = []
+    _fake_finetune(monkeypatch, wall_s=2.0, seen=seen)
+    _, runs, _ = study.plan(DEMO, ["adamw"], [0], out=tmp_path)
+    run = runs[0]
+    run.directory.mkdir(parents=True)
+    for step in (2, 4):
+        (run.directory / f"checkpoint-{step}").mkdir()
+        write_marker(run.directory / f"checkpoint-{step}", step)
+    # the first attempt reached checkpoint-4 after 7.5 s, then was killed
+    (run.directory / "study.json").write_text(json.dumps({"fingerprint": run.fingerprint,
+                                                          "elapsed_s": {"2": 3.0, "4": 7.5}}))
+    result = study.execute(run)
+    assert seen == [True]  # continued from the checkpoint
+    assert result["summary"]["wall_s"] == pytest.approx(9.5)
+    assert result["resumed_from_step"] == 4 and result["wall_s_parts"] == [7.5, 2.0]
 
 
 # ------------------------------------------------------------------------------------------------ real runs

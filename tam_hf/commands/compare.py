@@ -12,7 +12,6 @@ Plans every run (:func:`tam_hf.compare.study.plan`), trains the ones not finishe
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import time
@@ -27,8 +26,14 @@ __all__ = ["main", "parser", "parse_seeds"]
 
 def parse_seeds(text: str) -> list[int]:
     """``3`` -> seeds 0, 1, 2; ``13,42`` -> exactly those; ``7,`` -> seed 7 alone."""
+    words = [w.strip() for w in text.split(",") if w.strip()]
+    if not words:
+        raise ValueError(f"--seeds {text!r}: no seed; give a count (3) or a list (0,1; one seed: 7,)")
+    for word in words:
+        if not word.lstrip("-").isdigit():
+            raise ValueError(f"--seeds {text!r}: {word!r} is not a whole number")
     if "," in text:
-        return [int(p) for p in text.split(",") if p.strip()]
+        return [int(w) for w in words]  # duplicates are refused by the plan
     if int(text) < 1:
         raise ValueError(f"--seeds {text}: give a count >= 1, or a list such as 0,1 (one seed: 7,)")
     return list(range(int(text)))
@@ -73,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    for run in runs:
+        if study.unreadable(run.result_path):
+            print(f"note: {run.result_path} is unreadable (cut short by a full disk or a crash?): the run is "
+                  "counted as not finished and redone", file=sys.stderr, flush=True)
     todo = [r for r in runs if not r.done]
     print(f"compare: {len(labels)} arm(s) x {len(seeds)} seed(s) = {len(runs)} runs; "
           f"{len(runs) - len(todo)} finished, {len(todo)} to do; output {out}", flush=True)
@@ -104,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"retried): {result['diverged'].split('. ')[0]}", flush=True)
             else:
                 print(f"[{i}/{len(todo)}] finished in {time.time() - started:.0f} s", flush=True)
-    results = [json.loads((r.directory / "result.json").read_text()) for r in runs if r.done]
+    results = [study.read_result(r.result_path) for r in runs if r.done]
     if not results:
         print("error: no finished runs to report", file=sys.stderr)
         return 1

@@ -5,9 +5,16 @@ A study runs one recipe under several optimizers ("arms") and seeds, one run aft
 :mod:`tam_hf.compare.report` (markdown + CSV table of every metric as mean ± std with the difference to the first arm,
 loss and damping plots) into DIR.
 
-Resumable: each run lives in ``DIR/runs/<arm>/seed<k>`` and is finished when its ``result.json`` exists and
+Resumable: each run lives in ``DIR/runs/<arm>/seed<k>`` and is finished when its ``result.json`` can be read and
 was produced by the same resolved recipe; a rerun of the same command skips those and only does the rest
-(a partial run is continued from its last checkpoint when it saved one, else started again).
+(a partial run is continued from its last complete checkpoint when it saved one, else started again; its
+``wall_s`` then adds up the time of every attempt up to that checkpoint, recorded in ``study.json``).
+``result.json`` and ``study.json`` are written atomically; one that cannot be read (cut short by a full disk or a
+crash) means "not finished": the run is done again, with a note.
+
+Each seed, arm and sweep value is named once: a duplicate (``--seeds 3,3``, ``adamw,adamw``, an alias of an arm
+already named, ``decay_rate=0.5,0.5``) would present one run as two and shrink every interval, so it is an error
+(exit 2), as is an empty list.
 
 A run that diverges (non-finite loss, gradients or weights) is a result, not a reason to stop: its
 ``result.json`` says ``status: diverged`` with the step and reason and no metrics (train loss and eval null), the
@@ -45,11 +52,11 @@ import itertools
 import json
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Optional
 
-from tam_hf.finetune.outputs import json_safe
 from tam_hf.finetune.recipe import (Recipe, RecipeError, apply_overrides, read_recipe_file, read_yaml, to_dict,
                                     validate_recipe)
 from tam_hf.optim import registry
@@ -59,7 +66,9 @@ __all__ = ["Arm", "Run", "Plan", "MIN_POINTS", "arms", "find_arm", "expand", "pl
 
 # TrainingArguments fields that cannot change a run's numbers: a rerun that differs only in these is not redone.
 COSMETIC = ("output_dir", "disable_tqdm", "report_to", "run_name", "logging_dir")
-KEEP_FILES = ("result.json", "summary.json", "recipe.yaml", "fingerprint.txt")
+# A partial run's own record (fingerprint, seconds to each checkpoint over every attempt), written atomically.
+RECORD = "study.json"
+KEEP_FILES = ("result.json", "summary.json", "recipe.yaml", RECORD)
 CONTROL_SUFFIX = "-const"
 # The control holds d at its mean under noisy gradients, the E[d] the transfer rule divides by: its lr is its
 # TAM arm's, and its step is on average the same.
@@ -136,9 +145,28 @@ class Run:
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     @property
+    def result_path(self) -> Path:
+        return self.directory / "result.json"
+
+    @property
     def done(self) -> bool:
-        path = self.directory / "result.json"
-        return path.is_file() and json.loads(path.read_text()).get("fingerprint") == self.fingerprint
+        result = read_result(self.result_path)
+        return result is not None and result.get("fingerprint") == self.fingerprint
+
+
+def read_result(path: Path) -> Optional[dict]:
+    """A run's result.json (or :data:`RECORD`), or None when there is none or it cannot be read whole (a disk
+    that filled up, a power cut): such a run is not finished and is done again."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def unreadable(path: Path) -> bool:
+    """A result.json that exists but :func:`read_result` cannot read."""
+    return path.exists() and read_result(path) is None
 
 
 # ------------------------------------------------------------------------------------------------ planning
@@ -157,10 +185,21 @@ def _parse_sweeps(items: list[str]) -> list[tuple[str, list]]:
     out = []
     for item in items:
         key, sep, values = item.partition("=")
-        if not sep or not values:
+        words = [v.strip() for v in values.split(",") if v.strip()]
+        if not sep or not words:
             raise ValueError(f"--sweep {item!r}: expected key.path=v1,v2,...")
-        out.append((key, [_sweep_value(item, v) for v in values.split(",")]))
+        _once(words, lambda w: f"--sweep {item!r}: {w} is given twice")
+        out.append((key, [_sweep_value(item, v) for v in words]))
     return out
+
+
+def _once(items, message) -> None:
+    """A ValueError naming the first item given twice: a run repeated under one label would count as two."""
+    seen = set()
+    for item in items:
+        if item in seen:
+            raise ValueError(message(item))
+        seen.add(item)
 
 
 def _sweep_value(item: str, text: str):
@@ -192,9 +231,10 @@ def expand(raw: dict, base: Recipe, optimizers: list[str], sweeps: list[str] = (
     base_spec = registry.get(base.optimizer.name)
     settings = base.optimizer.kwargs()  # what the recipe sets; each arm reads the keys its optimizer takes
     reference_lr = base.optimizer.lr / base_spec.lr_factor(settings)
-    out, problems = [], []
+    out, problems, given = [], [], {}
     sweep_axes = _parse_sweeps(list(sweeps))
     for text in optimizers:
+        text = text.strip()
         arm, explicit_lr = _parse_arm(text)
         if explicit_lr is None and arm.spec.family != base_spec.family:
             problems.append(f"{arm.name}: no lr transfer from the recipe's {base.optimizer.name}; write {arm.name}@LR")
@@ -203,8 +243,10 @@ def expand(raw: dict, base: Recipe, optimizers: list[str], sweeps: list[str] = (
         axes = [(k, vals) for k, vals in sweep_axes if _applies(k, arm)]
         for combo in itertools.product(*(vals for _, vals in axes)):
             label = " ".join([head] + [f"{k.rsplit('.', 1)[-1]}={v}" for (k, _), v in zip(axes, combo)])
-            if label in (done[0] for done in out):
-                continue
+            if label in given:
+                same = "is given twice" if given[label] == text else f"is the same arm as {given[label]!r}"
+                raise ValueError(f"--optimizers: {text!r} {same} ({label}); name each arm once")
+            given[label] = text
             arm_raw = copy.deepcopy(raw)
             opt = arm_raw.setdefault("optimizer", {})
             opt["name"] = arm.spec.name
@@ -231,6 +273,13 @@ def plan(recipe_path: str | Path, optimizers: list[str], seeds: list[int], sets:
     at once."""
     from tam_hf.finetune.training_args import build_training_arguments
 
+    if not [t for t in optimizers if t.strip()]:
+        raise ValueError(f"--optimizers {','.join(optimizers)!r}: no optimizer; name at least one, e.g. adamw,adatamw")
+    optimizers = [t for t in optimizers if t.strip()]
+    if not seeds:
+        raise ValueError("--seeds: no seed; give a count (3) or a list (0,1; one seed: 7,)")
+    _once(seeds, lambda seed: f"--seeds: seed {seed} is given twice (one run counted twice would shrink every "
+          "interval); name each seed once")
     recipe_path = Path(recipe_path)
     raw = read_recipe_file(recipe_path)
     problems = apply_overrides(raw, list(sets))
@@ -299,18 +348,49 @@ def _history_callback():
     return _History()
 
 
-def _prepare(run: Run) -> None:
-    """Continue a partial run from its checkpoint when it has one and the recipe is unchanged; else start over."""
+def _prepare(run: Run) -> tuple[Optional[int], Optional[float]]:
+    """Continue a partial run from its last complete checkpoint when the recipe is unchanged; else start over.
+    Returns (the step resumed from, the seconds the earlier attempts took to reach it), both None for a fresh
+    start; the seconds are None too when no attempt recorded them."""
+    from tam_hf.finetune.outputs import complete_checkpoints, write_json
+
     d = run.directory
-    stamp = d / "fingerprint.txt"
-    same = stamp.is_file() and stamp.read_text().strip() == run.fingerprint
-    if d.exists() and same and any(d.glob("checkpoint-*")):
+    record = _record(d)
+    good, _ = complete_checkpoints(d) if record.get("fingerprint") == run.fingerprint else ([], [])
+    if good:
         run.recipe.resume = True
-        return
+        step = int(good[0].name.rsplit("-", 1)[1])
+        return step, (record.get("elapsed_s") or {}).get(str(step))
     if d.exists():
         shutil.rmtree(d)
     d.mkdir(parents=True)
-    stamp.write_text(run.fingerprint + "\n")
+    write_json(d / RECORD, {"fingerprint": run.fingerprint, "elapsed_s": {}})
+    return None, None
+
+
+def _record(directory: Path) -> dict:
+    """RECORD of a partial run: its fingerprint, and checkpoint step -> seconds from the run's first start to that
+    checkpoint over every attempt. Unreadable counts as absent: the run starts over."""
+    value = read_result(directory / RECORD)
+    return value if value is not None else {}
+
+
+def _elapsed_callback(directory: Path, before: float):
+    """Records, at every checkpoint, the seconds spent so far (``before`` from earlier attempts plus this one), so
+    that a run killed and continued from that checkpoint reports the wall time of all its parts."""
+    from transformers import TrainerCallback
+
+    from tam_hf.finetune.outputs import write_json
+
+    started = time.time()
+
+    class _Elapsed(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            record = _record(directory)
+            record.setdefault("elapsed_s", {})[str(state.global_step)] = round(before + time.time() - started, 1)
+            write_json(directory / RECORD, record)
+
+    return _Elapsed()
 
 
 def _prune(directory: Path) -> None:
@@ -321,31 +401,48 @@ def _prune(directory: Path) -> None:
 
 
 def execute(run: Run, keep_models: bool = False) -> dict:
-    """Train one run and write its result.json; a run that diverges is written as a diverged result (see the
-    module docstring). Other run errors propagate."""
+    """Train one run and write its result.json (atomically: a reader finds no file or the whole file); a run
+    that diverges is written as a diverged result (see the module docstring). Other run errors propagate."""
     from tam_hf.finetune.errors import NonFiniteError
+    from tam_hf.finetune.outputs import write_json
     from tam_hf.finetune.pipeline import finetune
 
-    _prepare(run)
+    resumed_from, before = _prepare(run)
     history = _history_callback()
     result = {"label": run.label, "seed": run.seed, "fingerprint": run.fingerprint, "fixed_damping": run.fixed_damping}
+    callbacks = [history, _elapsed_callback(run.directory, before or 0.0)]
     try:
-        summary = finetune(run.recipe, callbacks=[history])
+        summary = finetune(run.recipe, callbacks=callbacks)
     except NonFiniteError as exc:
         summary = dict(exc.summary or {})
         # No metric of a diverged run may enter a mean: the report reads train_loss / eval / damping / wall_s.
         summary.update(status="diverged", train_loss=None, eval=None, damping=None)
         result.update(status="diverged", diverged=str(exc), diverged_at_step=exc.step,
-                      wall_s=summary.pop("wall_s", None))
+                      wall_s=_add_parts(result, summary.pop("wall_s", None), resumed_from, before))
     else:
         if summary.get("interrupted"):
             raise KeyboardInterrupt
         result["status"] = "completed"
+        summary["wall_s"] = _add_parts(result, summary.get("wall_s"), resumed_from, before)
     result.update(summary=summary, log_history=history.state.log_history if history.state is not None else [])
-    (run.directory / "result.json").write_text(json.dumps(json_safe(result), indent=1, allow_nan=False))
+    write_json(run.result_path, result)
     if not keep_models:
         _prune(run.directory)
     return result
+
+
+def _add_parts(result: dict, wall_s: Optional[float], resumed_from: Optional[int], before: Optional[float]):
+    """The wall time of every attempt of a resumed run added up (recorded in ``result``); this attempt's alone
+    when the run was not resumed, or the earlier attempts recorded nothing (said in ``result``)."""
+    if resumed_from is None or not isinstance(wall_s, (int, float)):
+        return wall_s
+    result["resumed_from_step"] = resumed_from
+    if before is None:
+        result["wall_s_note"] = f"resumed from checkpoint-{resumed_from}, whose time was not recorded: wall_s " \
+                                "counts the resumed part only"
+        return wall_s
+    result["wall_s_parts"] = [before, wall_s]
+    return round(before + wall_s, 1)
 
 
 def diverged(result: dict) -> bool:
