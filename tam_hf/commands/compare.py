@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tam_hf.commands import explain
 from tam_hf.compare import study
-from tam_hf.finetune.recipe import RecipeError
+from tam_hf.finetune.errors import RecipeError
 
 __all__ = ["main", "parser", "parse_seeds"]
 
