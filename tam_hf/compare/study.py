@@ -57,7 +57,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Optional
 
-from tam_hf.finetune.outputs import json_safe
 from tam_hf.finetune.config.load import apply_overrides, read_recipe_file, to_dict, validate_recipe
 from tam_hf.finetune.config.schema import Recipe
 from tam_hf.finetune.config.yaml_io import read_yaml

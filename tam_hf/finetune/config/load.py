@@ -267,7 +267,9 @@ def _parse_training(name: str, raw, problems: list[str]):
 
 
 def _any_optimizer_takes(key: str) -> bool:
-    # Asked only for a null key this optimizer does not take: reading torch's optimizers' signatures imports torch.
+    # Asked only for a key this optimizer does not take: reading torch's optimizers' signatures imports torch.
+    from tam_hf.optim.registry import OPTIMIZERS
+
     return any(key in _optimizer_spec(name).accepted_keys() for name in OPTIMIZERS)
 
 
@@ -298,7 +300,7 @@ def _parse_optimizer(name: str, raw, problems: list[str]):
         takes = f"{spec.name} takes {', '.join(accepted)}"
         if key not in accepted:
             problems.append(f"optimizer.{key_text(key)} does not apply to {spec.name} (it takes {', '.join(accepted)})"
-                            if key in anywhere else
+                            if _any_optimizer_takes(key) else
                             f"optimizer.{key_text(key)}: unknown key{suggest(key, accepted, key_places(), 'optimizer')}"
                             f"; {takes}")
             continue
