@@ -73,6 +73,9 @@ class OptimizerSpec:
     help: str = ""
     aliases: tuple[str, ...] = field(default=())
     arguments: Optional[Arguments] = None  # torch-free declaration of the constructor; None: read the class
+    # Keys whose TrainingArguments field the optimizer's transformers handler does not read (transformers' SGD
+    # takes momentum from --optim_args only): they travel in optim_args.
+    optim_args_keys: tuple[str, ...] = field(default=())
 
     def __post_init__(self):
         if self.family not in TRAINING_ARGS_FIELDS:
@@ -115,7 +118,8 @@ class OptimizerSpec:
     def training_args_keys(self) -> dict[str, tuple[str, ...]]:
         """Constructor key -> TrainingArguments fields, for the keys this optimizer accepts."""
         accepted = self.accepted_keys()
-        return {k: v for k, v in TRAINING_ARGS_FIELDS[self.family].items() if k in accepted}
+        return {k: v for k, v in TRAINING_ARGS_FIELDS[self.family].items()
+                if k in accepted and k not in self.optim_args_keys}
 
     def kwargs_from_training_args(self, args) -> dict[str, Any]:
         """Constructor kwargs taken from a ``TrainingArguments`` (``--optim_args`` not included)."""
@@ -202,5 +206,5 @@ add(OptimizerSpec("adatamw_8bit", "tam_hf.optim.tam8bit:AdaTAMW8bit", "adam", to
                   help="AdaTAMW with 8-bit moments (bitsandbytes; about 0.2x AdamW's lr; DDP only, not ZeRO/FSDP2)"))
 add(OptimizerSpec("adamw", "torch.optim:AdamW", "adam", torque=False, hf_optim="adamw_torch",
                   help="torch AdamW, the reference"))
-add(OptimizerSpec("sgd", "torch.optim:SGD", "sgd", torque=False, hf_optim="sgd",
+add(OptimizerSpec("sgd", "torch.optim:SGD", "sgd", torque=False, hf_optim="sgd", optim_args_keys=("momentum",),
                   help="torch SGD with momentum, the reference"))
