@@ -9,12 +9,9 @@ the example recipes promise.
 
 import json
 import os
-import re
-import shlex
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -27,7 +24,7 @@ from transformers import TrainerCallback
 import tam_hf.finetune.model
 from tam_hf.finetune.errors import (CheckpointError, DataError, EvaluationError, HubUnavailableError,
                                     NonFiniteError, OutputDirError, PushError)
-from tam_hf.finetune.config.load import to_dict, validate_recipe
+from tam_hf.finetune.config.load import validate_recipe
 from tam_hf.finetune.pipeline import finetune
 
 ROOT = Path(__file__).absolute().parent.parent

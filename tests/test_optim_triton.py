@@ -13,9 +13,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from tam_hf import TAM, AdaTAM, AdaTAMW  # noqa: E402
 from tam_hf.optim import triton_kernels  # noqa: E402
 from tam_hf.optim.reference import ReferenceTorque  # noqa: E402
+from tam_hf.optim.tam import TAM, AdaTAM, AdaTAMW  # noqa: E402
 
 DEVICE = torch.device(os.environ.get("TAM_HF_TEST_DEVICE", "cpu"))
 # 0-d to 4-d; the (9, 40) one spans three chunks; the last is channels_last while its gradients are not
@@ -239,7 +239,7 @@ def test_reruns_give_the_same_bits():
 def test_functional_api_with_step_counts_as_numbers(launches):
     """adatam(..., fused=True) takes the same kernels; Python step counts (the 8-bit optimizer passes them) give
     the same bits as the class's device counts."""
-    from tam_hf.optim import adatam
+    from tam_hf.optim.tam import adatam
 
     dtypes = [torch.float32] * len(SHAPES)
     a, b = init_params(dtypes), init_params(dtypes)

@@ -2,6 +2,6 @@
 
 import sys
 
-from tam_hf.compare.study import main
+from tam_hf.commands.compare import main
 
 sys.exit(main())

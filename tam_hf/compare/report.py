@@ -10,6 +10,9 @@ Input is a list of finished runs, each ``{"label", "seed", "summary", "log_histo
 * ``loss.png``   training and evaluation loss over steps (mean over seeds, band = min..max);
 * ``damping.png`` TAM's mean damping over steps (arms without damping, e.g. AdamW, are absent).
 
+report.md ends with Notes: what the study changed in the recipe (e.g. a logging interval) and every plot panel
+left empty, with the reason, so that an empty plot is never silent.
+
 Standard deviations are sample standard deviations (ddof 1); with one seed they are shown as "n/a".
 """
 
@@ -124,22 +127,31 @@ def curves(results: list[dict], key: str) -> dict[str, tuple[list[int], list[flo
     return out
 
 
-def _plot(results: list[dict], arms: list[str], keys: list[str], path: Path, title: str) -> None:
+def _plot(results: list[dict], arms: list[str], keys: list[str], path: Path, title: str) -> list[str]:
+    """Draw one panel per log_history key into ``path``; returns the keys no run logged (empty panels)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display (CI, ssh)
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
+    empty = []
     fig, axes = plt.subplots(1, len(keys), figsize=(max(5.5 * len(keys), 8), 4), squeeze=False)
     for ax, key in zip(axes[0], keys):
         data = curves(results, key)
         for i, arm in enumerate(arms):
             if arm in data:
                 steps, mean, lo, hi = data[arm]
+                if len(steps) == 1:  # a band of one point is invisible: show min..max as an error bar
+                    ax.errorbar(steps, mean, yerr=[[mean[0] - lo[0]], [hi[0] - mean[0]]], label=arm,
+                                color=f"C{i}", marker="o", capsize=4)
+                    continue
                 ax.plot(steps, mean, label=arm, color=f"C{i}", marker="o" if len(steps) < 12 else None)
                 ax.fill_between(steps, lo, hi, color=f"C{i}", alpha=0.2)
         if not data:
+            empty.append(key)
             ax.text(0.5, 0.5, f"no '{key}' logged by any arm", ha="center", va="center", transform=ax.transAxes)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # whole steps, also for one point
         ax.set_xlabel("step")
         ax.set_title(CURVES[key])
         ax.grid(alpha=0.3)
@@ -149,6 +161,14 @@ def _plot(results: list[dict], arms: list[str], keys: list[str], path: Path, tit
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return empty
+
+
+def _empty_panel_note(key: str, png: str) -> str:
+    why = {"loss": "no run logged a training step (a run shorter than training.logging_steps logs none)",
+           "eval_loss": "no run evaluated (eval.metrics / eval_strategy, or no eval_file)",
+           "damping/mean": "no arm has a damping to log (only TAM optimizers do)"}[key]
+    return f"{png}: the {CURVES[key]} panel is empty: {why}"
 
 
 def _diverged_section(bad: list[dict], results: list[dict], arms: list[str]) -> list[str]:
@@ -166,10 +186,12 @@ def _diverged_section(bad: list[dict], results: list[dict], arms: list[str]) -> 
     return text
 
 
-def write_report(results: list[dict], arms: list[str], out: Path, title: str, command: str = "") -> dict[str, Path]:
-    """Write report.md, report.csv, runs.csv, loss.png and damping.png into ``out``; returns their paths. Runs whose
-    result says ``status: diverged`` stay out of every mean and plot: runs.csv marks their cells 'diverged' and
-    report.md lists them."""
+def write_report(results: list[dict], arms: list[str], out: Path, title: str, command: str = "",
+                 notes: list[str] = ()) -> tuple[dict[str, Path], list[str]]:
+    """Write report.md, report.csv, runs.csv, loss.png and damping.png into ``out``; returns their paths and the
+    notes a reader must see (``notes``, what the study changed in the recipe, plus every empty plot panel and
+    why; report.md lists them too). Runs whose result says ``status: diverged`` stay out of every mean and plot:
+    runs.csv marks their cells 'diverged' and report.md lists them."""
     out.mkdir(parents=True, exist_ok=True)
     order = lambda r: (arms.index(r["label"]), r["seed"])  # noqa: E731
     bad = sorted((r for r in results if r.get("status") == "diverged"), key=order)
@@ -193,8 +215,9 @@ def write_report(results: list[dict], arms: list[str], out: Path, title: str, co
         for r in bad:
             w.writerow([r["label"], r["seed"], *["diverged"] * len(metrics)])
 
-    _plot(results, arms, ["loss", "eval_loss"], paths["loss.png"], title)
-    _plot(results, arms, ["damping/mean"], paths["damping.png"], title)
+    notes = list(notes)
+    for png, keys in (("loss.png", ["loss", "eval_loss"]), ("damping.png", ["damping/mean"])):
+        notes += [_empty_panel_note(key, png) for key in _plot(results, arms, keys, paths[png], title)]
 
     text = [f"# {title}", ""]
     if command:
@@ -203,7 +226,9 @@ def write_report(results: list[dict], arms: list[str], out: Path, title: str, co
              f"**{arms[0]}** ± its standard error). A Δ within about 2 SE is not distinguishable from seed noise.",
              "", markdown_table(metrics, rows, arms), "",
              "![loss](loss.png)", "", "![damping](damping.png)", ""]
+    if notes:
+        text += ["## Notes", "", *[f"- {n}" for n in notes], ""]
     if bad:
         text += _diverged_section(bad, every, arms) + [""]
     paths["report.md"].write_text("\n".join(text))
-    return paths
+    return paths, notes

@@ -266,6 +266,13 @@ def _parse_training(name: str, raw, problems: list[str]):
     return _INVALID if parsed is None else parsed
 
 
+def _any_optimizer_takes(key: str) -> bool:
+    # Asked only for a key this optimizer does not take: reading torch's optimizers' signatures imports torch.
+    from tam_hf.optim.registry import OPTIMIZERS
+
+    return any(key in _optimizer_spec(name).accepted_keys() for name in OPTIMIZERS)
+
+
 def _parse_optimizer(name: str, raw, problems: list[str]):
     """``name`` must be in the registry; every other key must be an argument of that optimizer's constructor,
     of the type it declares; the values are then checked once, by the registry's ``check`` (its own messages)."""
@@ -286,15 +293,14 @@ def _parse_optimizer(name: str, raw, problems: list[str]):
     if spec is None:
         return _INVALID
     accepted = spec.accepted_keys()
-    anywhere = {k for s in OPTIMIZERS for k in _optimizer_spec(s).accepted_keys()}
     settings = {}
     for key, value in raw.items():
-        if key in ("name", "lr") or (value is None and key in anywhere):
+        if key in ("name", "lr") or (value is None and (key in accepted or _any_optimizer_takes(key))):
             continue  # null = unset; resolved recipes of earlier releases list every optimizer's keys as null
         takes = f"{spec.name} takes {', '.join(accepted)}"
         if key not in accepted:
             problems.append(f"optimizer.{key_text(key)} does not apply to {spec.name} (it takes {', '.join(accepted)})"
-                            if key in anywhere else
+                            if _any_optimizer_takes(key) else
                             f"optimizer.{key_text(key)}: unknown key{suggest(key, accepted, key_places(), 'optimizer')}"
                             f"; {takes}")
             continue
