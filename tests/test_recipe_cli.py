@@ -81,6 +81,11 @@ def test_validate_prints_resolved_recipe_and_loads_nothing(no_training, capsys):
     assert "valid" in out.err
 
 
+def test_output_dir_override_without_its_section_names_the_section(no_training, capsys):
+    assert main([str(DEMO), "output_dir=outputs/other"]) == 2
+    assert "output_dir: unknown key (did you mean 'training.output_dir'?)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("text, fragment", [
     ("model: !!python/object/apply:os.getcwd []\n", "could not determine a constructor"),
     ("- just\n- a list\n", "the top level must be a mapping"),
