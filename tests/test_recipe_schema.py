@@ -663,15 +663,12 @@ def test_training_fields_read_without_transformers_match_the_class():
     assert fields["max_steps"] is int and fields["bf16"] is bool and fields["report_to"] is typing.Any
 
 
-# Flip to True once tam_hf.optim.registry imports without torch (the optim branch): validation then must not
-# import torch, triton or torch._dynamo either.
-TORCH_FREE_REGISTRY = False
-HEAVY = ("transformers", "peft", "bitsandbytes", "datasets", "trl", "lm_eval", "evaluate", "deepspeed")
-REGISTRY_HEAVY = ("torch", "triton", "torch._dynamo")
+HEAVY = ("torch", "triton", "torch._dynamo", "transformers", "peft", "bitsandbytes", "datasets", "trl", "lm_eval",
+         "evaluate", "deepspeed")
 
 
 def test_loading_a_recipe_imports_no_heavy_module():
-    heavy = HEAVY + (REGISTRY_HEAVY if TORCH_FREE_REGISTRY else ())
+    heavy = HEAVY
     code = ("import sys\nfrom tam_hf.finetune.config.load import load_recipe\n"
             "load_recipe('recipes/examples/demo_tiny.yaml')\n"
             f"print(' '.join(m for m in {heavy!r} if m in sys.modules))")
