@@ -72,7 +72,8 @@ def test_missing_tracker_names_its_install_command(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name in ("tensorboard", "tensorboardX", "wandb") else real(name, *a))
     assert tracker_problems(["tensorboard", "wandb", "trackio"]) == [
-        "report_to: tensorboard is not installed; install it with: pip install 'tam_hf[tensorboard]'",
+        "report_to: tensorboard is not installed; install it with: pip install \"tam_hf[tensorboard]\"   (from a "
+        "checkout: pip install -e \".[tensorboard]\")",
         "report_to: wandb is not installed; install it with: pip install wandb",
     ]
 

@@ -12,12 +12,16 @@ import importlib.util
 
 __all__ = ["TRACKERS", "tracker_problems"]
 
+def _extra(name: str) -> str:
+    return f'pip install "tam_hf[{name}]"   (from a checkout: pip install -e ".[{name}]")'
+
+
 # report_to name -> (modules of which one must be importable, the install command). The names are transformers'
 # INTEGRATION_TO_CALLBACK keys (tests/test_trackers.py keeps the two in step); the modules are the ones its
 # is_*_available() functions look for. kubeflow needs no package (a server URL in the environment).
 TRACKERS: dict[str, tuple[tuple[str, ...], str]] = {
-    "tensorboard": (("tensorboard", "tensorboardX"), "pip install 'tam_hf[tensorboard]'"),
-    "trackio": (("trackio",), "pip install 'tam_hf[trackio]'"),
+    "tensorboard": (("tensorboard", "tensorboardX"), _extra("tensorboard")),
+    "trackio": (("trackio",), _extra("trackio")),
     "wandb": (("wandb",), "pip install wandb"),
     "mlflow": (("mlflow",), "pip install mlflow"),
     "comet_ml": (("comet_ml",), "pip install comet_ml"),
