@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from tam_hf.optim.tam import TorqueOptimizer
 
@@ -61,7 +62,7 @@ class DampingLogger:
     def __init__(self, logger, **_ignored):
         self._logger = logger
         self._stepped: weakref.WeakSet = weakref.WeakSet()
-        self._hook = torch.optim.optimizer.register_optimizer_step_post_hook(self._record)
+        self._hook = register_optimizer_step_post_hook(self._record)
 
     def _record(self, optimizer, args, kwargs) -> None:
         if isinstance(optimizer, TorqueOptimizer):
