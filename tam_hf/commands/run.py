@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None, prog: str = "tam-finetune") -> int:
     from tam_hf.finetune.training_args import build_training_arguments
     from tam_hf.trainer import quiet
 
-    getattr(quiet, "install", lambda verbose: None)(verbose=args.verbose)  # TODO(lead): wire at merge
+    quiet.install(verbose=args.verbose)
     try:
         build_training_arguments(recipe)  # their own checks, before a launcher starts processes
     except RecipeError as exc:
