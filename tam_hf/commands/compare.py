@@ -42,7 +42,8 @@ def parse_seeds(text: str) -> list[int]:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tam-finetune compare",
-        description="Run a recipe under several optimizers and seeds; write a mean ± std report with plots.",
+        description="Run a recipe under several optimizers and seeds; write a report (mean ± 95% CI, differences "
+        "paired by seed) with plots.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="arms (one per optimizer in tam_hf.optim.registry, plus a -const control per TAM optimizer):\n"
         + "\n".join(f"  {k:16s} {a.help}" for k, a in study.arms().items())
