@@ -71,8 +71,76 @@ ensure_venv() {  # $1 = tool
     touch "$v/.installed"
 }
 
+# --- each tool's tiny offline AdaTAMW training: the first comment line of its example config -------------------
+# Run in a scratch folder holding ./tam_tiny (python -m tam_hf.integrations.example tam_tiny) and a link to
+# recipes/, so the command is the documented one, letter for letter.
+COMMAND_axolotl="axolotl train recipes/integrations/axolotl_adatamw.yml --launcher python"
+COMMAND_llamafactory="python -m tam_hf.run llamafactory-cli train recipes/integrations/llamafactory_adatamw.yaml"
+COMMAND_torchtune="tune run full_finetune_single_device --config recipes/integrations/torchtune_adatamw.yaml"
+# axolotl sends usage statistics to a remote host unless told not to: offline, seconds of retries at every step.
+export AXOLOTL_DO_NOT_TRACK=1 DO_NOT_TRACK=1
+
+# The losses and damping a log shows, from the Trainer's dict lines ({'loss': '5.178', ..., 'damping/mean': ...})
+# and torchtune's DiskLogger lines (Step 5 | loss:5.17 ... damping/mean:0.51 ...).
+read_log() {  # $1 = log file -> "first_loss last_loss damping_lines"
+    python3 - "$1" <<'PY'
+import re, sys
+text = open(sys.argv[1], errors="replace").read()
+number = r"['\"]?\s*[:=]\s*['\"]?(-?[0-9][0-9.eE+-]*)"
+losses = [float(x) for x in re.findall(r"(?<![\w/])['\"]?loss" + number, text)]
+damping = re.findall(r"damping/mean" + number, text)
+print(f"{losses[0] if losses else 'nan'} {losses[-1] if losses else 'nan'} {len(damping)}")
+PY
+}
+
+if [ $install_only = 1 ]; then
+    for t in "${tools[@]}"; do echo "== $t: installing into $VENVS/$t" >&2; ensure_venv "$t"; done
+    exit 0
+fi
+rows=()
+failed=0
 for t in "${tools[@]}"; do
-    echo "== installing $t into $VENVS/$t" >&2
+    echo "== $t: installing into $VENVS/$t" >&2
     ensure_venv "$t"
+    v=$VENVS/$t
+    # Item 2 of the check: installing tam_hf changes nothing that the tool installed.
+    "$v/bin/pip" uninstall -q -y tam_hf >/dev/null 2>&1 || true
+    "$v/bin/pip" freeze --exclude tam_hf | sort > "$v/freeze-before.txt"
+    "$v/bin/pip" check > "$v/check-before.txt" 2>&1 || true
+    "$v/bin/pip" install -q -c "$v/constraints.txt" "$REPO" >&2
+    "$v/bin/pip" freeze --exclude tam_hf | sort > "$v/freeze-after.txt"
+    "$v/bin/pip" check > "$v/check-after.txt" 2>&1 || true
+    changed=$(diff "$v/freeze-before.txt" "$v/freeze-after.txt" | grep -c '^[<>]' || true)
+    if [ "$changed" != 0 ]; then
+        echo "!! $t: installing tam_hf changed packages:" >&2
+        diff "$v/freeze-before.txt" "$v/freeze-after.txt" >&2 || true
+    fi
+    if ! diff -q "$v/check-before.txt" "$v/check-after.txt" >/dev/null; then
+        echo "!! $t: pip check changed:" >&2
+        diff "$v/check-before.txt" "$v/check-after.txt" >&2 || true
+        changed="$changed+check"
+    fi
+
+    echo "== $t: training" >&2
+    work=$(mktemp -d)
+    log=$v/train.log
+    cmd_var=COMMAND_$t
+    ln -s "$REPO/recipes" "$work/recipes"
+    set +e
+    (cd "$work" && export PATH="$v/bin:$PATH" && python -m tam_hf.integrations.example tam_tiny >/dev/null &&
+        ${!cmd_var}) > "$log" 2>&1
+    rc=$?
+    set -e
+    read -r first last damping < <(read_log "$log")
+    ok=$(python3 -c "import sys; f, l, d, rc, ch = sys.argv[1:]; print('yes' if rc == '0' and float(l) < float(f) and int(d) > 0 and ch == '0' else 'NO')" \
+        "$first" "$last" "$damping" "$rc" "$changed")
+    [ "$ok" = yes ] || { failed=1; echo "!! $t failed (exit $rc); log: $log" >&2; tail -20 "$log" >&2; }
+    rows+=("| $t | $(tool_version "$v" "$t") | \`${!cmd_var}\` | $first -> $last | $damping log lines | $(cat "$v/.install_seconds") s | $changed | $ok |")
+    rm -rf "$work"
 done
-[ $install_only = 1 ] && exit 0
+
+echo
+echo "| tool | version | command | loss first -> last | damping/mean logged | install time | packages changed by pip install tam_hf | passed |"
+echo "|---|---|---|---|---|---|---|---|"
+printf '%s\n' "${rows[@]}"
+exit $failed

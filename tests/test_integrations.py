@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import subprocess
 import sys
 import types
@@ -117,6 +118,74 @@ def test_integration_modules_import_without_their_tools():
     assert out.strip() == "[]"
     with pytest.raises(ModuleNotFoundError, match="axolotl"):
         tam_axolotl.TAMPlugin
+
+
+# ------------------------------------------------------------------------------------------- LLaMA-Factory
+
+
+class RecordedOptimizerPlugin:
+    """LLaMA-Factory 0.9.5's v1 plugin registry (llamafactory.v1.utils.plugin.BasePlugin, of which
+    trainer_plugins.optimizer.OptimizerPlugin is an empty subclass): ``OptimizerPlugin(name).register()`` is a
+    decorator storing the builder under ``name``; the v1 trainer calls
+    ``OptimizerPlugin(optim_config.name)(model, optim_config)`` with ``optim_config`` a dict subclass."""
+
+    _registry: dict = {}
+
+    def __init__(self, name):
+        self.name = name
+
+    def register(self, method_name="__call__"):
+        def decorator(func):
+            self._registry.setdefault(self.name, {})[method_name] = func
+            return func
+        return decorator
+
+    def __call__(self, *args, **kwargs):
+        return self._registry[self.name]["__call__"](*args, **kwargs)
+
+
+@pytest.fixture
+def llamafactory_stub(monkeypatch):
+    monkeypatch.setattr(RecordedOptimizerPlugin, "_registry", {})
+    _stub_modules(monkeypatch, {
+        "llamafactory": {}, "llamafactory.v1": {}, "llamafactory.v1.plugins": {},
+        "llamafactory.v1.plugins.trainer_plugins": {},
+        "llamafactory.v1.plugins.trainer_plugins.optimizer": {"OptimizerPlugin": RecordedOptimizerPlugin}})
+
+
+def test_llamafactory_v1_builds_every_tam_optimizer(llamafactory_stub):
+    from tam_hf.integrations.llamafactory import register
+    from tam_hf.optim import registry
+
+    assert register() == registry.torque_names() and set(RecordedOptimizerPlugin._registry) == set(
+        registry.torque_names())
+    model = tiny_llama()
+    config = {"name": "adatamw", "lr": 2e-3, "betas": [0.8, 0.99], "weight_decay": 0.01, "decay_rate": "0.95",
+              "cosine_scope": "global"}
+    optimizer = RecordedOptimizerPlugin("adatamw")(model, config)
+    assert type(optimizer) is tam_hf.AdaTAMW
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 0.01 and all(p.ndim == 2 for p in decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and all(p.ndim == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    assert (decay["lr"], decay["betas"], decay["decay_rate"], decay["cosine_scope"]) == (
+        2e-3, (0.8, 0.99), 0.95, "global")
+    tam = RecordedOptimizerPlugin("tam")(model, {"name": "tam", "lr": 0.05, "momentum": 0.8})
+    assert type(tam) is tam_hf.TAM and tam.param_groups[0]["momentum"] == 0.8
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"lr": 1e-3, "decay_rat": 0.9}, "unknown key 'decay_rat' (did you mean 'decay_rate'?)"),
+    ({"decay_rate": 0.9}, "lr is required"),
+    ({"lr": 1e-3, "decay_rate": 1.5}, "decay_rate"),
+    ({"lr": 1e-3, "cosine_scope": "layer"}, "Invalid cosine_scope value: 'layer'"),
+])
+def test_llamafactory_v1_config_is_checked_like_optim_args(llamafactory_stub, config, message):
+    from tam_hf.integrations.llamafactory import register
+
+    register()
+    with pytest.raises(ValueError, match=r"LLaMA-Factory optim_config \(name: adatamw\): .*" + re.escape(message)):
+        RecordedOptimizerPlugin("adatamw")(tiny_llama(), {"name": "adatamw", **config})
 
 
 # ----------------------------------------------------------------------------------------------- torchtune

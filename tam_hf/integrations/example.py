@@ -4,8 +4,9 @@
 * ``DIR/model/``: the package's tiny Llama (tam_hf/assets/tiny-llama, 97k parameters, with its tokenizer) as a
   Hugging Face checkpoint, weights drawn from a fixed seed the way transformers initialises a Llama
   (normal(0, initializer_range) matrices, unit norms, tied embeddings);
-* ``DIR/train.jsonl``: the package's single-digit sums, each row with ``prompt``, ``completion`` and ``text``
-  (prompt + completion), and ``DIR/dataset_info.json`` naming it ``tam_demo`` for LLaMA-Factory.
+* ``DIR/train.jsonl``: the package's single-digit sums, each row with ``prompt``, ``completion``, ``text``
+  (prompt + completion) and, for Alpaca readers, ``instruction`` and ``output``; ``DIR/dataset_info.json``
+  names it ``tam_demo`` for LLaMA-Factory, ``DIR/v1_dataset.yaml`` for its v1 trainer.
 
 Only torch and safetensors, which every one of the three tools brings: no transformers (torchtune has none).
 """
@@ -65,11 +66,14 @@ def write_example(folder: str | Path) -> Path:
     config = json.loads((model / "config.json").read_text())
     save_file(_llama_weights(config), str(model / "model.safetensors"), metadata={"format": "pt"})
     rows = [json.loads(line) for line in (ASSETS / "demo_train.jsonl").read_text().splitlines() if line.strip()]
-    (folder / "train.jsonl").write_text("".join(
-        json.dumps({**r, "text": r["prompt"] + r["completion"]}) + "\n" for r in rows))
+    (folder / "train.jsonl").write_text("".join(json.dumps(
+        {**r, "text": r["prompt"] + r["completion"], "instruction": r["prompt"], "output": r["completion"]}) + "\n"
+        for r in rows))
     (folder / "dataset_info.json").write_text(json.dumps(
         {"tam_demo": {"file_name": "train.jsonl", "columns": {"prompt": "prompt", "response": "completion"}}},
         indent=2))
+    (folder / "v1_dataset.yaml").write_text(
+        f"tam_demo:\n  path: {json.dumps(str(folder / 'train.jsonl'))}\n  source: local\n  converter: alpaca\n")
     return folder
 
 
