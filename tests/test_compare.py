@@ -185,6 +185,51 @@ def test_aggregate_mean_std_delta():
     assert by["b", "eval_accuracy"]["delta_se"] == pytest.approx(math.sqrt(0.02 / 2))
 
 
+def test_confidence_intervals_and_paired_differences_match_scipy_on_fixed_numbers():
+    from scipy import stats as scipy_stats
+
+    from tam_hf.compare.stats import mean_ci, paired
+
+    # t(0.975, 2 degrees of freedom) = 4.302652729911275: the interval is mean ± t * s / sqrt(n)
+    mean, low, high = mean_ci([0.9, 0.85, 0.8])
+    assert mean == pytest.approx(0.85) and high - mean == pytest.approx(4.302652729911275 * 0.05 / math.sqrt(3))
+    assert (low, high) == pytest.approx(scipy_stats.t.interval(0.95, 2, loc=0.85, scale=scipy_stats.sem([0.9, 0.85, 0.8])))
+    assert math.isnan(mean_ci([1.0])[1]) and mean_ci([2.0, 2.0]) == (2.0, 2.0, 2.0)
+
+    base = {0: 0.50, 1: 0.70, 2: 0.60}
+    arm = {2: 0.80, 0: 0.90, 1: 0.85, 5: 0.1}  # paired by seed, not by order; seed 5 has no partner
+    d = paired(arm, base)
+    assert d["delta_n"] == 3 and d["delta"] == pytest.approx(0.25)  # differences 0.40, 0.15, 0.20
+    assert d["delta_se"] == pytest.approx(math.sqrt(0.0175 / 3))
+    assert (d["delta_low"], d["delta_high"]) == pytest.approx(
+        (0.25 - 4.302652729911275 * math.sqrt(0.0175 / 3), 0.25 + 4.302652729911275 * math.sqrt(0.0175 / 3)))
+    assert d["p_value"] == pytest.approx(scipy_stats.ttest_rel([0.9, 0.85, 0.8], [0.5, 0.7, 0.6]).pvalue)
+    assert d["p_value"] == pytest.approx(0.0820, abs=1e-4)  # t = 3.273 on 2 degrees of freedom
+    one = paired({0: 1.0}, {0: 0.5})
+    assert one["delta"] == 0.5 and math.isnan(one["delta_low"]) and math.isnan(one["p_value"])
+
+
+def test_the_report_gives_intervals_paired_differences_and_n_in_every_row(tmp_path):
+    from tam_hf.compare.report import write_report
+
+    def result(label, seed, acc):
+        return {"label": label, "seed": seed, "log_history": [], "summary": {"train_loss": 1.0, "eval": {"accuracy": acc}}}
+
+    results = [result("adamw", s, a) for s, a in ((0, 0.5), (1, 0.7), (2, 0.6))]
+    results += [result("adatamw", s, a) for s, a in ((0, 0.9), (1, 0.85), (2, 0.8))]
+    paths, _ = write_report(results, ["adamw", "adatamw"], tmp_path, "t")
+    rows = {(r["arm"], r["metric"]): r for r in _csv(paths["report.csv"])}
+    row = rows["adatamw", "eval_accuracy"]
+    assert float(row["ci95_low"]) == pytest.approx(0.85 - 4.302652729911275 * 0.05 / math.sqrt(3))
+    assert float(row["delta_vs_adamw"]) == pytest.approx(0.25) and row["delta_n"] == "3"
+    assert float(row["delta_ci95_high"]) == pytest.approx(0.25 + 4.302652729911275 * math.sqrt(0.0175 / 3))
+    assert float(row["p_value"]) == pytest.approx(0.0820, abs=1e-4) and row["seeds"] == "0 1 2"
+    assert rows["adamw", "eval_accuracy"]["p_value"] == "nan"  # the baseline has no difference to itself
+    report = paths["report.md"].read_text()
+    assert "| adatamw | 3 |" in report and "95% CI" in report and "paired by seed" in report
+    assert "0.8500 ± 0.1242 (Δ +0.2500 [−0.0786, +0.5786], p 0.082)" in report
+
+
 def test_an_empty_plot_panel_is_named_with_its_reason(tmp_path):
     from tam_hf.compare.report import write_report
 

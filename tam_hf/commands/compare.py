@@ -42,7 +42,8 @@ def parse_seeds(text: str) -> list[int]:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tam-finetune compare",
-        description="Run a recipe under several optimizers and seeds; write a mean ± std report with plots.",
+        description="Run a recipe under several optimizers and seeds; write a report (mean ± 95% CI, differences "
+        "paired by seed) with plots.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="arms (one per optimizer in tam_hf.optim.registry, plus a -const control per TAM optimizer):\n"
         + "\n".join(f"  {k:16s} {a.help}" for k, a in study.arms().items())
@@ -64,6 +65,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-models", action="store_true", help="keep each run's weights and checkpoints")
     p.add_argument("--report-only", action="store_true", help="write the report from the finished runs; train nothing")
     p.add_argument("--dry-run", action="store_true", help="validate every run and print the plan; train nothing")
+    p.add_argument("--verbose", action="store_true",
+                   help="show the third-party notices and progress bars that are held back by default")
     return p
 
 
@@ -92,7 +95,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: {note}", flush=True)
     if args.dry_run:
         return 0
-    if not args.report_only:
+    if not args.report_only and todo:
+        from tam_hf.trainer import quiet
+
+        quiet.install(verbose=args.verbose)
         for i, run in enumerate(todo, 1):
             started = time.time()
             print(f"[{i}/{len(todo)}] {run.label} seed {run.seed} -> {run.directory}", flush=True)

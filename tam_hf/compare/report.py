@@ -3,9 +3,10 @@
 Input is a list of finished runs, each ``{"label", "seed", "summary", "log_history"}`` (what
 :mod:`tam_hf.compare.study` stores as ``result.json``). Output, all in one folder:
 
-* ``report.md``  every metric as mean ± std over seeds, with the difference of means to the first arm and the
-  standard error of that difference (so "similar" has a scale: a difference within ~2 SE is noise);
-* ``report.csv`` the same numbers in long form (arm, metric, n, mean, std, delta, delta_se, per-seed values);
+* ``report.md``  every metric as mean ± its 95% confidence interval over seeds, with the difference to the first
+  arm paired by seed, its 95% interval and the paired t-test's p-value (:mod:`tam_hf.compare.stats`);
+* ``report.csv`` the same numbers in long form (arm, metric, n, mean, std, ci95_low/high, delta, delta_se,
+  delta_ci95_low/high, delta_n, p_value, seeds, per-seed values);
 * ``runs.csv``   one row per run;
 * ``loss.png``   training and evaluation loss over steps (mean over seeds, band = min..max);
 * ``damping.png`` TAM's mean damping over steps (arms without damping, e.g. AdamW, are absent).
@@ -13,7 +14,9 @@ Input is a list of finished runs, each ``{"label", "seed", "summary", "log_histo
 report.md ends with Notes: what the study changed in the recipe (e.g. a logging interval) and every plot panel
 left empty, with the reason, so that an empty plot is never silent.
 
-Standard deviations are sample standard deviations (ddof 1); with one seed they are shown as "n/a".
+Standard deviations are sample standard deviations (ddof 1). With one seed there is no interval ("n/a"); a
+difference is over the seeds both arms finished (a diverged seed leaves its pair out, and the cell says how many
+pairs remain).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from __future__ import annotations
 import csv
 import math
 from pathlib import Path
+
+from tam_hf.compare.stats import mean_ci, paired
 
 __all__ = ["run_metrics", "aggregate", "write_report", "curves"]
 
@@ -53,13 +58,15 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def aggregate(results: list[dict], arms: list[str]) -> tuple[list[str], list[dict]]:
-    """(metric names, rows): one row per (arm, metric) with n, mean, std, values and the difference of means to
-    ``arms[0]`` with its standard error sqrt(s1²/n1 + s2²/n2)."""
-    per_arm: dict[str, dict[str, list[float]]] = {arm: {} for arm in arms}
+    """(metric names, rows): one row per (arm, metric) with n, mean, std, the 95% interval of the mean
+    (``ci_low``, ``ci_high``), the seeds and their values, and the difference to ``arms[0]`` paired by seed
+    (:func:`tam_hf.compare.stats.paired`: ``delta``, ``delta_se``, ``delta_low``, ``delta_high``, ``delta_n``,
+    ``p_value``; NaN for the first arm itself)."""
+    per_arm: dict[str, dict[str, dict[int, float]]] = {arm: {} for arm in arms}
     metrics: list[str] = []
     for result in sorted(results, key=lambda r: r["seed"]):
         for key, value in run_metrics(result).items():
-            per_arm[result["label"]].setdefault(key, []).append(value)
+            per_arm[result["label"]].setdefault(key, {})[result["seed"]] = value
             if key not in metrics:
                 metrics.append(key)
     metrics.sort(key=_metric_rank)
@@ -67,17 +74,14 @@ def aggregate(results: list[dict], arms: list[str]) -> tuple[list[str], list[dic
     base = per_arm[arms[0]]
     for arm in arms:
         for metric in metrics:
-            values = per_arm[arm].get(metric)
-            if not values:
+            by_seed = per_arm[arm].get(metric)
+            if not by_seed:
                 continue
-            mean, std = _mean_std(values)
-            row = {"arm": arm, "metric": metric, "n": len(values), "mean": mean, "std": std, "values": values,
-                   "delta": math.nan, "delta_se": math.nan}
-            if arm != arms[0] and base.get(metric):
-                b_mean, b_std = _mean_std(base[metric])
-                row["delta"] = mean - b_mean
-                if len(values) > 1 and len(base[metric]) > 1:
-                    row["delta_se"] = math.sqrt(std ** 2 / len(values) + b_std ** 2 / len(base[metric]))
+            values = list(by_seed.values())
+            mean, low, high = mean_ci(values)
+            row = {"arm": arm, "metric": metric, "n": len(values), "mean": mean, "std": _mean_std(values)[1],
+                   "ci_low": low, "ci_high": high, "seeds": list(by_seed), "values": values}
+            row.update(paired(by_seed, base[metric]) if arm != arms[0] and base.get(metric) else paired({}, {}))
             rows.append(row)
     return metrics, rows
 
@@ -94,11 +98,16 @@ def _signed(x: float, scale: float) -> str:
 
 
 def _cell(row: dict) -> str:
+    """``mean ± half-width of its 95% interval (Δ mean paired difference [its interval], p of the paired test)``,
+    with the number of pairs when fewer seeds than the row's were paired."""
     scale = row["mean"]
-    text = f"{_fmt(row['mean'], scale)} ± {_fmt(row['std'], scale)}"
+    text = f"{_fmt(row['mean'], scale)} ± {_fmt(row['ci_high'] - row['mean'], scale)}"
     if not math.isnan(row["delta"]):
-        se = "" if math.isnan(row["delta_se"]) else f" ± {_fmt(row['delta_se'], scale)}"
-        text += f" (Δ {_signed(row['delta'], scale)}{se})"
+        bounds = "" if math.isnan(row["delta_low"]) else \
+            f" [{_signed(row['delta_low'], scale)}, {_signed(row['delta_high'], scale)}]"
+        p = "" if math.isnan(row["p_value"]) else f", p {row['p_value']:.2g}"
+        pairs = "" if row["delta_n"] == row["n"] else f", {row['delta_n']} pairs"
+        text += f" (Δ {_signed(row['delta'], scale)}{bounds}{p}{pairs})"
     return text
 
 
@@ -202,10 +211,12 @@ def write_report(results: list[dict], arms: list[str], out: Path, title: str, co
 
     with paths["report.csv"].open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["arm", "metric", "n", "mean", "std", f"delta_vs_{arms[0]}", "delta_se", "values"])
+        w.writerow(["arm", "metric", "n", "mean", "std", "ci95_low", "ci95_high", f"delta_vs_{arms[0]}", "delta_se",
+                    "delta_ci95_low", "delta_ci95_high", "delta_n", "p_value", "seeds", "values"])
         for r in rows:
-            w.writerow([r["arm"], r["metric"], r["n"], r["mean"], r["std"], r["delta"], r["delta_se"],
-                        " ".join(repr(v) for v in r["values"])])
+            w.writerow([r["arm"], r["metric"], r["n"], r["mean"], r["std"], r["ci_low"], r["ci_high"], r["delta"],
+                        r["delta_se"], r["delta_low"], r["delta_high"], r["delta_n"], r["p_value"],
+                        " ".join(map(str, r["seeds"])), " ".join(repr(v) for v in r["values"])])
     with paths["runs.csv"].open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["arm", "seed", *metrics])
@@ -222,8 +233,10 @@ def write_report(results: list[dict], arms: list[str], out: Path, title: str, co
     text = [f"# {title}", ""]
     if command:
         text += ["```", command, "```", ""]
-    text += [f"Seeds: {', '.join(map(str, seeds))}. Cells: mean ± sample std over seeds; (Δ difference of means to "
-             f"**{arms[0]}** ± its standard error). A Δ within about 2 SE is not distinguishable from seed noise.",
+    text += [f"Seeds: {', '.join(map(str, seeds))}. Cells: mean over seeds ± the half-width of its 95% confidence "
+             "interval (Student t, n − 1 degrees of freedom; the seeds column is n); (Δ the difference to "
+             f"**{arms[0]}** paired by seed, [its 95% CI], p of the paired t-test). An interval that contains 0 "
+             "does not tell the arms apart at these seeds; n/a: one seed, no interval.",
              "", markdown_table(metrics, rows, arms), "",
              "![loss](loss.png)", "", "![damping](damping.png)", ""]
     if notes:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 __all__ = ["RecipeError", "FinetuneError", "OutputDirError", "CheckpointError", "ResumeError", "NonFiniteError", "DataError",
-           "HubUnavailableError", "PushError", "EvaluationError", "LMEvalError", "WriteError", "Aborted", "RunFailed", "hub_unavailable",
+           "HubUnavailableError", "PushError", "EvaluationError", "LMEvalError", "WriteError", "ModelError", "Aborted", "RunFailed", "hub_unavailable",
            "write_failure"]
 
 
@@ -73,6 +73,10 @@ class DataError(FinetuneError, ValueError):
     """The data does not match the recipe or cannot be read (missing column, malformed line, empty file, ...)."""
 
     headline = "data does not fit the recipe"
+
+
+class ModelError(FinetuneError):
+    """A local model directory that cannot be loaded (no weights, a damaged config)."""
 
 
 class HubUnavailableError(FinetuneError):

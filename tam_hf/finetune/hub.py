@@ -9,13 +9,13 @@ writes a token.
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
-import yaml
-
 import tam_hf
 from tam_hf.finetune.config.load import rerun_yaml
+from tam_hf.finetune.config.resolve import portable
 from tam_hf.finetune.config.schema import HUB_ID, Recipe
 
 __all__ = ["prepare_upload", "model_card", "push"]
@@ -29,22 +29,83 @@ CITATION = """@article{malviya2024torque,
 }"""
 
 
+def _shown(path: str) -> str:
+    """A data file as a public card names it: ``embedded:NAME`` for the package's own, else the file name alone
+    (a local path says nothing to a reader and tells the world about the trainer's disk)."""
+    embedded = portable(path)
+    return embedded if embedded != path else Path(path).name
+
+
+def _files(value) -> list[str]:
+    return [_shown(f) for f in ([value] if isinstance(value, str) else value)]
+
+
 def _dataset_name(recipe: Recipe) -> str:
     d = recipe.data
-    return d.dataset or ", ".join([d.train_file] if isinstance(d.train_file, str) else d.train_file)
+    return d.dataset if _hub_dataset(recipe) else ", ".join(_files(d.dataset or d.train_file))
+
+
+# recipe task -> the Hub's pipeline task that model-index files its results under
+_HUB_TASK = {"causal_lm": "text-generation", "sequence_classification": "text-classification"}
+LM_EVAL_URL = "https://github.com/EleutherAI/lm-evaluation-harness"
+
+
+def _hub_dataset(recipe: Recipe) -> str | None:
+    name = recipe.data.dataset
+    return name if name and HUB_ID.match(name) and not Path(name).exists() else None
+
+
+def _eval_results(recipe: Recipe, summary: dict) -> list:
+    """model-index entries: the recipe's eval metrics on its eval data, then lm-eval's (task, metric) pairs."""
+    from huggingface_hub import EvalResult
+
+    d = recipe.data
+    task_type = _HUB_TASK[recipe.task]
+    hub_dataset = _hub_dataset(recipe)
+    if d.eval_file:
+        files = [d.eval_file] if isinstance(d.eval_file, str) else d.eval_file
+        where = dict(dataset_type="local", dataset_name=", ".join(_files(files)))
+    else:
+        split = f"{d.train_split} (held-out {d.eval_fraction:g})" if d.eval_fraction else d.eval_split
+        where = dict(dataset_type=hub_dataset or "local", dataset_name=hub_dataset or _dataset_name(recipe),
+                     dataset_config=d.config_name, dataset_split=split)
+    results = [EvalResult(task_type=task_type, metric_type=k, metric_name=k, metric_value=v, **where)
+               for k, v in (summary.get("eval") or {}).items() if _number(v)]
+    for task, metrics in (summary.get("lm_eval") or {}).items():
+        for key, value in metrics.items():
+            metric, _, filt = key.partition(",")
+            if _number(value):
+                results.append(EvalResult(
+                    task_type="text-generation", task_name=task, dataset_type=task, dataset_name=task,
+                    metric_type=metric, metric_name=f"{metric} ({filt})" if filt and filt != "none" else metric,
+                    metric_value=value, source_name="lm-evaluation-harness", source_url=LM_EVAL_URL))
+    return results
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def model_card(recipe: Recipe, summary: dict) -> str:
-    """README.md for the Hub: metadata header, what was trained how, final metrics, the recipe, a citation."""
+    """README.md for the Hub, built with huggingface_hub's ModelCard (which validates the metadata): base model,
+    datasets, tags, library and a model-index of the eval metrics and lm-eval results, so the Hub shows them;
+    then what was trained how, final metrics, the recipe, a citation."""
+    from huggingface_hub import ModelCard, ModelCardData
+
     artifact = recipe.hub.artifact or "model"
-    meta = {
-        "library_name": "peft" if artifact == "adapter" else "transformers",
-        "tags": ["tam_hf", "torque-aware-momentum", recipe.optimizer.name, recipe.finetune.method],
-    }
-    if HUB_ID.match(recipe.model.name) and not Path(recipe.model.name).exists():
-        meta = {"base_model": recipe.model.name, **meta}  # Hub metadata links only to Hub ids, never local paths
-    if recipe.data.dataset and not Path(recipe.data.dataset).exists():
-        meta["datasets"] = [recipe.data.dataset]
+    name = recipe.hub.repo_id or Path(summary.get("output_dir", "model")).name
+    hub_dataset = _hub_dataset(recipe)
+    data = ModelCardData(
+        # Hub metadata links only to Hub ids, never local paths
+        base_model=recipe.model.name if HUB_ID.match(recipe.model.name) and not Path(recipe.model.name).exists()
+        else None,
+        library_name="peft" if artifact == "adapter" else "transformers",
+        tags=["tam_hf", "torque-aware-momentum", recipe.optimizer.name, recipe.finetune.method],
+        datasets=[hub_dataset] if hub_dataset else None,
+        pipeline_tag=_HUB_TASK[recipe.task],
+        model_name=name,
+        eval_results=_eval_results(recipe, summary) or None,
+    )
     hyper = "\n".join(f"| {k} | {v} |" for k, v in recipe.optimizer.kwargs().items())
     evals = summary.get("eval") or {}
     metrics = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in evals.items())
@@ -52,11 +113,11 @@ def model_card(recipe: Recipe, summary: dict) -> str:
     damping = summary.get("damping")
     damping_line = (f"Final mean damping {damping['mean']:.3f} (share of tensors below 0.5: "
                     f"{damping['frac_below_half']:.2f}).\n" if damping else "")
-    return f"""---
-{yaml.safe_dump(meta, sort_keys=False).strip()}
+    return str(ModelCard(f"""---
+{data.to_yaml()}
 ---
 
-# {recipe.hub.repo_id or Path(summary.get('output_dir', 'model')).name}
+# {name}
 
 {recipe.finetune.method} fine-tune of `{recipe.model.name}` ({recipe.task}) on `{_dataset_name(recipe)}`
 ({recipe.data.format} data), trained with **{recipe.optimizer.name}** (Torque-Aware Momentum family,
@@ -90,7 +151,7 @@ Reproduce with `tam-finetune recipe.yaml` (the file is in this repository).
 ```bibtex
 {CITATION}
 ```
-"""
+"""))
 
 
 def prepare_upload(model, tokenizer, recipe: Recipe, summary: dict, output_dir: Path) -> Path:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from tam_hf.finetune.config.schema import ModelConfig, Recipe
-from tam_hf.finetune.errors import hub_unavailable
+from tam_hf.finetune.errors import ModelError, hub_unavailable
 
 __all__ = ["model_path", "load_tokenizer", "load_base_model", "load_model"]
 
@@ -64,7 +64,9 @@ def _from_hub(name: str, local: bool, load):
         return load()
     except OSError as exc:  # transformers reports a missing cache entry, offline mode or no network as OSError
         if local:
-            raise
+            raise ModelError(f"model.name {name} could not be loaded: {(str(exc).splitlines() or [''])[0][:300]} "
+                             "(a directory needs the weights save_pretrained writes: model.safetensors, "
+                             "model.safetensors.index.json with its shards, or pytorch_model.bin)") from exc
         raise hub_unavailable("model", name, exc, MODEL_OFFLINE,
                               "set model.name to a local model directory (offline demo: embedded:tiny-llama)") from None
 

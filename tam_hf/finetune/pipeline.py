@@ -34,7 +34,6 @@ from tam_hf.finetune.outputs import (CHECKPOINT, checkpoint_problem, complete_ch
                                      plan_output_dir, remove_checkpoint, remove_entry, run_lock, write_summary)
 from tam_hf.finetune.launch import rank
 from tam_hf.finetune.config.load import rerun_yaml
-from tam_hf.finetune.config.resolve import resolve_path
 from tam_hf.finetune.config.schema import Recipe
 from tam_hf.finetune.signals import GracefulStop
 from tam_hf.finetune.training_args import build_training_arguments
@@ -108,7 +107,7 @@ def plan(run: _Run) -> None:
     from tam_hf.finetune.resume import resume_problems, run_settings
 
     recipe = run.recipe
-    resume = str(resolve_path(recipe.resume)) if isinstance(recipe.resume, str) else bool(recipe.resume)
+    resume = recipe.resume if isinstance(recipe.resume, str) else bool(recipe.resume)  # resolved at load
     run.plan = plan_output_dir(run.output_dir, resume, recipe.overwrite)
     if run.plan.checkpoint is not None:
         changed = resume_problems(recipe, run.plan.checkpoint)
@@ -457,6 +456,6 @@ def _trainer(recipe: Recipe, args, tokenizer, callbacks: list):
         model, tokenizer, args, raw["train"], raw.get("eval"), fmt=d.format, max_length=d.max_length,
         completion_only_loss=d.completion_only_loss, instruction_template=d.instruction_template, packing=d.packing,
         padding_free=d.padding_free,
-        chat_template_path=str(resolve_path(d.chat_template_path)) if d.chat_template_path else None,
+        chat_template_path=d.chat_template_path,
         callbacks=callbacks)
     return trainer, raw

@@ -254,9 +254,8 @@ class TAMSFTTrainer(SFTTrainer):
     Constructor arguments are SFTTrainer's."""
 
     def __init__(self, model, args=None, *more, **kwargs):
-        from tam_hf.trainer.callbacks import DampingCallback, install
-        from tam_hf.trainer.distributed import attach
         from tam_hf.trainer.optim_args import check_optim_args
+        from tam_hf.trainer.tam_trainer import equip
 
         if args is not None and kwargs.get("optimizer_cls_and_kwargs") is None and kwargs.get("optimizers", (None,))[0] is None:
             check_optim_args(args)  # the same check as TAMTrainer's: a bad --optim_args fails before tokenising
@@ -266,8 +265,7 @@ class TAMSFTTrainer(SFTTrainer):
             if problems:
                 raise ValueError("; ".join(problems))
         super().__init__(model, args, *more, **kwargs)
-        install(self.callback_handler.callbacks, DampingCallback())
-        attach(self)
+        equip(self)
         if self.padding_free and model_attention(self.model) != "flash":
             self.data_collator = PackedBatchCollator(self._tokenizer.pad_token_id,
                                                      pad_to_multiple_of=self.args.pad_to_multiple_of)

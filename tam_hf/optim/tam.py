@@ -47,7 +47,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from tam_hf.optim import fused as _fused
-from tam_hf.optim import triton_kernels as _triton
+from tam_hf.optim.triton_devices import wanted as triton_wanted
 from tam_hf.optim.hyperparams import ADATAM_ARGS, ADATAMW_ARGS, TAM_ARGS, check_path_options
 
 __all__ = ["TAM", "AdaTAM", "AdaTAMW", "TorqueOptimizer", "tam", "adatam", "StatsReducer", "FRAGMENT_SCALAR_KEYS"]
@@ -129,8 +129,8 @@ def _input_problem(p: Tensor, g: Tensor, state: Optional[dict], fused: bool,
     if p.is_complex() or g.is_complex():
         return "does not support complex tensors", "the cosine and the update would drop the imaginary part"
     device = p.device if device is None else device  # the param group's (its first parameter's)
-    if fused and _triton.wanted(device):
-        return _triton.input_problem(p, g, state, device)
+    if fused and triton_wanted(device):
+        return _triton().input_problem(p, g, state, device)
     if fused:
         cpu = "with fused=True runs CPU float32/float64 tensors only"
         if not p.is_cpu or p.dtype not in _fused.SUPPORTED_DTYPES:
@@ -227,7 +227,7 @@ class TorqueOptimizer(Optimizer):
 
     def _check_group(self, index: int, group: dict) -> None:
         name = type(self).__name__
-        triton = bool(group["fused"] and group["params"] and _triton.wanted(group["params"][0].device))
+        triton = bool(group["fused"] and group["params"] and triton_wanted(group["params"][0].device))
         for i, p in enumerate(group["params"]):
             where = f"parameter {i} of param group {index}"
             if p.is_complex():
@@ -238,7 +238,7 @@ class TorqueOptimizer(Optimizer):
                 raise ValueError(f"fused=True supports CPU float32/float64 parameters only: {where} is {p.dtype} "
                                  f"on {p.device}")
         if triton:
-            _triton.check_group(group["params"], index)  # dtypes, one device, and whether Triton runs there
+            _triton().check_group(group["params"], index)  # dtypes, one device, and whether Triton runs there
         elif group["fused"]:
             _fused.load()  # raise now, with the compiler's message, rather than at the first step
 
@@ -618,12 +618,12 @@ def _default_impl(params: list[Tensor], foreach: Optional[bool], fused: Optional
     means the Triton kernels for CUDA/ROCm tensors (CPU ones under ``TAM_HF_TRITON_ON_CPU=1``, tests only)."""
     device = params[0].device
     if fused:
-        return "triton" if _triton.wanted(device) else "fused"
+        return "triton" if triton_wanted(device) else "fused"
     if foreach:
         return "foreach"
     if foreach is None and fused is None:
-        if (_triton.wanted(device) and all(p.device == device for p in params)
-                and _triton.available(device, warn=True)):
+        if (triton_wanted(device) and all(p.device == device for p in params)
+                and _triton().available(device, warn=True)):
             return "triton"
         if all(p.is_cpu for p in params) and _fused.available(warn=True):
             return "fused"
@@ -931,6 +931,30 @@ def _fused_step(work: _GroupStep) -> None:
                             momentum=r.beta1, lr=r.lr, decay_rate=r.decay_rate, damping_eps=r.damping_eps)
 
 
+def _triton():
+    # Imported here, not with this module: it costs triton and torch._dynamo (seconds), which CPU runs and
+    # recipe validation never need.
+    from tam_hf.optim import triton_kernels
+
+    return triton_kernels
+
+
+def _triton_statistics(work: _GroupStep) -> Tensor:
+    return _triton().statistics(work)
+
+
+def _triton_update(work: _GroupStep, coeffs: list[Tensor]) -> None:
+    _triton().update(work, coeffs)
+
+
+def _triton_step(work: _GroupStep) -> None:
+    _triton().step(work)
+
+
+def _triton_takes(p: Tensor, g: Tensor, m: Tensor, v: Optional[Tensor]) -> bool:
+    return _triton().takes(p, g, m, v)
+
+
 class _Path(NamedTuple):
     """One code path. ``statistics(work)`` -> [n, 3] float64 rows; ``update(work, coeffs)`` applies m (v) and p;
     ``step(work)``, where given, does statistics, damping and update in one pass (tensor scope, no reducer).
@@ -947,5 +971,5 @@ _PATHS: dict[str, _Path] = {
     "single": _Path(_single_tensor_statistics, _single_tensor_update),
     "foreach": _Path(_multi_tensor_statistics, _multi_tensor_update),
     "fused": _Path(_fused_statistics, _fused_update, step=_fused_step, takes=_fused_takes),
-    "triton": _Path(_triton.statistics, _triton.update, step=_triton.step, takes=_triton.takes),
+    "triton": _Path(_triton_statistics, _triton_update, step=_triton_step, takes=_triton_takes),
 }

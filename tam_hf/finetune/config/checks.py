@@ -49,6 +49,7 @@ def cross_check(s: dict[str, Any], problems: list[str]) -> None:
         (_check_hub, ("hub", "finetune")),
         (_check_launch, ("distributed", "resume", "overwrite", "training")),
         (_check_output_dir, ("training",)),
+        (_check_trackers, ("training",)),
     ]
     for check, needs in checks:
         if all(k in s for k in needs):
@@ -76,6 +77,14 @@ def _is_pathlike(value: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------------- sections
+
+
+def _check_trackers(r, problems: list[str]) -> None:
+    from tam_hf.integrations.trackers import tracker_problems  # find_spec only: nothing imported
+
+    report_to = r.training.get("report_to")
+    names = [report_to] if isinstance(report_to, str) else report_to if isinstance(report_to, list) else []
+    problems += [f"training.{p}" for p in tracker_problems([str(n) for n in names])]
 
 
 def _check_launch(r, problems: list[str]) -> None:
