@@ -127,6 +127,9 @@ def main(argv: list[str] | None = None, prog: str = "tam-finetune") -> int:
     _leave_process_group(finished=True)
     if rank() == 0:  # launched runs: one summary, from the first process
         print(format_summary(summary))
+        if not args.verbose and quiet.held():
+            print(f"note: {len(quiet.held())} third-party notice(s) or progress bar(s) held back (--verbose shows "
+                  "them)", file=sys.stderr)
     if summary.get("interrupted"):
         import signal
 
