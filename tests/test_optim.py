@@ -7,7 +7,8 @@ import torch
 
 from tam_hf.optim import fused, registry
 from tam_hf.optim.reference import ReferenceTorque
-from tam_hf.optim.tam import TAM, AdaTAM, AdaTAMW, _default_impl, adatam, tam
+from tam_hf.optim.step import default_impl
+from tam_hf.optim.tam import TAM, AdaTAM, AdaTAMW, adatam, tam
 
 SHAPES = [(), (7,), (5, 3), (2, 3, 4), (11, 6)]
 KINDS = ["tam", "adatam", "adatamw"]
@@ -251,8 +252,8 @@ def test_fused_true_rejects_unsupported_parameters():
 @pytest.mark.parametrize("cls", [TAM, AdaTAM, AdaTAMW])
 def test_default_path_is_fused_on_cpu(cls):
     p = torch.nn.Parameter(torch.randn(3))
-    assert _default_impl([p], None, None) == ("fused" if fused.available() else "single")
-    assert _default_impl([p], True, None) == "foreach" and _default_impl([p], False, False) == "single"
+    assert default_impl([p], None, None) == ("fused" if fused.available() else "single")
+    assert default_impl([p], True, None) == "foreach" and default_impl([p], False, False) == "single"
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -418,7 +419,7 @@ def test_without_a_compiler_the_default_falls_back_to_eager(monkeypatch, tmp_pat
     p.grad = torch.randn(4, 3)
     with pytest.warns(RuntimeWarning, match="using the eager single-tensor path"):
         opt.step()
-    assert _default_impl([p], None, None) == "single" and torch.isfinite(p).all()
+    assert default_impl([p], None, None) == "single" and torch.isfinite(p).all()
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -19,9 +19,9 @@ import sys
 import typing
 from typing import Any, Callable, Iterable, Optional
 
-__all__ = ["Arguments", "variant_init", "TAM_ARGS", "ADATAM_ARGS", "ADATAMW_ARGS", "ADATAM8BIT_ARGS", "ADATAMW8BIT_ARGS", "COSINE_SCOPES",
-           "MOMENT_DTYPES", "BLOCK_SIZES", "BITSANDBYTES_INSTALL", "check_block_size",
-           "check_path_options"]
+__all__ = ["Arguments", "variant_init", "TAM_ARGS", "ADATAM_ARGS", "ADATAMW_ARGS", "ADATAM8BIT_ARGS",
+           "ADATAMW8BIT_ARGS", "COSINE_SCOPES", "MOMENT_DTYPES", "BLOCK_SIZES", "BITSANDBYTES_INSTALL",
+           "check_block_size", "check_path_options"]
 
 COSINE_SCOPES = ("tensor", "global")
 # exp_avg / exp_avg_sq / momentum_buffer dtype: "auto" = float32 for 16-bit parameters on the fused GPU path

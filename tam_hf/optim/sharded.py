@@ -27,8 +27,8 @@ complete before the update, so the single-pass fused kernel becomes a statistics
 (bench/sharded_stats.py).
 
 Only the optimizer's public interface is used: :class:`~tam_hf.optim.tam.TorqueOptimizer`, its ``state_buffers``
-and ``state_scalars``, ``stats_reducer``, and :data:`~tam_hf.optim.tam.FRAGMENT_SCALAR_KEYS` for the per-fragment
-vectors a flat partition's state keeps.
+and ``state_scalars``, ``stats_reducer``, and :data:`~tam_hf.optim.state_dicts.FRAGMENT_SCALAR_KEYS` for the
+per-fragment vectors a flat partition's state keeps.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from tam_hf.optim.tam import FRAGMENT_SCALAR_KEYS, TorqueOptimizer
+from tam_hf.optim.state_dicts import FRAGMENT_SCALAR_KEYS
+from tam_hf.optim.tam import TorqueOptimizer
 
 _S, _STEP = FRAGMENT_SCALAR_KEYS["s"], FRAGMENT_SCALAR_KEYS["step"]
 
@@ -61,7 +62,7 @@ class ShardedSource:
     """A tensor the optimizer is handed that holds pieces of ``len(names)`` logical tensors.
 
     ``kind="flat"``: a 1-D ZeRO partition; its state lives in ``optimizer.state[tensor]`` as full-size buffers
-    plus ``tam_s`` / ``tam_step`` vectors (:data:`~tam_hf.optim.tam.FRAGMENT_SCALAR_KEYS`) with one entry per
+    plus ``tam_s`` / ``tam_step`` vectors (:data:`~tam_hf.optim.state_dicts.FRAGMENT_SCALAR_KEYS`) with one entry per
     fragment. ``kind="dtensor"``: one DTensor parameter
     (one logical tensor, ``row`` 0 of a group-wide numbering given by ``names``); state is DTensor-shaped.
     """
