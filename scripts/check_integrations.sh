@@ -91,7 +91,7 @@ text = open(sys.argv[1], errors="replace").read()
 number = r"['\"]?\s*[:=]\s*['\"]?(-?[0-9][0-9.eE+-]*)"
 losses = [float(x) for x in re.findall(r"(?<![\w/])['\"]?loss" + number, text)]
 damping = re.findall(r"damping/mean" + number, text)
-print(f"{losses[0] if losses else 'nan'} {losses[-1] if losses else 'nan'} {len(damping)}")
+print(f"{losses[0] if losses else float('nan'):.3f} {losses[-1] if losses else float('nan'):.3f} {len(damping)}")
 PY
 }
 
@@ -142,7 +142,9 @@ for t in "${tools[@]}"; do
 print('yes' if rc == '0' and float(l) < float(f) and (int(d) > 0 or want == '0') and ch == '0' else 'NO')" \
         "$first" "$last" "$damping" "$want_damping" "$rc" "$changed")
     [ "$ok" = yes ] || { failed=1; echo "!! $t failed (exit $rc); log: $log" >&2; tail -20 "$log" >&2; }
-    rows+=("| $t | $(tool_version "$v" "$tool") | \`${!cmd_var}\` | $first -> $last | $damping log lines | $(cat "$v/.install_seconds") s | $changed | $ok |")
+    seen="$damping log lines"
+    [ $want_damping = 0 ] && seen="not asked (v1 logs take no additions)"
+    rows+=("| $t | $(tool_version "$v" "$tool") | \`${!cmd_var}\` | $first -> $last | $seen | $(cat "$v/.install_seconds") s | $changed | $ok |")
     rm -rf "$work"
 done
 
