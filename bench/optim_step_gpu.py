@@ -57,8 +57,9 @@ def candidates(device: str, dtype: torch.dtype) -> dict:
         "tam_hf AdaTAM (foreach)": lambda p: tam_hf.AdaTAM(p, lr=lr, foreach=True),
     }
     from tam_hf.optim import triton_kernels
+    from tam_hf.optim.triton_devices import wanted
 
-    if triton_kernels.wanted(device) and triton_kernels.available(device):
+    if wanted(device) and triton_kernels.available(device):
         c["tam_hf AdaTAM (triton)"] = lambda p: tam_hf.AdaTAM(p, lr=lr, fused=True)
         c["tam_hf AdaTAMW (triton)"] = lambda p: tam_hf.AdaTAMW(p, lr=lr, fused=True)
         c["tam_hf AdaTAM (triton, bias_correction)"] = lambda p: tam_hf.AdaTAM(p, lr=lr, fused=True,

@@ -100,7 +100,7 @@ def load_model(name: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tam_hf.finetune.model import load_tokenizer, model_path
-    from tam_hf.finetune.recipe import ModelConfig
+    from tam_hf.finetune.config.schema import ModelConfig
 
     if name == "tiny":
         cfg = ModelConfig(name="embedded:tiny-llama")

@@ -41,7 +41,15 @@ def main(argv: list[str] | None = None) -> int:
         print(_overview())  # then the default command's own help: most users want the recipe options
     name = argv[0] if argv[:1] and argv[0] in COMMANDS else DEFAULT
     rest = argv[1:] if argv[:1] == [name] else argv
-    return importlib.import_module(f"tam_hf.commands.{name}").main(rest)
+    try:
+        command = importlib.import_module(f"tam_hf.commands.{name}")
+    except ModuleNotFoundError as exc:  # a plain `pip install tam_hf` is the optimizers alone
+        if (exc.name or "tam_hf").split(".")[0] == "tam_hf":
+            raise
+        print(f"error: tam-finetune {name} needs {exc.name}, which is not installed: "
+              "pip install 'tam_hf[recipes]'", file=sys.stderr)
+        return 1
+    return command.main(rest)
 
 
 if __name__ == "__main__":

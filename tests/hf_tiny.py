@@ -111,7 +111,7 @@ def run_raw(out, **training) -> dict:
 
 
 def run_recipe(out, **training):
-    from tam_hf.finetune.recipe import validate_recipe
+    from tam_hf.finetune.config.load import validate_recipe
 
     return validate_recipe(run_raw(out, **training))
 

@@ -7,16 +7,19 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shlex
 from pathlib import Path
 
 import pytest
 
 import yaml
 
-from tam_hf.compare import study as compare
+from tam_hf.commands import compare as command
+from tam_hf.compare import study
 from tam_hf.compare.report import aggregate, curves
-from tam_hf.finetune.recipe import RecipeError, load_recipe, validate_recipe
-from tam_hf.finetune.runner import training_arguments
+from tam_hf.finetune.config.load import load_recipe, validate_recipe
+from tam_hf.finetune.errors import RecipeError
+from tam_hf.finetune.training_args import build_training_arguments
 from tam_hf.optim import AdaTAMW, registry
 from tam_hf.optim.registry import OptimizerSpec
 from hf_tiny import PoisonGradient
@@ -35,7 +38,7 @@ def _sets(extra=()):
 
 
 def test_plan_lrs_follow_the_transfer_rule_and_control_gets_fixed_damping(tmp_path):
-    labels, runs = compare.plan(DEMO, ["adamw", "adatamw", "constant-damping"], [0, 1], out=tmp_path)
+    labels, runs, _ = study.plan(DEMO, ["adamw", "adatamw", "constant-damping"], [0, 1], out=tmp_path)
     assert labels == ["adamw", "adatamw", "adatamw-const"]
     lr = {r.label: r.recipe.optimizer.lr for r in runs}
     # demo_tiny is adatamw at 2e-3 -> AdamW reference 2e-3 * 0.5 / (1 - 0.9) = 1e-2
@@ -44,14 +47,14 @@ def test_plan_lrs_follow_the_transfer_rule_and_control_gets_fixed_damping(tmp_pa
     assert [r.seed for r in runs] == [0, 1, 0, 1, 0, 1]
     assert {r.recipe.training["seed"] for r in runs} == {0, 1}
     assert len({r.directory for r in runs}) == 6
-    args = {r.label: training_arguments(r.recipe) for r in runs if r.seed == 0}
-    assert args["adamw"]["optim"] == "adamw_torch" and "decay_rate" not in args["adamw"].get("optim_args", "")
+    args = {r.label: build_training_arguments(r.recipe).to_dict() for r in runs if r.seed == 0}
+    assert args["adamw"]["optim"] == "adamw_torch" and "decay_rate" not in (args["adamw"]["optim_args"] or "")
     assert "fixed_damping=0.5" in args["adatamw-const"]["optim_args"]
-    assert "fixed_damping" not in args["adatamw"].get("optim_args", "")
+    assert "fixed_damping" not in (args["adatamw"]["optim_args"] or "")
 
 
 def test_plan_sweep_multiplies_only_arms_it_applies_to(tmp_path):
-    labels, runs = compare.plan(DEMO, ["adamw", "adatamw", "adatamw-const"], [0],
+    labels, runs, _ = study.plan(DEMO, ["adamw", "adatamw", "adatamw-const"], [0],
                                 sweeps=["optimizer.decay_rate=0.5,0.99"], out=tmp_path)
     assert labels == ["adamw", "adatamw decay_rate=0.5", "adatamw decay_rate=0.99", "adatamw-const"]
     rate = {r.label: r.recipe.optimizer.kwargs().get("decay_rate") for r in runs}
@@ -61,27 +64,43 @@ def test_plan_sweep_multiplies_only_arms_it_applies_to(tmp_path):
 
 def test_plan_errors_are_collected(tmp_path):
     with pytest.raises(RecipeError, match="decay_rate.*1.5"):  # the recipe after --set is checked first
-        compare.plan(DEMO, ["adamw"], [0], sets=["optimizer.decay_rate=1.5"], out=tmp_path)
+        study.plan(DEMO, ["adamw"], [0], sets=["optimizer.decay_rate=1.5"], out=tmp_path)
     with pytest.raises(RecipeError) as err:  # then every arm's problems, all at once
-        compare.plan(DEMO, ["tam", "adamw", "sgd"], [0], out=tmp_path)
+        study.plan(DEMO, ["tam", "adamw", "sgd"], [0], out=tmp_path)
     assert "tam@LR" in str(err.value) and "sgd@LR" in str(err.value) and len(err.value.problems) == 2
-    labels, runs = compare.plan(DEMO, ["adamw", "tam@0.05", "adatamw", "adatamw@4e-4"], [0], out=tmp_path)
+    labels, runs, _ = study.plan(DEMO, ["adamw", "tam@0.05", "adatamw", "adatamw@4e-4"], [0], out=tmp_path)
     assert labels == ["adamw", "tam@0.05", "adatamw", "adatamw@0.0004"]  # one optimizer at two lrs: two arms
     assert runs[1].recipe.optimizer.name == "tam" and runs[1].recipe.optimizer.lr == 0.05
     assert runs[3].recipe.optimizer.lr == 4e-4 and runs[2].recipe.optimizer.lr == pytest.approx(2e-3)
     with pytest.raises(ValueError, match="unknown optimizer 'adamx'"):
-        compare.plan(DEMO, ["adamx"], [0], out=tmp_path)
+        study.plan(DEMO, ["adamx"], [0], out=tmp_path)
 
 
 def test_the_recipe_file_is_read_by_the_recipe_loader(tmp_path, capsys):
     twice = tmp_path / "twice.yaml"
     twice.write_text(DEMO.read_text() + "optimizer:\n  name: adamw\n  lr: 1.0e-2\n")  # YAML keeps the last silently
     with pytest.raises(RecipeError, match="duplicate key 'optimizer'"):
-        compare.plan(twice, ["adamw"], [0], out=tmp_path)
+        study.plan(twice, ["adamw"], [0], out=tmp_path)
     tagged = tmp_path / "tagged.yaml"
     tagged.write_text("model: !!python/object/apply:os.getcwd []\n")
-    assert compare.main([str(tagged), "--out", str(tmp_path / "out")]) == 2
+    assert command.main([str(tagged), "--out", str(tmp_path / "out")]) == 2
     assert "could not determine a constructor" in capsys.readouterr().err
+
+
+def test_a_run_too_short_for_the_recipes_logging_is_logged_often_enough_to_draw(tmp_path, capsys):
+    # demo_tiny logs every 25 steps: a 10-step run would log nothing and draw empty loss/damping plots
+    _, runs, notes = study.plan(DEMO, ["adamw", "adatamw"], [0], sets=["training.max_steps=10"], out=tmp_path)
+    assert {r.recipe.training["logging_steps"] for r in runs} == {1}
+    assert len(notes) == 1 and "training.logging_steps=1" in notes[0] and "10-step run" in notes[0]
+    _, runs, notes = study.plan(DEMO, ["adamw"], [0], sets=["training.max_steps=300"], out=tmp_path)
+    assert runs[0].recipe.training["logging_steps"] == 25 and notes == []  # 12 points: the recipe's own
+    _, runs, notes = study.plan(DEMO, ["adamw"], [0], sets=["training.max_steps=10", "training.logging_steps=5"],
+                                out=tmp_path)
+    assert runs[0].recipe.training["logging_steps"] == 5 and notes == []  # the user's own choice is kept
+    # overrides may also be written as for the run command, after the recipe
+    assert command.main([str(DEMO), "--optimizers", "adamw", "--seeds", "1", "--out", str(tmp_path / "o"),
+                         "training.max_steps=10", "--dry-run"]) == 0
+    assert "note: compare logs every 1 step(s)" in capsys.readouterr().out
 
 
 class _HalfStep(OptimizerSpec):
@@ -99,21 +118,21 @@ def added_optimizer():
 
 
 def test_every_registry_entry_is_an_arm_and_every_torque_entry_has_a_control():
-    table = compare.arms()
+    table = study.arms()
     for name, spec in registry.OPTIMIZERS.items():
         assert table[name].spec is spec and table[name].fixed_damping is None
         assert (name + "-const" in table) == (spec.torque and "fixed_damping" in spec.accepted_keys())
         if spec.torque:
             assert table[name + "-const"].spec is spec and table[name + "-const"].fixed_damping == 0.5
     assert {"tam-const", "adatam-const", "adatamw-const"} <= set(table)
-    assert compare.find_arm("constant-damping") == table["adatamw-const"]
+    assert study.find_arm("constant-damping") == table["adatamw-const"]
 
 
 def test_an_optimizer_added_to_the_registry_is_planned_with_no_other_edit(added_optimizer, tmp_path):
-    assert {"adatamw-half", "adatamw-half-const"} <= set(compare.arms())
+    assert {"adatamw-half", "adatamw-half-const"} <= set(study.arms())
     raw = yaml.safe_load(DEMO.read_text())
     base = validate_recipe(yaml.safe_load(DEMO.read_text()))
-    arms, problems = compare.expand(raw, base, ["adamw", "adatamw-half", "adatamw-half-const"])
+    arms, problems = study.expand(raw, base, ["adamw", "adatamw-half", "adatamw-half-const"])
     assert problems == []
     sections = {label: section["optimizer"] for label, _, section in arms}
     # demo_tiny: adatamw at 2e-3 -> AdamW 1e-2; the new entry's own rule gives half of adatamw's 2e-3
@@ -122,18 +141,33 @@ def test_an_optimizer_added_to_the_registry_is_planned_with_no_other_edit(added_
     assert sections["adatamw-half-const"]["fixed_damping"] == 0.5
     assert sections["adatamw-half-const"]["lr"] == pytest.approx(1e-3)
     # the whole plan: the recipe schema and the Trainer mapping read the registry too
-    labels, runs = compare.plan(DEMO, ["adamw", "adatamw-half-const"], [0], out=tmp_path)
+    labels, runs, _ = study.plan(DEMO, ["adamw", "adatamw-half-const"], [0], out=tmp_path)
     assert labels == ["adamw", "adatamw-half-const"]
     assert runs[1].recipe.optimizer.name == "adatamw-half" and runs[1].recipe.optimizer.lr == pytest.approx(1e-3)
-    assert "fixed_damping=0.5" in training_arguments(runs[1].recipe)["optim_args"]
+    assert "fixed_damping=0.5" in build_training_arguments(runs[1].recipe).to_dict()["optim_args"]
 
 
 def test_seeds_argument():
-    assert compare._parse_seeds("3") == [0, 1, 2]
-    assert compare._parse_seeds("13,42") == [13, 42]
-    assert compare._parse_seeds("7,") == [7]
+    assert command.parse_seeds("3") == [0, 1, 2]
+    assert command.parse_seeds("13,42") == [13, 42]
+    assert command.parse_seeds("7,") == [7]
     with pytest.raises(ValueError, match="count >= 1"):
-        compare._parse_seeds("0")
+        command.parse_seeds("0")
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--seeds", "3,3"], "--seeds: seed 3 is given twice"),  # one seed shown as two would shrink every interval
+    (["--seeds", ","], "--seeds ',': no seed"),
+    (["--seeds", "a,1"], "--seeds 'a,1': 'a' is not a whole number"),
+    (["--optimizers", ","], "--optimizers ',': no optimizer"),
+    (["--optimizers", "adamw,adatamw,adamw"], "--optimizers: 'adamw' is given twice"),
+    (["--optimizers", "adatamw-const,constant-damping"], "'constant-damping' is the same arm as 'adatamw-const'"),
+    (["--sweep", "optimizer.decay_rate=0.5,0.5"], "--sweep 'optimizer.decay_rate=0.5,0.5': 0.5 is given twice"),
+])
+def test_duplicate_or_empty_lists_exit_2_with_one_line(tmp_path, capsys, args, fragment):
+    assert command.main([str(DEMO), "--out", str(tmp_path), "--dry-run", *args]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and err.count("\n") == 1 and "Traceback" not in err
 
 
 def test_aggregate_mean_std_delta():
@@ -151,6 +185,124 @@ def test_aggregate_mean_std_delta():
     assert by["b", "eval_accuracy"]["delta_se"] == pytest.approx(math.sqrt(0.02 / 2))
 
 
+def test_confidence_intervals_and_paired_differences_match_scipy_on_fixed_numbers():
+    from scipy import stats as scipy_stats
+
+    from tam_hf.compare.stats import mean_ci, paired
+
+    # t(0.975, 2 degrees of freedom) = 4.302652729911275: the interval is mean ± t * s / sqrt(n)
+    mean, low, high = mean_ci([0.9, 0.85, 0.8])
+    assert mean == pytest.approx(0.85) and high - mean == pytest.approx(4.302652729911275 * 0.05 / math.sqrt(3))
+    assert (low, high) == pytest.approx(scipy_stats.t.interval(0.95, 2, loc=0.85, scale=scipy_stats.sem([0.9, 0.85, 0.8])))
+    assert math.isnan(mean_ci([1.0])[1]) and mean_ci([2.0, 2.0]) == (2.0, 2.0, 2.0)
+
+    base = {0: 0.50, 1: 0.70, 2: 0.60}
+    arm = {2: 0.80, 0: 0.90, 1: 0.85, 5: 0.1}  # paired by seed, not by order; seed 5 has no partner
+    d = paired(arm, base)
+    assert d["delta_n"] == 3 and d["delta"] == pytest.approx(0.25)  # differences 0.40, 0.15, 0.20
+    assert d["delta_se"] == pytest.approx(math.sqrt(0.0175 / 3))
+    assert (d["delta_low"], d["delta_high"]) == pytest.approx(
+        (0.25 - 4.302652729911275 * math.sqrt(0.0175 / 3), 0.25 + 4.302652729911275 * math.sqrt(0.0175 / 3)))
+    assert d["p_value"] == pytest.approx(scipy_stats.ttest_rel([0.9, 0.85, 0.8], [0.5, 0.7, 0.6]).pvalue)
+    assert d["p_value"] == pytest.approx(0.0820, abs=1e-4)  # t = 3.273 on 2 degrees of freedom
+    one = paired({0: 1.0}, {0: 0.5})
+    assert one["delta"] == 0.5 and math.isnan(one["delta_low"]) and math.isnan(one["p_value"])
+
+
+def test_the_report_gives_intervals_paired_differences_and_n_in_every_row(tmp_path):
+    from tam_hf.compare.report import write_report
+
+    def result(label, seed, acc):
+        return {"label": label, "seed": seed, "log_history": [], "summary": {"train_loss": 1.0, "eval": {"accuracy": acc}}}
+
+    results = [result("adamw", s, a) for s, a in ((0, 0.5), (1, 0.7), (2, 0.6))]
+    results += [result("adatamw", s, a) for s, a in ((0, 0.9), (1, 0.85), (2, 0.8))]
+    paths, _ = write_report(results, ["adamw", "adatamw"], tmp_path, "t")
+    rows = {(r["arm"], r["metric"]): r for r in _csv(paths["report.csv"])}
+    row = rows["adatamw", "eval_accuracy"]
+    assert float(row["ci95_low"]) == pytest.approx(0.85 - 4.302652729911275 * 0.05 / math.sqrt(3))
+    assert float(row["delta_vs_adamw"]) == pytest.approx(0.25) and row["delta_n"] == "3"
+    assert float(row["delta_ci95_high"]) == pytest.approx(0.25 + 4.302652729911275 * math.sqrt(0.0175 / 3))
+    assert float(row["p_value"]) == pytest.approx(0.0820, abs=1e-4) and row["seeds"] == "0 1 2"
+    assert rows["adamw", "eval_accuracy"]["p_value"] == "nan"  # the baseline has no difference to itself
+    report = paths["report.md"].read_text()
+    assert "| adatamw | 3 |" in report and "95% CI" in report and "paired by seed" in report
+    assert "0.8500 ± 0.1242 (Δ +0.2500 [−0.0786, +0.5786], p 0.082)" in report
+
+
+def test_an_empty_plot_panel_is_named_with_its_reason(tmp_path):
+    from tam_hf.compare.report import write_report
+
+    results = [{"label": "adamw", "seed": seed, "summary": {"train_loss": 1.0, "eval": {"loss": 2.0}},
+                "log_history": [{"eval_loss": 2.0 + seed, "step": 10}]} for seed in (0, 1)]
+    paths, notes = write_report(results, ["adamw"], tmp_path, "t", "tam-finetune compare r.yaml", ["planned note"])
+    assert notes[0] == "planned note"
+    assert any(n.startswith("loss.png: the train loss panel is empty") for n in notes)
+    assert any(n.startswith("damping.png:") and "only TAM optimizers" in n for n in notes)
+    assert not any("eval loss" in n for n in notes)  # one point is drawn
+    report = paths["report.md"].read_text()
+    assert "## Notes" in report and all(n in report for n in notes)
+
+
+def _fake_finetune(monkeypatch, wall_s=2.0, seen=None):
+    """The pipeline replaced by a run that trains nothing and returns a summary at once."""
+    import tam_hf.finetune.pipeline as pipeline
+
+    def finetune(recipe, callbacks=()):
+        if seen is not None:
+            seen.append(recipe.resume)
+        return {"status": "completed", "optimizer": recipe.optimizer.name, "train_loss": 1.0, "wall_s": wall_s}
+
+    monkeypatch.setattr(pipeline, "finetune", finetune)
+
+
+def test_result_json_is_written_atomically(tmp_path, monkeypatch):
+    import os
+
+    _fake_finetune(monkeypatch)
+    replaced = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: replaced.append(Path(dst).name) or real_replace(src, dst))
+    _, runs, _ = study.plan(DEMO, ["adamw"], [0], out=tmp_path)
+    study.execute(runs[0])
+    assert {"result.json", "study.json"} <= set(replaced)  # a reader finds the old file or the whole new one
+    assert runs[0].done
+
+
+def test_a_truncated_result_means_not_finished_the_run_is_redone_with_a_note(tmp_path, monkeypatch, capsys):
+    _fake_finetune(monkeypatch)
+    argv = [str(DEMO), "--optimizers", "adamw", "--seeds", "2", "--out", str(tmp_path), "training.max_steps=4"]
+    assert command.main(argv) == 0
+    result = tmp_path / "runs" / "adamw" / "seed1" / "result.json"
+    result.write_text(result.read_text()[:40])  # a full disk or a power cut in the middle of the write
+    capsys.readouterr()
+    assert command.main(argv) == 0
+    out = capsys.readouterr()
+    assert "1 finished, 1 to do" in out.out and "Traceback" not in out.err
+    assert f"note: {result} is unreadable" in out.err and "the run is counted as not finished and redone" in out.err
+    assert json.loads(result.read_text())["seed"] == 1
+
+
+def test_the_wall_time_of_a_resumed_run_adds_up_its_parts(tmp_path, monkeypatch):
+    from tam_hf.finetune.outputs import write_marker
+
+    seen = []
+    _fake_finetune(monkeypatch, wall_s=2.0, seen=seen)
+    _, runs, _ = study.plan(DEMO, ["adamw"], [0], out=tmp_path)
+    run = runs[0]
+    run.directory.mkdir(parents=True)
+    for step in (2, 4):
+        (run.directory / f"checkpoint-{step}").mkdir()
+        write_marker(run.directory / f"checkpoint-{step}", step)
+    # the first attempt reached checkpoint-4 after 7.5 s, then was killed
+    (run.directory / "study.json").write_text(json.dumps({"fingerprint": run.fingerprint,
+                                                          "elapsed_s": {"2": 3.0, "4": 7.5}}))
+    result = study.execute(run)
+    assert seen == [True]  # continued from the checkpoint
+    assert result["summary"]["wall_s"] == pytest.approx(9.5)
+    assert result["resumed_from_step"] == 4 and result["wall_s_parts"] == [7.5, 2.0]
+
+
 # ------------------------------------------------------------------------------------------------ real runs
 
 
@@ -162,7 +314,7 @@ def _csv(path):
 def test_compare_two_optimizers_two_seeds_then_resume(tmp_path, monkeypatch, capsys):
     out = tmp_path / "cmp"
     argv = [str(DEMO), "--optimizers", "adamw,adatamw", "--seeds", "2", "--out", str(out), *_sets()]
-    assert compare.main(argv) == 0
+    assert command.main(argv) == 0
 
     rows = _csv(out / "report.csv")
     assert {(r["arm"], r["metric"]) for r in rows} >= {
@@ -177,6 +329,7 @@ def test_compare_two_optimizers_two_seeds_then_resume(tmp_path, monkeypatch, cap
     assert runs[0]["train_loss"] != runs[1]["train_loss"]  # the seeds really differ
 
     table = (out / "report.md").read_text()
+    assert "tam-finetune compare " + shlex.join(argv) in table  # the command as typed, to be pasted again
     assert "| adamw | 2 |" in table and "| adatamw | 2 |" in table and "(Δ " in table and " ± " in table
     for png in ("loss.png", "damping.png"):
         data = (out / png).read_bytes()
@@ -189,20 +342,20 @@ def test_compare_two_optimizers_two_seeds_then_resume(tmp_path, monkeypatch, cap
 
     # Rerun: nothing trains.
     calls = []
-    monkeypatch.setattr(compare, "execute", lambda run, keep_models=False: calls.append(run) or {})
+    monkeypatch.setattr(study, "execute", lambda run, keep_models=False: calls.append(run) or {})
     capsys.readouterr()
-    assert compare.main(argv) == 0
+    assert command.main(argv) == 0
     assert calls == [] and "4 finished, 0 to do" in capsys.readouterr().out
 
     # A run without its result, and every run of a changed recipe, are redone.
     (out / "runs" / "adamw" / "seed1" / "result.json").unlink()
-    compare.main(argv + ["--report-only"])  # report-only trains nothing either
+    command.main(argv + ["--report-only"])  # report-only trains nothing either
     assert calls == []
-    compare.main(argv + ["--dry-run"])
+    command.main(argv + ["--dry-run"])
     assert "3 finished, 1 to do" in capsys.readouterr().out
-    compare.main(argv + ["--dry-run", "--set", "training.disable_tqdm=false"])  # cosmetic: still finished
+    command.main(argv + ["--dry-run", "--set", "training.disable_tqdm=false"])  # cosmetic: still finished
     assert "3 finished, 1 to do" in capsys.readouterr().out
-    compare.main(argv + ["--dry-run", "--set", "training.max_steps=7"])
+    command.main(argv + ["--dry-run", "--set", "training.max_steps=7"])
     assert "0 finished, 4 to do" in capsys.readouterr().out
 
 
@@ -210,7 +363,7 @@ def test_constant_damping_control_holds_half(tmp_path):
     out = tmp_path / "ctl"
     argv = [str(DEMO), "--optimizers", "adatamw-const", "--seeds", "1", "--out", str(out),
             *_sets(["training.max_steps=4"])]
-    assert compare.main(argv) == 0
+    assert command.main(argv) == 0
     result = json.loads((out / "runs" / "adatamw-const" / "seed0" / "result.json").read_text())
     assert result["summary"]["damping"]["mean"] == pytest.approx(0.5)
     assert result["summary"]["damping"]["min"] == pytest.approx(0.5)
@@ -241,11 +394,11 @@ def test_tam_finetune_compare_dispatches_to_compare(tmp_path, capsys):
 
 
 def test_run_errors_end_in_their_exit_code_and_bugs_keep_their_traceback(monkeypatch, capsys, tmp_path):
-    """The run command (tam_hf.finetune.main): a known error, or any error carrying an int ``exit_code``, is a
+    """The run command (tam_hf.commands.run): a known error, or any error carrying an int ``exit_code``, is a
     message and that code (its ``summary`` printed first); anything else propagates."""
-    import tam_hf.finetune.runner
+    import tam_hf.finetune.pipeline
     from tam_hf import cli
-    from tam_hf.finetune.data import DataError
+    from tam_hf.finetune.errors import DataError
 
     class Diverged(RuntimeError):
         exit_code = 1
@@ -259,47 +412,49 @@ def test_run_errors_end_in_their_exit_code_and_bugs_keep_their_traceback(monkeyp
     cases = [(DataError("row 3 has no 'completion'"), 1, "data does not fit the recipe: row 3"),
              (KeyboardInterrupt(), 130, "aborted"), (Diverged("loss is nan at step 7"), 1, "loss is nan at step 7")]
     for exc, code, message in cases:
-        monkeypatch.setattr(tam_hf.finetune.runner, "finetune", raising(exc))
+        monkeypatch.setattr(tam_hf.finetune.pipeline, "finetune", raising(exc))
         assert cli.main([str(DEMO), f"training.output_dir={tmp_path}"]) == code
         out = capsys.readouterr()
         assert message in out.err and "Traceback" not in out.err
     assert "steps: 7" in out.out  # the Diverged run's own summary came first
     for name, code in (("SIGTERM", 143), ("SIGINT", 130)):  # stopped at a step end: summary, then 128 + signal
         summary = {"optimizer": "adatamw", "steps": 3, "train_loss": 1.0, "output_dir": "out", "interrupted": True,
-                   "signal": name, "checkpoint": "out/checkpoint-3", "status": "interrupted"}
-        monkeypatch.setattr(tam_hf.finetune.runner, "finetune", lambda recipe, callbacks=(), s=summary: s)
+                   "signal": name, "checkpoint": "out/checkpoint-3", "status": "interrupted", "phase": "train",
+                   "kept": "trained to step 3, the last complete checkpoint is out/checkpoint-3"}
+        monkeypatch.setattr(tam_hf.finetune.pipeline, "finetune", lambda recipe, callbacks=(), s=summary: s)
         assert cli.main([str(DEMO), f"training.output_dir={tmp_path}"]) == code
-        assert "interrupted at step 3" in capsys.readouterr().out
-    monkeypatch.setattr(tam_hf.finetune.runner, "finetune", raising(ZeroDivisionError("a bug")))
+        printed = capsys.readouterr().out
+        assert f"interrupted ({name}) in the train phase: trained to step 3" in printed and "resume=true" in printed
+    monkeypatch.setattr(tam_hf.finetune.pipeline, "finetune", raising(ZeroDivisionError("a bug")))
     with pytest.raises(ZeroDivisionError):
         cli.main([str(DEMO), f"training.output_dir={tmp_path}"])
 
 
 def test_compare_stops_on_a_run_error_with_its_exit_code(tmp_path, monkeypatch, capsys):
-    from tam_hf.finetune.data import DataError
+    from tam_hf.finetune.errors import DataError
 
     def execute(run, keep_models=False):
         raise DataError("row 3 has no 'completion'")
 
-    monkeypatch.setattr(compare, "execute", execute)
+    monkeypatch.setattr(study, "execute", execute)
     argv = [str(DEMO), "--optimizers", "adamw", "--seeds", "1", "--out", str(tmp_path)]
-    assert compare.main(argv) == 1
+    assert command.main(argv) == 1
     err = capsys.readouterr().err
     assert "adamw seed 0: error: data does not fit the recipe: row 3" in err and "rerun the same command" in err
 
 
 def test_a_diverged_run_is_a_result_the_study_goes_on_and_a_rerun_does_not_retry_it(tmp_path, monkeypatch, capsys):
-    import tam_hf.finetune.runner as runner
+    import tam_hf.finetune.pipeline as pipeline
 
-    real = runner.finetune
+    real = pipeline.finetune
 
     def finetune(recipe, callbacks=()):  # seed 1 diverges at step 3, for real (the run's own guard stops it)
         return real(recipe, callbacks=[*callbacks, *([PoisonGradient(3)] if recipe.training["seed"] == 1 else [])])
 
-    monkeypatch.setattr(runner, "finetune", finetune)
+    monkeypatch.setattr(pipeline, "finetune", finetune)
     out = tmp_path / "cmp"
     argv = [str(DEMO), "--optimizers", "adatamw", "--seeds", "3", "--out", str(out), *_sets()]
-    assert compare.main(argv) == 0
+    assert command.main(argv) == 0
     printed = capsys.readouterr().out
     assert "[2/3] diverged at step 3 (a result: recorded, not retried)" in printed and "[3/3] finished" in printed
 
@@ -314,6 +469,6 @@ def test_a_diverged_run_is_a_result_the_study_goes_on_and_a_rerun_does_not_retry
     report = (out / "report.md").read_text()
     assert "## Diverged runs" in report and "1 of 3 runs diverged" in report and "| adatamw | 1 of 3 | 1 | 3 |" in report
 
-    monkeypatch.setattr(compare, "execute", lambda run, keep_models=False: pytest.fail("nothing may be retried"))
-    assert compare.main(argv) == 0
+    monkeypatch.setattr(study, "execute", lambda run, keep_models=False: pytest.fail("nothing may be retried"))
+    assert command.main(argv) == 0
     assert "3 finished, 0 to do" in capsys.readouterr().out

@@ -9,12 +9,9 @@ the example recipes promise.
 
 import json
 import os
-import re
-import shlex
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -27,7 +24,7 @@ from transformers import TrainerCallback
 import tam_hf.finetune.model
 from tam_hf.finetune.errors import (CheckpointError, DataError, EvaluationError, HubUnavailableError,
                                     NonFiniteError, OutputDirError, PushError)
-from tam_hf.finetune.recipe import to_dict, validate_recipe
+from tam_hf.finetune.config.load import validate_recipe
 from tam_hf.finetune.pipeline import finetune
 
 ROOT = Path(__file__).absolute().parent.parent
@@ -163,7 +160,7 @@ def save(obj, f, *args, **kwargs):  # the optimizer of checkpoint-4 is written a
     return real_save(obj, f, *args, **kwargs)
 
 torch.save = save
-from tam_hf.finetune.recipe import load_recipe
+from tam_hf.finetune.config.load import load_recipe
 from tam_hf.finetune.pipeline import finetune
 finetune(load_recipe(sys.argv[1]))
 """
@@ -386,7 +383,7 @@ def test_a_failing_lm_eval_keeps_the_saved_run_exits_1_and_names_the_eval_comman
 
 def test_the_recipe_a_run_writes_neither_resumes_nor_wipes_it(tmp_path):
     from tam_hf.commands.run import main as run_command
-    from tam_hf.finetune.recipe import load_recipe
+    from tam_hf.finetune.config.load import load_recipe
 
     out = tmp_path / "out"
     finetune(run_recipe(out, max_steps=2, save_steps=2))
@@ -449,7 +446,7 @@ def _commands(header: str) -> list[str]:
 
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_command_a_header_calls_offline_reads_only_local_files(path):
-    from tam_hf.finetune.recipe import load_recipe
+    from tam_hf.finetune.config.load import load_recipe
 
     header = "\n".join(line.lstrip("#").strip() for line in path.read_text().split("\nmodel:")[0].splitlines())
     at = header.lower().find("offline")

@@ -17,10 +17,10 @@ import torch
 from hf_tiny import complete, read_summary, run_raw, run_recipe, set_fields
 from transformers import Trainer, TrainerCallback
 
-from tam_hf.finetune.errors import OutputDirError, ResumeError, RunFailed, WriteError
+from tam_hf.finetune.errors import ModelError, OutputDirError, ResumeError, RunFailed, WriteError
 from tam_hf.finetune.outputs import LOCK_NAME
 from tam_hf.finetune.pipeline import finetune
-from tam_hf.finetune.recipe import validate_recipe
+from tam_hf.finetune.config.load import validate_recipe
 
 
 def _signal_at(monkeypatch, cls, method, signum, when=lambda *args, **kwargs: True):
@@ -180,10 +180,11 @@ def test_a_model_directory_without_weights_is_one_line(tmp_path):
     (model / "model.safetensors").unlink()  # config and tokenizer only
     raw = run_raw(tmp_path / "out", max_steps=1)
     raw["model"] = {"name": str(model)}
-    with pytest.raises(RunFailed) as info:
+    with pytest.raises(ModelError) as info:
         finetune(validate_recipe(raw))
     message = str(info.value)
-    assert info.value.exit_code == 1 and "\n" not in message and str(model) in message and "build" in message
+    assert info.value.exit_code == 1 and "\n" not in message and str(model) in message and "model.safetensors" in message
+    assert read_summary(tmp_path / "out")["phase"] == "build"
 
 
 # ------------------------------------------------------------------------------------------------ resume

@@ -8,7 +8,7 @@ import math
 from huggingface_hub import ModelCard
 
 from tam_hf.finetune.hub import CITATION, LM_EVAL_URL, model_card
-from tam_hf.finetune.recipe import validate_recipe
+from tam_hf.finetune.config.load import validate_recipe
 
 SUMMARY = {
     "steps": 30, "train_loss": 1.25, "output_dir": "/runs/alpaca",

@@ -11,7 +11,7 @@ import pytest
 
 from tam_hf import cli
 from tam_hf.finetune.launch import launch_command
-from tam_hf.finetune.recipe import load_recipe
+from tam_hf.finetune.config.load import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "recipes" / "examples" / "demo_tiny.yaml"

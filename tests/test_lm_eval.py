@@ -12,10 +12,14 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from tam_hf.finetune import lm_eval as tam_lm_eval
-from tam_hf.finetune.lm_eval import LMEvalError, check_available, load_run_model, run_lm_eval, task_problems
+from tam_hf.finetune.config import checks
+from tam_hf.commands import eval as eval_command
+from tam_hf.finetune.errors import LMEvalError
+from tam_hf.finetune.config.checks import check_available, task_problems
+from tam_hf.finetune.config.resolve import resolve_path
+from tam_hf.finetune.lm_eval import load_run_model, run_lm_eval
 from tam_hf.finetune.model import load_tokenizer, model_path
-from tam_hf.finetune.recipe import ModelConfig
+from tam_hf.finetune.config.schema import ModelConfig
 
 TINY = ModelConfig(name="embedded:tiny-llama")
 # lm-eval is the optional [eval] extra: without it only the test of its absence runs
@@ -29,7 +33,8 @@ def _base():
 
 @needs_lm_eval
 def test_local_task_yamls_run_on_the_tiny_model_and_write_results(tmp_path):
-    out = run_lm_eval(_base(), load_tokenizer(TINY), [CHOICE, GEN], tmp_path, limit=3, batch_size=4)
+    tasks = [str(resolve_path(t)) for t in (CHOICE, GEN)]  # run_lm_eval takes tasks as the recipe resolved them
+    out = run_lm_eval(_base(), load_tokenizer(TINY), tasks, tmp_path, limit=3, batch_size=4)
     results = json.loads((tmp_path / "lm_eval" / "results.json").read_text())
     assert set(results) == {"tam_tiny_arith_choice", "tam_tiny_arith_gen"}
     assert 0.0 <= results["tam_tiny_arith_choice"]["acc,none"] <= 1.0
@@ -70,7 +75,7 @@ def test_finished_run_is_evaluated_with_its_adapter(tmp_path, capsys):
     with torch.no_grad():
         assert torch.allclose(model(input_ids=ids).logits, trained.eval()(input_ids=ids).logits, atol=1e-5)
         assert not torch.allclose(model(input_ids=ids).logits, _base()(input_ids=ids).logits, atol=1e-3)
-    assert tam_lm_eval.main([str(run_dir), "--tasks", CHOICE, "--limit", "2"]) == 0
+    assert eval_command.main([str(run_dir), "--tasks", CHOICE, "--limit", "2"]) == 0
     assert "tam_tiny_arith_choice" in capsys.readouterr().out
     assert "tam_tiny_arith_choice" in json.loads((run_dir / "lm_eval" / "results.json").read_text())
 
@@ -85,8 +90,8 @@ def test_unknown_tasks_are_named_with_close_matches():
 
 
 def test_missing_lm_eval_is_reported_with_the_install_command(monkeypatch, tmp_path):
-    real = tam_lm_eval.importlib.util.find_spec
-    monkeypatch.setattr(tam_lm_eval.importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else real(name, *a))
+    real = checks.importlib.util.find_spec
+    monkeypatch.setattr(checks.importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else real(name, *a))
     problem = check_available()
     assert "lm-evaluation-harness" in problem and 'pip install "tam_hf[eval]"' in problem
     with pytest.raises(LMEvalError, match=r"tam_hf\[eval\].*saved at /runs/x; evaluate it again with: tam-finetune eval /runs/x"):
@@ -110,7 +115,7 @@ def test_a_failing_evaluation_says_where_the_model_is_saved(tmp_path):
 @needs_lm_eval
 def test_a_recipe_runs_lm_eval_after_training_and_the_finished_run_evaluates_again(tmp_path, capsys):
     from tam_hf.commands.run import format_summary
-    from tam_hf.finetune.recipe import validate_recipe
+    from tam_hf.finetune.config.load import validate_recipe
     from tam_hf.finetune.pipeline import finetune
 
     out = tmp_path / "run"
@@ -144,7 +149,7 @@ def test_a_launched_run_skips_lm_eval_with_the_command_that_runs_it():
     from types import SimpleNamespace
 
     from tam_hf.commands.run import format_summary
-    from tam_hf.finetune.recipe import validate_recipe
+    from tam_hf.finetune.config.load import validate_recipe
     from tam_hf.finetune.pipeline import lm_eval
 
     recipe = validate_recipe({"model": {"name": "embedded:tiny-llama"},
@@ -161,7 +166,8 @@ def test_a_launched_run_skips_lm_eval_with_the_command_that_runs_it():
 
 @needs_lm_eval
 def test_recipe_validation_names_unknown_tasks_and_the_missing_extra(monkeypatch):
-    from tam_hf.finetune.recipe import RecipeError, validate_recipe
+    from tam_hf.finetune.config.load import validate_recipe
+    from tam_hf.finetune.errors import RecipeError
 
     raw = {"model": {"name": "embedded:tiny-llama"},
            "data": {"format": "prompt_completion", "train_file": "embedded:demo_train.jsonl"},
@@ -170,7 +176,7 @@ def test_recipe_validation_names_unknown_tasks_and_the_missing_extra(monkeypatch
         validate_recipe(raw)
     (problem,) = err.value.problems
     assert "unknown lm-eval task 'gsm8'" in problem and "did you mean gsm8k" in problem
-    real = tam_lm_eval.importlib.util.find_spec
-    monkeypatch.setattr(tam_lm_eval.importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else real(name, *a))
+    real = checks.importlib.util.find_spec
+    monkeypatch.setattr(checks.importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else real(name, *a))
     with pytest.raises(RecipeError, match=r"eval.lm_eval needs lm-evaluation-harness.*tam_hf\[eval\]"):
         validate_recipe(raw)

@@ -5,10 +5,9 @@ import math
 import pytest
 import torch
 
-from tam_hf import TAM, AdaTAM, AdaTAMW
-from tam_hf.optim import fused
+from tam_hf.optim import fused, registry
 from tam_hf.optim.reference import ReferenceTorque
-from tam_hf.optim.tam import _default_impl, adatam, tam
+from tam_hf.optim.tam import TAM, AdaTAM, AdaTAMW, _default_impl, adatam, tam
 
 SHAPES = [(), (7,), (5, 3), (2, 3, 4), (11, 6)]
 KINDS = ["tam", "adatam", "adatamw"]
@@ -357,6 +356,35 @@ def test_small_model_loss_falls(kind):
 def test_invalid_arguments_name_the_value(make, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         make([torch.nn.Parameter(torch.zeros(2))])
+
+
+_NON_FINITE_MESSAGES = {"lr": "Invalid learning rate", "eps": "Invalid epsilon value",
+                        "damping_eps": "Invalid damping_eps value", "decay_rate": "Invalid decay_rate value",
+                        "weight_decay": "Invalid weight_decay value", "momentum": "Invalid momentum value",
+                        "fixed_damping": "Invalid fixed_damping value"}
+
+
+@pytest.mark.parametrize("name", registry.torque_names())
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
+def test_non_finite_hyperparameters_are_refused(name, value):
+    """inf passed the range checks once (damping_eps=inf gave NaN weights two steps later): every TAM constructor,
+    and the registry's check that recipe validation runs, refuse any non-finite value with the same message."""
+    spec = registry.get(name)
+    if name.endswith("_8bit"):
+        pytest.importorskip("bitsandbytes")
+    accepted = spec.accepted_keys()
+    cases = [({key: value}, f"{message}: {value}") for key, message in _NON_FINITE_MESSAGES.items() if key in accepted]
+    if "betas" in accepted:
+        cases += [({"betas": (value, 0.999)}, f"Invalid beta parameter at index 0: {value}"),
+                  ({"betas": (0.9, value)}, f"Invalid beta parameter at index 1: {value}")]
+    assert len(cases) >= 6
+    for bad, message in cases:
+        kwargs = {"lr": 1e-3, **bad}
+        with pytest.raises(ValueError) as from_constructor:
+            spec.cls([torch.nn.Parameter(torch.zeros(2))], **kwargs)
+        with pytest.raises(ValueError) as from_registry:
+            spec.check(kwargs)
+        assert str(from_constructor.value) == str(from_registry.value) == message
 
 
 @pytest.mark.parametrize("cls", [TAM, AdaTAM, AdaTAMW])

@@ -16,7 +16,7 @@ import torch
 pytest.importorskip("bitsandbytes")
 import bitsandbytes.functional as F  # noqa: E402
 
-from tam_hf import AdaTAMW  # noqa: E402
+from tam_hf.optim.tam import AdaTAMW  # noqa: E402
 from tam_hf.optim import fused, registry  # noqa: E402
 from tam_hf.optim.tam8bit import AdaTAM8bit, AdaTAMW8bit, dequantize_state_dict  # noqa: E402
 

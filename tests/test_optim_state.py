@@ -10,7 +10,8 @@ import textwrap
 import pytest
 import torch
 
-from tam_hf.optim import TAM, AdaTAM, AdaTAMW, TorqueOptimizer, adatam, fused, tam
+from tam_hf.optim import fused
+from tam_hf.optim.tam import TAM, AdaTAM, AdaTAMW, TorqueOptimizer, adatam, tam
 from tam_hf.optim.sharded import Fragment, ShardedSource, ShardedStats
 
 needs_kernels = pytest.mark.skipif(not fused.available(), reason="fused kernels unavailable")
@@ -49,7 +50,7 @@ def assert_unchanged(opt, before):
 
 CRASH_PROBES = textwrap.dedent("""
     import sys, torch
-    from tam_hf.optim import AdaTAM
+    from tam_hf.optim.tam import AdaTAM
 
     def step(p, opt):
         p.grad = torch.randn_like(p)

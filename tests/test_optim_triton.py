@@ -13,9 +13,10 @@ import torch
 
 pytest.importorskip("triton")
 
-from tam_hf import TAM, AdaTAM, AdaTAMW  # noqa: E402
 from tam_hf.optim import triton_kernels  # noqa: E402
 from tam_hf.optim.reference import ReferenceTorque  # noqa: E402
+from tam_hf.optim.tam import TAM, AdaTAM, AdaTAMW  # noqa: E402
+from tam_hf.optim.triton_devices import FORCE_ON_CPU  # noqa: E402
 
 DEVICE = torch.device(os.environ.get("TAM_HF_TEST_DEVICE", "cpu"))
 # 0-d to 4-d; the (9, 40) one spans three chunks; the last is channels_last while its gradients are not
@@ -28,7 +29,7 @@ def triton_on_this_device():
     with pytest.MonkeyPatch.context() as mp:
         if DEVICE.type == "cpu":
             mp.setenv("TRITON_INTERPRET", "1")
-            mp.setenv(triton_kernels.FORCE_ON_CPU, "1")
+            mp.setenv(FORCE_ON_CPU, "1")
         yield
 
 
@@ -239,7 +240,7 @@ def test_reruns_give_the_same_bits():
 def test_functional_api_with_step_counts_as_numbers(launches):
     """adatam(..., fused=True) takes the same kernels; Python step counts (the 8-bit optimizer passes them) give
     the same bits as the class's device counts."""
-    from tam_hf.optim import adatam
+    from tam_hf.optim.tam import adatam
 
     dtypes = [torch.float32] * len(SHAPES)
     a, b = init_params(dtypes), init_params(dtypes)
@@ -311,7 +312,7 @@ def test_torch_compile_of_a_step(path, monkeypatch):
     """A compiled function calling optimizer.step() runs and matches the eager optimizer. On the Triton path the
     whole step is one graph (the kernels are custom ops, the availability probe a constant): fullgraph=True."""
     if not path.startswith("triton"):
-        monkeypatch.delenv(triton_kernels.FORCE_ON_CPU, raising=False)
+        monkeypatch.delenv(FORCE_ON_CPU, raising=False)
         if DEVICE.type != "cpu":
             pytest.skip("CPU paths")
     options = {"triton": dict(fused=True), "triton-default": dict(bias_correction=True), "fused": dict(fused=True),

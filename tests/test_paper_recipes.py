@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from tam_hf.commands import compare as compare_command
 from tam_hf.compare import study as compare
+from tam_hf.finetune.config.load import load_recipe
 from tam_hf.finetune.training_args import build_training_arguments
-from tam_hf.finetune.recipe import load_recipe
 
 ROOT = Path(__file__).parents[1]
 PAPER = ROOT / "recipes" / "paper"
@@ -84,7 +85,7 @@ def test_recipe_validates_as_shipped_and_as_adamw(path, monkeypatch):
 def test_compare_derives_the_headers_adamw_lr(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     path = PAPER / "glue" / "roberta-large" / "rte.yaml"
-    labels, runs = compare.plan(path, ["adamw", "adatamw", "adatamw-const"], [0, 1, 2], out=tmp_path)
+    runs = compare.plan(path, ["adamw", "adatamw", "adatamw-const"], [0, 1, 2], out=tmp_path).runs
     lr = {r.label: r.recipe.optimizer.lr for r in runs}
     stated = float(next(o for o in _adamw_command(path) if o.startswith("optimizer.lr=")).split("=")[1])
     assert lr["adamw"] == pytest.approx(stated)
@@ -122,7 +123,7 @@ def test_study_command_runs_offline_on_the_packaged_minilm(tmp_path, monkeypatch
             "data.max_eval_samples=24", "training.disable_tqdm=true"]
     argv = ["recipes/paper/minilm_sentiment_study.yaml", "--optimizers", "adatamw-const", "--seeds", "1",
             "--out", str(out), *[a for s in sets for a in ("--set", s)]]
-    assert compare.main(argv) == 0
+    assert compare_command.main(argv) == 0
     rows = {(r["arm"], r["metric"]): r for r in csv.DictReader((out / "report.csv").open())}
     assert {("adatamw-const", m) for m in ("eval_accuracy", "eval_f1", "eval_mcc", "damping_mean")} <= set(rows)
     assert float(rows["adatamw-const", "damping_mean"]["mean"]) == pytest.approx(0.5)

@@ -81,6 +81,11 @@ def test_validate_prints_resolved_recipe_and_loads_nothing(no_training, capsys):
     assert "valid" in out.err
 
 
+def test_output_dir_override_without_its_section_names_the_section(no_training, capsys):
+    assert main([str(DEMO), "output_dir=outputs/other"]) == 2
+    assert "output_dir: unknown key (did you mean 'training.output_dir'?)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("text, fragment", [
     ("model: !!python/object/apply:os.getcwd []\n", "could not determine a constructor"),
     ("- just\n- a list\n", "the top level must be a mapping"),
@@ -152,7 +157,7 @@ def test_bad_override_and_missing_file_exit_2(capsys, no_training, tmp_path):
 
 
 def test_print_config_then_summary_and_data_error_exit_1(monkeypatch, capsys):
-    from tam_hf.finetune.data import DataError
+    from tam_hf.finetune.errors import DataError
 
     fake = {"output_dir": "outputs/demo_tiny", "steps": 7, "train_loss": 1.25, "optimizer": "adatamw",
             "eval": {"loss": 1.5, "exact_match": 0.25}, "wall_s": 3.0,

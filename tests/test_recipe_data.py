@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from tam_hf.finetune.data import DataError, build_datasets, collator, load_raw, tokenize_row
+from tam_hf.finetune.data import build_datasets, collator, load_raw, tokenize_row
 from tam_hf.finetune.model import load_tokenizer
-from tam_hf.finetune.recipe import DataConfig, ModelConfig, validate_recipe
+from tam_hf.finetune.config.load import validate_recipe
+from tam_hf.finetune.config.schema import DataConfig, ModelConfig
+from tam_hf.finetune.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 

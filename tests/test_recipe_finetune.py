@@ -15,7 +15,8 @@ from tam_hf.finetune.errors import PushError
 from tam_hf.finetune.pipeline import finetune
 from tam_hf.finetune.training_args import build_training_arguments
 from tam_hf.finetune.model import model_path
-from tam_hf.finetune.recipe import ModelConfig, validate_recipe
+from tam_hf.finetune.config.load import validate_recipe
+from tam_hf.finetune.config.schema import ModelConfig
 
 
 def _recipe(tmp_path, **sections):

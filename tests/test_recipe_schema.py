@@ -4,6 +4,8 @@ output directory that cannot be written) is a recipe error, never a crash or a s
 
 import math
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -11,8 +13,9 @@ import pytest
 import torch
 import yaml
 
-from tam_hf.finetune.recipe import (RecipeError, apply_overrides, load_recipe, read_yaml, to_dict, to_yaml,
-                                    validate_recipe)
+from tam_hf.finetune.config.load import apply_overrides, load_recipe, to_dict, to_yaml, validate_recipe
+from tam_hf.finetune.config.yaml_io import read_yaml
+from tam_hf.finetune.errors import RecipeError
 from tam_hf.optim import registry
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -577,3 +580,100 @@ def test_to_dict_is_plain_data():
     d = to_dict(validate_recipe(_recipe(optimizer__betas=[0.8, 0.9])))
     assert d["optimizer"] == {"name": "adatamw", "lr": 1e-3, "betas": [0.8, 0.9]}
     assert yaml.safe_load(yaml.safe_dump(d)) == d
+
+
+# ------------------------------------------------------------------------------ keys in the wrong section
+
+
+@pytest.mark.parametrize("changes, expected", [
+    (dict(output_dir="x"), "output_dir: unknown key (did you mean 'training.output_dir'?)"),
+    (dict(model__max_length=64), "model.max_length: unknown key (did you mean 'data.max_length'?)"),
+    (dict(data__max_step=3), "data.max_step: unknown key (did you mean 'training.max_steps'?)"),
+    (dict(training__max_lenght=64), "training.max_lenght: not a TrainingArguments field (did you mean 'data.max_length'?)"),
+    (dict(learning_rate=1e-3), "learning_rate: unknown key (did you mean 'optimizer.lr'?)"),
+    (dict(optimizer__seed=1), "optimizer.seed: unknown key (did you mean 'training.seed'?)"),
+    (dict(modle={"name": "x"}), "modle: unknown key (did you mean 'model'?)"),
+    (dict(model__nmae="x"), "model.nmae: unknown key (did you mean 'name'?)"),
+])
+def test_unknown_key_names_the_section_that_has_it(changes, expected):
+    problems = _problems(_recipe(**changes))
+    assert any(p.startswith(expected) for p in problems), problems
+
+
+def test_unknown_top_level_override_names_its_section(tmp_path):
+    problems = _load_problems(tmp_path, yaml.safe_dump(GOOD), ["output_dir=runs/x"])
+    assert problems == ["output_dir: unknown key (did you mean 'training.output_dir'?)"]
+
+
+# ------------------------------------------------------------------------- output_dir a run must not own
+
+
+def test_output_dir_refuses_root_home_and_the_model_being_loaded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    cases = {"/": "is the filesystem root", "~": "is the home directory", str(tmp_path / "home"): "is the home directory",
+             str(model): "is the model directory being loaded",
+             str(model / "run"): "is inside the model directory being loaded",
+             str(tmp_path): "contains the model directory being loaded"}
+    for output_dir, fragment in cases.items():
+        (problem,) = _problems(_recipe(model__name=str(model), training={"output_dir": output_dir}))
+        assert problem.startswith(f"training.output_dir: {output_dir} {fragment}"), problem
+    validate_recipe(_recipe(model__name=str(model), training={"output_dir": str(tmp_path / "runs" / "a")}))
+    monkeypatch.chdir(tmp_path / "home")  # a relative output_dir that is the home directory
+    (problem,) = _problems(_recipe(training={"output_dir": "."}))
+    assert "is the home directory" in problem
+
+
+# ------------------------------------------------------------------------------------ resolved once
+
+
+def test_paths_are_resolved_at_load_and_written_back_portably(tmp_path, monkeypatch):
+    from tam_hf.finetune.config.resolve import DATA_DIR
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "t.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    raw = _recipe(data__train_file="~/t.jsonl", data__eval_file=["embedded:demo_eval.jsonl"],
+                  training={"output_dir": "~/runs/x"}, distributed={"deepspeed": "recipes/accelerate/ds_zero2.json"})
+    monkeypatch.chdir(ROOT)
+    recipe = validate_recipe(raw)
+    assert recipe.data.train_file == str(tmp_path / "t.jsonl")
+    assert recipe.data.eval_file == [str(DATA_DIR / "demo_eval.jsonl")]
+    assert recipe.output_dir == str(tmp_path / "runs" / "x")
+    assert recipe.distributed.deepspeed == "recipes/accelerate/ds_zero2.json"  # relative stays relative
+    assert recipe.model.embedded and recipe.model.local_dir == str(DATA_DIR / "tiny-llama")
+    written = yaml.safe_load(to_yaml(recipe))
+    assert written["data"]["eval_file"] == ["embedded:demo_eval.jsonl"] and written["model"]["name"] == "embedded:tiny-llama"
+    assert validate_recipe(written) == recipe  # reloads to the same values
+
+
+def test_training_fields_read_without_transformers_match_the_class():
+    import dataclasses
+    import typing
+
+    from transformers import TrainingArguments
+
+    from tam_hf.finetune.config import training
+
+    fields = training.training_fields()
+    assert fields == training._from_class()  # the ast reading and the imported class agree, field by field
+    assert set(fields) == {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    assert fields["max_steps"] is int and fields["bf16"] is bool and fields["report_to"] is typing.Any
+
+
+HEAVY = ("torch", "triton", "torch._dynamo", "transformers", "peft", "bitsandbytes", "datasets", "trl", "lm_eval",
+         "evaluate", "deepspeed")
+
+
+def test_validating_a_recipe_imports_no_heavy_module():
+    """`tam-finetune RECIPE --validate` (the command, not only the loader) stays under a second or two."""
+    code = ("import contextlib, io, sys\nfrom tam_hf.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    assert main(['recipes/examples/demo_tiny.yaml', '--validate']) == 0\n"
+            f"print(' '.join(m for m in {HEAVY!r} if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == [], f"validating a recipe imported {proc.stdout.strip()}"

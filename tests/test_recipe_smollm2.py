@@ -24,7 +24,7 @@ def test_smollm2_lora_two_steps_saves_a_loadable_adapter(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from tam_hf.finetune.pipeline import finetune
-    from tam_hf.finetune.recipe import validate_recipe
+    from tam_hf.finetune.config.load import validate_recipe
 
     model_dir = spec.submodule_search_locations[0]
     recipe = validate_recipe({
@@ -50,9 +50,9 @@ def test_smollm2_lora_two_steps_saves_a_loadable_adapter(tmp_path):
     # the shipped ChatML template with markers (what smollm2_lora_chat.yaml sets) labels the assistant turn only.
     from datasets import Dataset
 
-    from tam_hf.finetune.data import DataError
+    from tam_hf.finetune.errors import DataError
     from tam_hf.finetune.model import load_model, load_tokenizer
-    from tam_hf.finetune.recipe import resolve_path
+    from tam_hf.finetune.config.resolve import resolve_path
     from tam_hf.finetune.training_args import build_training_arguments
     from tam_hf.finetune.sft import build_sft_trainer
 

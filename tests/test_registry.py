@@ -4,6 +4,10 @@ arm (with its constant-damping control) of ``compare`` — with no other edit.""
 
 from __future__ import annotations
 
+import inspect
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -11,7 +15,8 @@ import torch
 
 from tam_hf.optim import registry
 from tam_hf.optim.registry import OptimizerSpec
-from tam_hf.optim.tam import AdaTAMW, variant_init
+from tam_hf.optim.hyperparams import variant_init
+from tam_hf.optim.tam import AdaTAMW
 
 DEMO = Path(__file__).parents[1] / "recipes" / "examples" / "demo_tiny.yaml"
 
@@ -38,7 +43,8 @@ def test_a_new_registry_entry_reaches_recipes_optim_and_compare(slowtamw, tmp_pa
     from transformers import Trainer, TrainingArguments
 
     from tam_hf.compare import study
-    from tam_hf.finetune.recipe import RecipeError, load_recipe
+    from tam_hf.finetune.config.load import load_recipe
+    from tam_hf.finetune.errors import RecipeError
 
     recipe = load_recipe(DEMO, ["optimizer.name=slowtamw", "optimizer.lr_scale=0.5",
                                 f"training.output_dir={tmp_path / 'run'}"])
@@ -63,3 +69,45 @@ def test_a_new_registry_entry_reaches_recipes_optim_and_compare(slowtamw, tmp_pa
     # the transfer rule from the registry: 0.2x the AdamW reference, and the control holds d at 0.5
     assert by_label["slowtamw"].recipe.optimizer.lr == pytest.approx(0.2 * by_label["adamw"].recipe.optimizer.lr)
     assert by_label["slowtamw-const"].fixed_damping == registry.MEAN_DAMPING
+
+
+def test_validating_a_tam_optimizer_imports_no_torch():
+    # `tam-finetune RECIPE --validate` must not pay for torch (2.5 s to import here): the registry and the TAM
+    # optimizers' declared arguments and checks are torch-free; the classes load on first use of `.cls`.
+    code = textwrap.dedent("""
+        import sys
+        from tam_hf.optim import registry
+        spec = registry.get("adatamw")
+        spec.check({"lr": 1e-3, "betas": (0.9, 0.99), "weight_decay": 0.1})
+        assert "betas" in spec.accepted_keys() and spec.defaults()["weight_decay"] == 0.01
+        assert spec.lr_factor() > 0 and spec.class_name == "AdaTAMW"
+        try:
+            spec.check({"betas": (0.9, 1.5)})
+        except ValueError as e:
+            assert str(e) == "Invalid beta parameter at index 1: 1.5", e
+        else:
+            raise AssertionError("betas[1] = 1.5 accepted")
+        for name in registry.torque_names():
+            registry.get(name).accepted_keys()
+        heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "triton", "transformers", "numpy"))
+        assert not heavy, heavy
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("name", registry.torque_names())
+def test_declared_arguments_are_the_constructors(name):
+    """One source: the class's signature is its declaration, and check() says what the constructor says."""
+    spec = registry.get(name)
+    if name.endswith("_8bit"):
+        pytest.importorskip("bitsandbytes")
+    assert inspect.signature(spec.cls) == spec.arguments.signature
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    for bad, error in (({"lr": -1.0}, ValueError), ({"decay_rate": 1.0}, ValueError), ({"nope": 1}, TypeError),
+                       ({"cosine_scope": "layer"}, ValueError)):
+        with pytest.raises(error) as from_check:
+            spec.check({"lr": 1e-3, **bad})
+        with pytest.raises(error) as from_constructor:
+            spec.cls(params, **{"lr": 1e-3, **bad})
+        assert str(from_check.value) == str(from_constructor.value)

@@ -11,11 +11,12 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, TrainingArguments
 
-from tam_hf.finetune.data import DataError
+from tam_hf.finetune.config.checks import packing_problems
+from tam_hf.finetune.config.resolve import resolve_path
+from tam_hf.finetune.config.schema import ModelConfig
+from tam_hf.finetune.errors import DataError
 from tam_hf.finetune.model import load_tokenizer, model_path
-from tam_hf.finetune.recipe import ModelConfig, resolve_path
-from tam_hf.finetune.sft import (BLOCK_MASK_KEY, PackedBatchCollator, TAMSFTTrainer, build_sft_trainer,
-                                 packing_problems, sft_config)
+from tam_hf.finetune.sft import BLOCK_MASK_KEY, PackedBatchCollator, TAMSFTTrainer, build_sft_trainer, sft_config
 
 # TrainingArguments(optim="adatamw") needs tam_hf.register(); the fixture undoes it after each test.
 pytestmark = pytest.mark.usefixtures("registered")
@@ -215,7 +216,7 @@ def test_resume_from_a_packed_checkpoint_continues_exactly(tmp_path, tokenizer):
 @pytest.mark.parametrize("packing", [False, True], ids=["unpacked", "packed"])
 def test_a_causal_lm_recipe_trains_on_the_sft_trainer(tmp_path, monkeypatch, packing):
     from tam_hf.finetune import sft
-    from tam_hf.finetune.recipe import validate_recipe
+    from tam_hf.finetune.config.load import validate_recipe
     from tam_hf.finetune.pipeline import finetune
 
     built = []

@@ -60,7 +60,7 @@ def glue_recipe(model: str, task: str) -> tuple[str, str, dict]:
     header = f"""tam-finetune {path}
   AdamW baseline:  tam-finetune {path} optimizer.name=adamw optimizer.lr={_lr(m['lr'])}
   Both + control, 3 seeds, report with mean ± std:
-    python -m tam_hf.compare {path} --optimizers adamw,adatamw,adatamw-const --seeds 3 --out runs/{model}-{task}
+    tam-finetune compare {path} --optimizers adamw,adatamw,adatamw-const --seeds 3 --out runs/{model}-{task}
 
 Reproduces the paper's encoder study (arXiv 2412.18790, LM fine-tuning): {model} fine-tuned in full on GLUE
 {task.upper()} ({', '.join(metrics)} on {eval_split}), AdamW vs AdaTAMW. Usual GLUE settings for {model}; AdaTAMW at
@@ -141,7 +141,7 @@ def decoder_recipe(model: str, method: str, dataset: str) -> tuple[str, str, dic
                   "gsm8k, 5-shot, on the whole test set (the [eval] extra; results in <output_dir>/lm_eval/).")
     header = f"""tam-finetune {path}
   AdamW baseline:  tam-finetune {path} optimizer.name=adamw optimizer.lr={_lr(adamw_lr)}
-  Both + control, 3 seeds: python -m tam_hf.compare {path} --optimizers adamw,adatamw,adatamw-const --seeds 3 \\
+  Both + control, 3 seeds: tam-finetune compare {path} --optimizers adamw,adatamw,adatamw-const --seeds 3 \\
     --out runs/{model}-{method}-{dataset}
 
 """ + textwrap.fill(about, 112, break_on_hyphens=False) + "\n" + LR_RULE

@@ -13,7 +13,8 @@ from tam_hf.commands import report
 from tam_hf.finetune.errors import OutputDirError
 from tam_hf.finetune.hub import push
 from tam_hf.finetune.outputs import run_lock, write_summary
-from tam_hf.finetune.recipe import RecipeError, read_recipe_file
+from tam_hf.finetune.config.load import read_recipe_file
+from tam_hf.finetune.errors import RecipeError
 
 __all__ = ["main"]
 

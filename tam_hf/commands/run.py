@@ -18,8 +18,8 @@ import subprocess
 import sys
 
 from tam_hf.commands import report
+from tam_hf.finetune.errors import RecipeError
 from tam_hf.finetune.launch import launch_command, launch_problems, rank
-from tam_hf.finetune.recipe import RecipeError, load_recipe, to_yaml
 
 __all__ = ["main", "parser", "format_summary"]
 
@@ -84,6 +84,8 @@ def format_summary(s: dict) -> str:
 def main(argv: list[str] | None = None, prog: str = "tam-finetune") -> int:
     """Parse the run command's arguments, validate, launch or train; returns the exit code."""
     args = parser(prog).parse_intermixed_args(sys.argv[1:] if argv is None else argv)
+    from tam_hf.finetune.config.load import load_recipe, to_yaml  # pydantic: not for --help
+
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         problems = launch_problems(recipe, args.nproc)
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None, prog: str = "tam-finetune") -> int:
     from tam_hf.finetune.training_args import build_training_arguments
     from tam_hf.trainer import quiet
 
-    getattr(quiet, "install", lambda verbose: None)(verbose=args.verbose)  # TODO(lead): wire at merge
+    quiet.install(verbose=args.verbose)
     try:
         build_training_arguments(recipe)  # their own checks, before a launcher starts processes
     except RecipeError as exc:
@@ -125,6 +127,9 @@ def main(argv: list[str] | None = None, prog: str = "tam-finetune") -> int:
     _leave_process_group(finished=True)
     if rank() == 0:  # launched runs: one summary, from the first process
         print(format_summary(summary))
+        if not args.verbose and quiet.held():
+            print(f"note: {len(quiet.held())} third-party notice(s) or progress bar(s) held back (--verbose shows "
+                  "them)", file=sys.stderr)
     if summary.get("interrupted"):
         import signal
 

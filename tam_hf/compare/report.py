@@ -3,14 +3,20 @@
 Input is a list of finished runs, each ``{"label", "seed", "summary", "log_history"}`` (what
 :mod:`tam_hf.compare.study` stores as ``result.json``). Output, all in one folder:
 
-* ``report.md``  every metric as mean ± std over seeds, with the difference of means to the first arm and the
-  standard error of that difference (so "similar" has a scale: a difference within ~2 SE is noise);
-* ``report.csv`` the same numbers in long form (arm, metric, n, mean, std, delta, delta_se, per-seed values);
+* ``report.md``  every metric as mean ± its 95% confidence interval over seeds, with the difference to the first
+  arm paired by seed, its 95% interval and the paired t-test's p-value (:mod:`tam_hf.compare.stats`);
+* ``report.csv`` the same numbers in long form (arm, metric, n, mean, std, ci95_low/high, delta, delta_se,
+  delta_ci95_low/high, delta_n, p_value, seeds, per-seed values);
 * ``runs.csv``   one row per run;
 * ``loss.png``   training and evaluation loss over steps (mean over seeds, band = min..max);
 * ``damping.png`` TAM's mean damping over steps (arms without damping, e.g. AdamW, are absent).
 
-Standard deviations are sample standard deviations (ddof 1); with one seed they are shown as "n/a".
+report.md ends with Notes: what the study changed in the recipe (e.g. a logging interval) and every plot panel
+left empty, with the reason, so that an empty plot is never silent.
+
+Standard deviations are sample standard deviations (ddof 1). With one seed there is no interval ("n/a"); a
+difference is over the seeds both arms finished (a diverged seed leaves its pair out, and the cell says how many
+pairs remain).
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from __future__ import annotations
 import csv
 import math
 from pathlib import Path
+
+from tam_hf.compare.stats import mean_ci, paired
 
 __all__ = ["run_metrics", "aggregate", "write_report", "curves"]
 
@@ -50,13 +58,15 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def aggregate(results: list[dict], arms: list[str]) -> tuple[list[str], list[dict]]:
-    """(metric names, rows): one row per (arm, metric) with n, mean, std, values and the difference of means to
-    ``arms[0]`` with its standard error sqrt(s1²/n1 + s2²/n2)."""
-    per_arm: dict[str, dict[str, list[float]]] = {arm: {} for arm in arms}
+    """(metric names, rows): one row per (arm, metric) with n, mean, std, the 95% interval of the mean
+    (``ci_low``, ``ci_high``), the seeds and their values, and the difference to ``arms[0]`` paired by seed
+    (:func:`tam_hf.compare.stats.paired`: ``delta``, ``delta_se``, ``delta_low``, ``delta_high``, ``delta_n``,
+    ``p_value``; NaN for the first arm itself)."""
+    per_arm: dict[str, dict[str, dict[int, float]]] = {arm: {} for arm in arms}
     metrics: list[str] = []
     for result in sorted(results, key=lambda r: r["seed"]):
         for key, value in run_metrics(result).items():
-            per_arm[result["label"]].setdefault(key, []).append(value)
+            per_arm[result["label"]].setdefault(key, {})[result["seed"]] = value
             if key not in metrics:
                 metrics.append(key)
     metrics.sort(key=_metric_rank)
@@ -64,17 +74,14 @@ def aggregate(results: list[dict], arms: list[str]) -> tuple[list[str], list[dic
     base = per_arm[arms[0]]
     for arm in arms:
         for metric in metrics:
-            values = per_arm[arm].get(metric)
-            if not values:
+            by_seed = per_arm[arm].get(metric)
+            if not by_seed:
                 continue
-            mean, std = _mean_std(values)
-            row = {"arm": arm, "metric": metric, "n": len(values), "mean": mean, "std": std, "values": values,
-                   "delta": math.nan, "delta_se": math.nan}
-            if arm != arms[0] and base.get(metric):
-                b_mean, b_std = _mean_std(base[metric])
-                row["delta"] = mean - b_mean
-                if len(values) > 1 and len(base[metric]) > 1:
-                    row["delta_se"] = math.sqrt(std ** 2 / len(values) + b_std ** 2 / len(base[metric]))
+            values = list(by_seed.values())
+            mean, low, high = mean_ci(values)
+            row = {"arm": arm, "metric": metric, "n": len(values), "mean": mean, "std": _mean_std(values)[1],
+                   "ci_low": low, "ci_high": high, "seeds": list(by_seed), "values": values}
+            row.update(paired(by_seed, base[metric]) if arm != arms[0] and base.get(metric) else paired({}, {}))
             rows.append(row)
     return metrics, rows
 
@@ -91,11 +98,16 @@ def _signed(x: float, scale: float) -> str:
 
 
 def _cell(row: dict) -> str:
+    """``mean ± half-width of its 95% interval (Δ mean paired difference [its interval], p of the paired test)``,
+    with the number of pairs when fewer seeds than the row's were paired."""
     scale = row["mean"]
-    text = f"{_fmt(row['mean'], scale)} ± {_fmt(row['std'], scale)}"
+    text = f"{_fmt(row['mean'], scale)} ± {_fmt(row['ci_high'] - row['mean'], scale)}"
     if not math.isnan(row["delta"]):
-        se = "" if math.isnan(row["delta_se"]) else f" ± {_fmt(row['delta_se'], scale)}"
-        text += f" (Δ {_signed(row['delta'], scale)}{se})"
+        bounds = "" if math.isnan(row["delta_low"]) else \
+            f" [{_signed(row['delta_low'], scale)}, {_signed(row['delta_high'], scale)}]"
+        p = "" if math.isnan(row["p_value"]) else f", p {row['p_value']:.2g}"
+        pairs = "" if row["delta_n"] == row["n"] else f", {row['delta_n']} pairs"
+        text += f" (Δ {_signed(row['delta'], scale)}{bounds}{p}{pairs})"
     return text
 
 
@@ -124,22 +136,31 @@ def curves(results: list[dict], key: str) -> dict[str, tuple[list[int], list[flo
     return out
 
 
-def _plot(results: list[dict], arms: list[str], keys: list[str], path: Path, title: str) -> None:
+def _plot(results: list[dict], arms: list[str], keys: list[str], path: Path, title: str) -> list[str]:
+    """Draw one panel per log_history key into ``path``; returns the keys no run logged (empty panels)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display (CI, ssh)
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
+    empty = []
     fig, axes = plt.subplots(1, len(keys), figsize=(max(5.5 * len(keys), 8), 4), squeeze=False)
     for ax, key in zip(axes[0], keys):
         data = curves(results, key)
         for i, arm in enumerate(arms):
             if arm in data:
                 steps, mean, lo, hi = data[arm]
+                if len(steps) == 1:  # a band of one point is invisible: show min..max as an error bar
+                    ax.errorbar(steps, mean, yerr=[[mean[0] - lo[0]], [hi[0] - mean[0]]], label=arm,
+                                color=f"C{i}", marker="o", capsize=4)
+                    continue
                 ax.plot(steps, mean, label=arm, color=f"C{i}", marker="o" if len(steps) < 12 else None)
                 ax.fill_between(steps, lo, hi, color=f"C{i}", alpha=0.2)
         if not data:
+            empty.append(key)
             ax.text(0.5, 0.5, f"no '{key}' logged by any arm", ha="center", va="center", transform=ax.transAxes)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # whole steps, also for one point
         ax.set_xlabel("step")
         ax.set_title(CURVES[key])
         ax.grid(alpha=0.3)
@@ -149,6 +170,14 @@ def _plot(results: list[dict], arms: list[str], keys: list[str], path: Path, tit
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return empty
+
+
+def _empty_panel_note(key: str, png: str) -> str:
+    why = {"loss": "no run logged a training step (a run shorter than training.logging_steps logs none)",
+           "eval_loss": "no run evaluated (eval.metrics / eval_strategy, or no eval_file)",
+           "damping/mean": "no arm has a damping to log (only TAM optimizers do)"}[key]
+    return f"{png}: the {CURVES[key]} panel is empty: {why}"
 
 
 def _diverged_section(bad: list[dict], results: list[dict], arms: list[str]) -> list[str]:
@@ -166,10 +195,12 @@ def _diverged_section(bad: list[dict], results: list[dict], arms: list[str]) -> 
     return text
 
 
-def write_report(results: list[dict], arms: list[str], out: Path, title: str, command: str = "") -> dict[str, Path]:
-    """Write report.md, report.csv, runs.csv, loss.png and damping.png into ``out``; returns their paths. Runs whose
-    result says ``status: diverged`` stay out of every mean and plot: runs.csv marks their cells 'diverged' and
-    report.md lists them."""
+def write_report(results: list[dict], arms: list[str], out: Path, title: str, command: str = "",
+                 notes: list[str] = ()) -> tuple[dict[str, Path], list[str]]:
+    """Write report.md, report.csv, runs.csv, loss.png and damping.png into ``out``; returns their paths and the
+    notes a reader must see (``notes``, what the study changed in the recipe, plus every empty plot panel and
+    why; report.md lists them too). Runs whose result says ``status: diverged`` stay out of every mean and plot:
+    runs.csv marks their cells 'diverged' and report.md lists them."""
     out.mkdir(parents=True, exist_ok=True)
     order = lambda r: (arms.index(r["label"]), r["seed"])  # noqa: E731
     bad = sorted((r for r in results if r.get("status") == "diverged"), key=order)
@@ -180,10 +211,12 @@ def write_report(results: list[dict], arms: list[str], out: Path, title: str, co
 
     with paths["report.csv"].open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["arm", "metric", "n", "mean", "std", f"delta_vs_{arms[0]}", "delta_se", "values"])
+        w.writerow(["arm", "metric", "n", "mean", "std", "ci95_low", "ci95_high", f"delta_vs_{arms[0]}", "delta_se",
+                    "delta_ci95_low", "delta_ci95_high", "delta_n", "p_value", "seeds", "values"])
         for r in rows:
-            w.writerow([r["arm"], r["metric"], r["n"], r["mean"], r["std"], r["delta"], r["delta_se"],
-                        " ".join(repr(v) for v in r["values"])])
+            w.writerow([r["arm"], r["metric"], r["n"], r["mean"], r["std"], r["ci_low"], r["ci_high"], r["delta"],
+                        r["delta_se"], r["delta_low"], r["delta_high"], r["delta_n"], r["p_value"],
+                        " ".join(map(str, r["seeds"])), " ".join(repr(v) for v in r["values"])])
     with paths["runs.csv"].open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["arm", "seed", *metrics])
@@ -193,17 +226,22 @@ def write_report(results: list[dict], arms: list[str], out: Path, title: str, co
         for r in bad:
             w.writerow([r["label"], r["seed"], *["diverged"] * len(metrics)])
 
-    _plot(results, arms, ["loss", "eval_loss"], paths["loss.png"], title)
-    _plot(results, arms, ["damping/mean"], paths["damping.png"], title)
+    notes = list(notes)
+    for png, keys in (("loss.png", ["loss", "eval_loss"]), ("damping.png", ["damping/mean"])):
+        notes += [_empty_panel_note(key, png) for key in _plot(results, arms, keys, paths[png], title)]
 
     text = [f"# {title}", ""]
     if command:
         text += ["```", command, "```", ""]
-    text += [f"Seeds: {', '.join(map(str, seeds))}. Cells: mean ± sample std over seeds; (Δ difference of means to "
-             f"**{arms[0]}** ± its standard error). A Δ within about 2 SE is not distinguishable from seed noise.",
+    text += [f"Seeds: {', '.join(map(str, seeds))}. Cells: mean over seeds ± the half-width of its 95% confidence "
+             "interval (Student t, n − 1 degrees of freedom; the seeds column is n); (Δ the difference to "
+             f"**{arms[0]}** paired by seed, [its 95% CI], p of the paired t-test). An interval that contains 0 "
+             "does not tell the arms apart at these seeds; n/a: one seed, no interval.",
              "", markdown_table(metrics, rows, arms), "",
              "![loss](loss.png)", "", "![damping](damping.png)", ""]
+    if notes:
+        text += ["## Notes", "", *[f"- {n}" for n in notes], ""]
     if bad:
         text += _diverged_section(bad, every, arms) + [""]
     paths["report.md"].write_text("\n".join(text))
-    return paths
+    return paths, notes

@@ -1,12 +1,20 @@
-"""`python -m tam_hf.compare RECIPE.yaml --optimizers adamw,adatamw,adatamw-const --seeds 3 --out DIR`
+"""The study behind ``tam-finetune compare`` (the command itself: :mod:`tam_hf.commands.compare`): plan the runs,
+execute one run.
 
-Runs one recipe under several optimizers ("arms") and seeds, one run after another, then writes the report of
+A study runs one recipe under several optimizers ("arms") and seeds, one run after another, then writes the report of
 :mod:`tam_hf.compare.report` (markdown + CSV table of every metric as mean ± std with the difference to the first arm,
 loss and damping plots) into DIR.
 
-Resumable: each run lives in ``DIR/runs/<arm>/seed<k>`` and is finished when its ``result.json`` exists and
+Resumable: each run lives in ``DIR/runs/<arm>/seed<k>`` and is finished when its ``result.json`` can be read and
 was produced by the same resolved recipe; a rerun of the same command skips those and only does the rest
-(a partial run is continued from its last checkpoint when it saved one, else started again).
+(a partial run is continued from its last complete checkpoint when it saved one, else started again; its
+``wall_s`` then adds up the time of every attempt up to that checkpoint, recorded in ``study.json``).
+``result.json`` and ``study.json`` are written atomically; one that cannot be read (cut short by a full disk or a
+crash) means "not finished": the run is done again, with a note.
+
+Each seed, arm and sweep value is named once: a duplicate (``--seeds 3,3``, ``adamw,adamw``, an alias of an arm
+already named, ``decay_rate=0.5,0.5``) would present one run as two and shrink every interval, so it is an error
+(exit 2), as is an empty list.
 
 A run that diverges (non-finite loss, gradients or weights) is a result, not a reason to stop: its
 ``result.json`` says ``status: diverged`` with the step and reason and no metrics (train loss and eval null), the
@@ -26,13 +34,17 @@ AdamW for the Adam family, SGD-momentum for the SGD family; AdaTAM ``(1 - beta1)
 the README, "The algorithm, and the learning rate to use"). Write ``NAME@LR`` (``adamw@2e-5``) to set an arm's
 lr yourself, which is required across families (AdamW vs TAM).
 
+Logging: a run of ``max_steps`` that the recipe's ``logging_steps`` would log fewer than :data:`MIN_POINTS` times
+(``training.max_steps=10`` on a recipe that logs every 25 steps logs nothing) is logged every ``max_steps // 10``
+steps instead, so that the loss and damping curves can be drawn; the plan's notes (console and report.md) say
+so. A ``logging_steps`` given on the command line is kept as it is.
+
 Sweeps: ``--sweep optimizer.decay_rate=0.5,0.9,0.99`` multiplies every arm the key applies to (adamw has no
 decay_rate, the -const arms ignore it) into one arm per value, labelled ``adatamw decay_rate=0.5``.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import difflib
 import hashlib
@@ -40,28 +52,32 @@ import itertools
 import json
 import re
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
-from tam_hf.finetune.outputs import json_safe
-from tam_hf.finetune.recipe import (Recipe, RecipeError, apply_overrides, read_recipe_file, read_yaml, to_dict,
-                                    validate_recipe)
+from tam_hf.finetune.config.load import apply_overrides, read_recipe_file, to_dict, validate_recipe
+from tam_hf.finetune.config.schema import Recipe
+from tam_hf.finetune.config.yaml_io import read_yaml
+from tam_hf.finetune.errors import RecipeError
 from tam_hf.optim import registry
 from tam_hf.optim.registry import OptimizerSpec
 
-__all__ = ["Arm", "Run", "arms", "plan", "main"]
+__all__ = ["Arm", "Run", "Plan", "MIN_POINTS", "arms", "find_arm", "expand", "plan", "execute", "diverged"]
 
 # TrainingArguments fields that cannot change a run's numbers: a rerun that differs only in these is not redone.
 COSMETIC = ("output_dir", "disable_tqdm", "report_to", "run_name", "logging_dir")
-KEEP_FILES = ("result.json", "summary.json", "recipe.yaml", "fingerprint.txt")
+# A partial run's own record (fingerprint, seconds to each checkpoint over every attempt), written atomically.
+RECORD = "study.json"
+KEEP_FILES = ("result.json", "summary.json", "recipe.yaml", RECORD)
 CONTROL_SUFFIX = "-const"
 # The control holds d at its mean under noisy gradients, the E[d] the transfer rule divides by: its lr is its
 # TAM arm's, and its step is on average the same.
 CONTROL_DAMPING = registry.MEAN_DAMPING
 ALIASES = {"constant-damping": "adatamw-const"}
+# Fewest logged steps that draw a curve worth reading; fewer, and compare logs more often (see _log_often_enough).
+MIN_POINTS = 10
 
 
 @dataclass(frozen=True)
@@ -131,9 +147,28 @@ class Run:
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     @property
+    def result_path(self) -> Path:
+        return self.directory / "result.json"
+
+    @property
     def done(self) -> bool:
-        path = self.directory / "result.json"
-        return path.is_file() and json.loads(path.read_text()).get("fingerprint") == self.fingerprint
+        result = read_result(self.result_path)
+        return result is not None and result.get("fingerprint") == self.fingerprint
+
+
+def read_result(path: Path) -> Optional[dict]:
+    """A run's result.json (or :data:`RECORD`), or None when there is none or it cannot be read whole (a disk
+    that filled up, a power cut): such a run is not finished and is done again."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def unreadable(path: Path) -> bool:
+    """A result.json that exists but :func:`read_result` cannot read."""
+    return path.exists() and read_result(path) is None
 
 
 # ------------------------------------------------------------------------------------------------ planning
@@ -148,23 +183,25 @@ def _parse_arm(text: str) -> tuple[Arm, Optional[float]]:
         raise ValueError(f"--optimizers {text!r}: the lr after @ must be a number") from None
 
 
-def _parse_seeds(text: str) -> list[int]:
-    """``3`` -> seeds 0, 1, 2; ``13,42`` -> exactly those; ``7,`` -> seed 7 alone."""
-    if "," in text:
-        return [int(p) for p in text.split(",") if p.strip()]
-    if int(text) < 1:
-        raise ValueError(f"--seeds {text}: give a count >= 1, or a list such as 0,1 (one seed: 7,)")
-    return list(range(int(text)))
-
-
 def _parse_sweeps(items: list[str]) -> list[tuple[str, list]]:
     out = []
     for item in items:
         key, sep, values = item.partition("=")
-        if not sep or not values:
+        words = [v.strip() for v in values.split(",") if v.strip()]
+        if not sep or not words:
             raise ValueError(f"--sweep {item!r}: expected key.path=v1,v2,...")
-        out.append((key, [_sweep_value(item, v) for v in values.split(",")]))
+        _once(words, lambda w: f"--sweep {item!r}: {w} is given twice")
+        out.append((key, [_sweep_value(item, v) for v in words]))
     return out
+
+
+def _once(items, message) -> None:
+    """A ValueError naming the first item given twice: a run repeated under one label would count as two."""
+    seen = set()
+    for item in items:
+        if item in seen:
+            raise ValueError(message(item))
+        seen.add(item)
 
 
 def _sweep_value(item: str, text: str):
@@ -196,9 +233,10 @@ def expand(raw: dict, base: Recipe, optimizers: list[str], sweeps: list[str] = (
     base_spec = registry.get(base.optimizer.name)
     settings = base.optimizer.kwargs()  # what the recipe sets; each arm reads the keys its optimizer takes
     reference_lr = base.optimizer.lr / base_spec.lr_factor(settings)
-    out, problems = [], []
+    out, problems, given = [], [], {}
     sweep_axes = _parse_sweeps(list(sweeps))
     for text in optimizers:
+        text = text.strip()
         arm, explicit_lr = _parse_arm(text)
         if explicit_lr is None and arm.spec.family != base_spec.family:
             problems.append(f"{arm.name}: no lr transfer from the recipe's {base.optimizer.name}; write {arm.name}@LR")
@@ -207,8 +245,10 @@ def expand(raw: dict, base: Recipe, optimizers: list[str], sweeps: list[str] = (
         axes = [(k, vals) for k, vals in sweep_axes if _applies(k, arm)]
         for combo in itertools.product(*(vals for _, vals in axes)):
             label = " ".join([head] + [f"{k.rsplit('.', 1)[-1]}={v}" for (k, _), v in zip(axes, combo)])
-            if label in (done[0] for done in out):
-                continue
+            if label in given:
+                same = "is given twice" if given[label] == text else f"is the same arm as {given[label]!r}"
+                raise ValueError(f"--optimizers: {text!r} {same} ({label}); name each arm once")
+            given[label] = text
             arm_raw = copy.deepcopy(raw)
             opt = arm_raw.setdefault("optimizer", {})
             opt["name"] = arm.spec.name
@@ -223,16 +263,30 @@ def expand(raw: dict, base: Recipe, optimizers: list[str], sweeps: list[str] = (
     return out, problems
 
 
+class Plan(NamedTuple):
+    labels: list[str]   # arm labels in order; the first is the baseline of the differences
+    runs: list[Run]
+    notes: list[str]    # what compare changed in the recipe, for the console and report.md
+
+
 def plan(recipe_path: str | Path, optimizers: list[str], seeds: list[int], sets: list[str] = (),
-         sweeps: list[str] = (), out: str | Path = "compare") -> tuple[list[str], list[Run]]:
-    """(arm labels in order, runs). Every run's recipe is validated here, before anything trains; a
-    RecipeError lists the problems of every arm at once."""
+         sweeps: list[str] = (), out: str | Path = "compare") -> Plan:
+    """Every run's recipe, validated here before anything trains; a RecipeError lists the problems of every arm
+    at once."""
     from tam_hf.finetune.training_args import build_training_arguments
 
+    if not [t for t in optimizers if t.strip()]:
+        raise ValueError(f"--optimizers {','.join(optimizers)!r}: no optimizer; name at least one, e.g. adamw,adatamw")
+    optimizers = [t for t in optimizers if t.strip()]
+    if not seeds:
+        raise ValueError("--seeds: no seed; give a count (3) or a list (0,1; one seed: 7,)")
+    _once(seeds, lambda seed: f"--seeds: seed {seed} is given twice (one run counted twice would shrink every "
+          "interval); name each seed once")
     recipe_path = Path(recipe_path)
     raw = read_recipe_file(recipe_path)
     problems = apply_overrides(raw, list(sets))
     base = validate_recipe(copy.deepcopy(raw), name=recipe_path.stem, source=str(recipe_path), problems=problems)
+    notes = _log_often_enough(raw, base, sets)
     arm_recipes, problems = expand(raw, base, optimizers, sweeps)
     runs = []
     for label, arm, arm_raw in arm_recipes:
@@ -250,7 +304,33 @@ def plan(recipe_path: str | Path, optimizers: list[str], seeds: list[int], sets:
             runs.append(Run(label, seed, recipe, arm.fixed_damping, directory))
     if problems:
         raise RecipeError(sorted(set(problems), key=problems.index), f"compare {recipe_path}")
-    return [label for label, _, _ in arm_recipes], runs
+    return Plan([label for label, _, _ in arm_recipes], runs, notes)
+
+
+def _log_often_enough(raw: dict, base: Recipe, sets: list[str]) -> list[str]:
+    """A short run under the recipe's logging interval logs too few steps to draw a curve (max_steps=10 with
+    logging_steps=25 logs none): log every max_steps / MIN_POINTS steps instead, unless the command line set the
+    interval itself. Runs without max_steps (epochs) are left as they are: their length is known only once the
+    data is loaded."""
+    from tam_hf.finetune.training_args import build_training_arguments
+
+    if any(s.split("=", 1)[0].strip() in ("training.logging_steps", "training.logging_strategy") for s in sets):
+        return []
+    try:
+        args = build_training_arguments(base)
+    except RecipeError:
+        return []  # the per-arm checks report it
+    steps, every = args.max_steps, args.logging_steps
+    if steps <= 0 or args.logging_strategy != "steps" or every <= 0:
+        return []
+    every = every * steps if every < 1 else every  # TrainingArguments: below 1 is a fraction of the run
+    if steps // every >= MIN_POINTS:
+        return []
+    chosen = max(1, steps // MIN_POINTS)
+    raw.setdefault("training", {})["logging_steps"] = chosen
+    return [f"compare logs every {chosen} step(s) (training.logging_steps={chosen}): the recipe's interval of "
+            f"{every:g} logs {int(steps // every)} point(s) in a {steps}-step run, too few to draw the curves "
+            "(--set training.logging_steps=N chooses another)"]
 
 
 # ------------------------------------------------------------------------------------------------- running
@@ -270,18 +350,49 @@ def _history_callback():
     return _History()
 
 
-def _prepare(run: Run) -> None:
-    """Continue a partial run from its checkpoint when it has one and the recipe is unchanged; else start over."""
+def _prepare(run: Run) -> tuple[Optional[int], Optional[float]]:
+    """Continue a partial run from its last complete checkpoint when the recipe is unchanged; else start over.
+    Returns (the step resumed from, the seconds the earlier attempts took to reach it), both None for a fresh
+    start; the seconds are None too when no attempt recorded them."""
+    from tam_hf.finetune.outputs import complete_checkpoints, write_json
+
     d = run.directory
-    stamp = d / "fingerprint.txt"
-    same = stamp.is_file() and stamp.read_text().strip() == run.fingerprint
-    if d.exists() and same and any(d.glob("checkpoint-*")):
+    record = _record(d)
+    good, _ = complete_checkpoints(d) if record.get("fingerprint") == run.fingerprint else ([], [])
+    if good:
         run.recipe.resume = True
-        return
+        step = int(good[0].name.rsplit("-", 1)[1])
+        return step, (record.get("elapsed_s") or {}).get(str(step))
     if d.exists():
         shutil.rmtree(d)
     d.mkdir(parents=True)
-    stamp.write_text(run.fingerprint + "\n")
+    write_json(d / RECORD, {"fingerprint": run.fingerprint, "elapsed_s": {}})
+    return None, None
+
+
+def _record(directory: Path) -> dict:
+    """RECORD of a partial run: its fingerprint, and checkpoint step -> seconds from the run's first start to that
+    checkpoint over every attempt. Unreadable counts as absent: the run starts over."""
+    value = read_result(directory / RECORD)
+    return value if value is not None else {}
+
+
+def _elapsed_callback(directory: Path, before: float):
+    """Records, at every checkpoint, the seconds spent so far (``before`` from earlier attempts plus this one), so
+    that a run killed and continued from that checkpoint reports the wall time of all its parts."""
+    from transformers import TrainerCallback
+
+    from tam_hf.finetune.outputs import write_json
+
+    started = time.time()
+
+    class _Elapsed(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            record = _record(directory)
+            record.setdefault("elapsed_s", {})[str(state.global_step)] = round(before + time.time() - started, 1)
+            write_json(directory / RECORD, record)
+
+    return _Elapsed()
 
 
 def _prune(directory: Path) -> None:
@@ -292,116 +403,49 @@ def _prune(directory: Path) -> None:
 
 
 def execute(run: Run, keep_models: bool = False) -> dict:
-    """Train one run and write its result.json; a run that diverges is written as a diverged result (see the
-    module docstring). Other run errors propagate."""
+    """Train one run and write its result.json (atomically: a reader finds no file or the whole file); a run
+    that diverges is written as a diverged result (see the module docstring). Other run errors propagate."""
     from tam_hf.finetune.errors import NonFiniteError
+    from tam_hf.finetune.outputs import write_json
     from tam_hf.finetune.pipeline import finetune
 
-    _prepare(run)
+    resumed_from, before = _prepare(run)
     history = _history_callback()
     result = {"label": run.label, "seed": run.seed, "fingerprint": run.fingerprint, "fixed_damping": run.fixed_damping}
+    callbacks = [history, _elapsed_callback(run.directory, before or 0.0)]
     try:
-        summary = finetune(run.recipe, callbacks=[history])
+        summary = finetune(run.recipe, callbacks=callbacks)
     except NonFiniteError as exc:
         summary = dict(exc.summary or {})
         # No metric of a diverged run may enter a mean: the report reads train_loss / eval / damping / wall_s.
         summary.update(status="diverged", train_loss=None, eval=None, damping=None)
         result.update(status="diverged", diverged=str(exc), diverged_at_step=exc.step,
-                      wall_s=summary.pop("wall_s", None))
+                      wall_s=_add_parts(result, summary.pop("wall_s", None), resumed_from, before))
     else:
         if summary.get("interrupted"):
             raise KeyboardInterrupt
         result["status"] = "completed"
+        summary["wall_s"] = _add_parts(result, summary.get("wall_s"), resumed_from, before)
     result.update(summary=summary, log_history=history.state.log_history if history.state is not None else [])
-    (run.directory / "result.json").write_text(json.dumps(json_safe(result), indent=1, allow_nan=False))
+    write_json(run.result_path, result)
     if not keep_models:
         _prune(run.directory)
     return result
 
 
+def _add_parts(result: dict, wall_s: Optional[float], resumed_from: Optional[int], before: Optional[float]):
+    """The wall time of every attempt of a resumed run added up (recorded in ``result``); this attempt's alone
+    when the run was not resumed, or the earlier attempts recorded nothing (said in ``result``)."""
+    if resumed_from is None or not isinstance(wall_s, (int, float)):
+        return wall_s
+    result["resumed_from_step"] = resumed_from
+    if before is None:
+        result["wall_s_note"] = f"resumed from checkpoint-{resumed_from}, whose time was not recorded: wall_s " \
+                                "counts the resumed part only"
+        return wall_s
+    result["wall_s_parts"] = [before, wall_s]
+    return round(before + wall_s, 1)
+
+
 def diverged(result: dict) -> bool:
     return result.get("status") == "diverged"
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="tam-finetune compare",
-        description="Run a recipe under several optimizers and seeds; write a mean ± std report with plots.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="arms (one per optimizer in tam_hf.optim.registry, plus a -const control per TAM optimizer):\n"
-        + "\n".join(f"  {k:16s} {a.help}" for k, a in arms().items())
-        + "".join(f"\n  {alias} = {name}" for alias, name in ALIASES.items()) + "\n\nexample: tam-finetune compare recipes/examples/demo_tiny.yaml "
-        "--optimizers adamw,adatamw,adatamw-const --seeds 3 --out runs/demo",
-    )
-    p.add_argument("recipe", help="recipe YAML file")
-    p.add_argument("--optimizers", default="adamw,adatamw",
-                   help="comma-separated arms, the first is the baseline of the deltas; NAME@LR sets an lr")
-    p.add_argument("--seeds", default="3", help="N (seeds 0..N-1) or a comma-separated list (default 3)")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="recipe override for every run (repeatable), e.g. --set training.max_steps=200")
-    p.add_argument("--sweep", dest="sweeps", action="append", default=[], metavar="KEY=V1,V2",
-                   help="one arm per value, e.g. --sweep optimizer.decay_rate=0.5,0.9,0.99 (repeatable: product)")
-    p.add_argument("--out", default=None, help="output folder (default: runs/compare/<recipe name>; runs/ is git-ignored)")
-    p.add_argument("--keep-models", action="store_true", help="keep each run's weights and checkpoints")
-    p.add_argument("--report-only", action="store_true", help="write the report from the finished runs; train nothing")
-    p.add_argument("--dry-run", action="store_true", help="validate every run and print the plan; train nothing")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    out = Path(args.out or Path("runs") / "compare" / Path(args.recipe).stem)
-    try:
-        seeds = _parse_seeds(args.seeds)
-        labels, runs = plan(args.recipe, args.optimizers.split(","), seeds, args.sets, args.sweeps, out)
-    except (RecipeError, ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    todo = [r for r in runs if not r.done]
-    print(f"compare: {len(labels)} arm(s) x {len(seeds)} seed(s) = {len(runs)} runs; "
-          f"{len(runs) - len(todo)} finished, {len(todo)} to do; output {out}", flush=True)
-    for run in runs:
-        print(f"  {run.label:32s} seed {run.seed}  lr {run.recipe.optimizer.lr:.3g}  "
-              f"{'done' if run.done else 'to do'}", flush=True)
-    if args.dry_run:
-        return 0
-    if not args.report_only:
-        for i, run in enumerate(todo, 1):
-            started = time.time()
-            print(f"[{i}/{len(todo)}] {run.label} seed {run.seed} -> {run.directory}", flush=True)
-            try:
-                result = execute(run, keep_models=args.keep_models)
-            except KeyboardInterrupt:
-                print("compare interrupted; rerun the same command to continue", file=sys.stderr)
-                return 130
-            except Exception as exc:  # the run command's answer to a user-facing error; a bug keeps its traceback
-                from tam_hf.finetune.main import exit_for
-
-                answer = exit_for(exc)
-                if answer is None:
-                    raise
-                print(f"{run.label} seed {run.seed}: {answer[1]}\nfinished runs are kept; fix the cause and rerun "
-                      "the same command to continue", file=sys.stderr)
-                return answer[0]
-            if diverged(result):
-                print(f"[{i}/{len(todo)}] diverged at step {result['diverged_at_step']} (a result: recorded, not "
-                      f"retried): {result['diverged'].split('. ')[0]}", flush=True)
-            else:
-                print(f"[{i}/{len(todo)}] finished in {time.time() - started:.0f} s", flush=True)
-    results = [json.loads((r.directory / "result.json").read_text()) for r in runs if r.done]
-    if not results:
-        print("error: no finished runs to report", file=sys.stderr)
-        return 1
-    from tam_hf.compare.report import write_report
-
-    present = [label for label in labels if any(r["label"] == label for r in results)]
-    command = "python -m tam_hf.compare " + " ".join(sys.argv[1:] if argv is None else argv)
-    title = f"{Path(args.recipe).stem}, {len(seeds)} seed(s): line = mean, band = min..max"
-    paths = write_report(results, present, out, title, command)
-    print((out / "report.md").read_text())
-    print("wrote " + ", ".join(str(p) for p in paths.values()))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -20,10 +20,10 @@ import json
 from functools import partial
 from pathlib import Path
 
+from tam_hf.finetune.config.schema import FILE_SUFFIXES, FORMAT_COLUMNS, DataConfig, Recipe
 from tam_hf.finetune.errors import DataError, hub_unavailable
-from tam_hf.finetune.recipe import FILE_SUFFIXES, FORMAT_COLUMNS, DataConfig, Recipe, resolve_path
 
-__all__ = ["DataError", "load_raw", "check_rows", "tokenize_row", "build_datasets", "prompt_and_answer", "collator",
+__all__ = ["load_raw", "check_rows", "tokenize_row", "build_datasets", "prompt_and_answer", "collator",
            "label_names"]
 
 DATASET_OFFLINE = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
@@ -32,7 +32,7 @@ _SNIFF = 8192
 
 
 def _files(value) -> list[str]:
-    return [str(resolve_path(v)) for v in ([value] if isinstance(value, str) else value)]
+    return [value] if isinstance(value, str) else list(value)
 
 
 def _check_file(path: str, builder: str) -> None:
@@ -104,9 +104,9 @@ def _load_files(builder: str, files: dict):
 def _load_dataset(cfg: DataConfig):
     from datasets import load_dataset
 
-    local = resolve_path(cfg.dataset).exists()
+    local = Path(cfg.dataset).exists()  # a local dataset directory is resolved by the recipe; else a Hub id
     try:
-        return load_dataset(str(resolve_path(cfg.dataset)) if local else cfg.dataset, cfg.config_name)
+        return load_dataset(cfg.dataset, cfg.config_name)
     except OSError as exc:  # ConnectionError and FileNotFoundError: offline, no network, not on the Hub
         if local:
             raise DataError(f"{cfg.dataset}: cannot be loaded as a dataset ({type(exc).__name__}: "
@@ -124,7 +124,7 @@ def load_raw(cfg: DataConfig):
         files = {"train": _files(cfg.train_file)}
         if cfg.eval_file is not None:
             files["eval"] = _files(cfg.eval_file)
-        builder = FILE_SUFFIXES[resolve_path(files["train"][0]).suffix]
+        builder = FILE_SUFFIXES[Path(files["train"][0]).suffix]
         raw = _load_files(builder, files)
         sources = {split: ", ".join(paths) for split, paths in files.items()}
     else:

@@ -9,9 +9,20 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["FinetuneError", "OutputDirError", "CheckpointError", "ResumeError", "NonFiniteError", "DataError",
-           "HubUnavailableError", "PushError", "EvaluationError", "LMEvalError", "WriteError", "Aborted", "RunFailed", "hub_unavailable",
+__all__ = ["RecipeError", "FinetuneError", "OutputDirError", "CheckpointError", "ResumeError", "NonFiniteError", "DataError",
+           "HubUnavailableError", "PushError", "EvaluationError", "LMEvalError", "WriteError", "ModelError", "Aborted", "RunFailed", "hub_unavailable",
            "write_failure"]
+
+
+class RecipeError(ValueError):
+    """All the problems found in one recipe, reported together; nothing was loaded."""
+
+    exit_code = 2
+
+    def __init__(self, problems: list[str], source: str = "recipe"):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{source} is not valid, found {len(self.problems)} problem(s):\n{lines}")
 
 
 class FinetuneError(Exception):
@@ -62,6 +73,10 @@ class DataError(FinetuneError, ValueError):
     """The data does not match the recipe or cannot be read (missing column, malformed line, empty file, ...)."""
 
     headline = "data does not fit the recipe"
+
+
+class ModelError(FinetuneError):
+    """A local model directory that cannot be loaded (no weights, a damaged config)."""
 
 
 class HubUnavailableError(FinetuneError):

@@ -3,7 +3,7 @@ generated answers (``exact_match`` and ``evaluate:`` text metrics, causal LM onl
 
 from __future__ import annotations
 
-from tam_hf.finetune.recipe import Recipe
+from tam_hf.finetune.config.schema import Recipe
 
 __all__ = ["evaluate"]
 
@@ -52,7 +52,8 @@ def _exact_match(recipe, answers: list[str], references: list[str]) -> float:
 def evaluate(recipe: Recipe, trainer, tokenizer, raw_eval) -> tuple[dict, list[str]]:
     """(eval metrics, notes): the trainer's loss and metrics, perplexity from the loss, and the generated metrics
     (exact_match, evaluate metrics on causal LM). A perplexity beyond float range is null, with a note."""
-    from tam_hf.finetune.hf_metrics import BUILTIN, is_metric_key, text_metrics
+    from tam_hf.finetune.config.schema import BUILTIN_METRICS
+    from tam_hf.finetune.evaluate_metrics import is_metric_key, text_metrics
     from tam_hf.finetune.metrics import perplexity
 
     names = recipe.eval.metrics
@@ -63,7 +64,7 @@ def evaluate(recipe: Recipe, trainer, tokenizer, raw_eval) -> tuple[dict, list[s
         metrics["perplexity"] = perplexity(metrics["loss"])
         if metrics["perplexity"] is None:
             notes.append(f"eval perplexity is null: exp(eval loss {metrics['loss']:.4g}) is beyond float range")
-    generated = [n for n in names if n == "exact_match" or n not in BUILTIN]
+    generated = [n for n in names if n == "exact_match" or n not in BUILTIN_METRICS]
     if recipe.task == "causal_lm" and generated:
         answers, references = _generated(recipe, trainer.model, tokenizer, raw_eval)
         if "exact_match" in names:

@@ -14,7 +14,9 @@ import shutil
 from pathlib import Path
 
 import tam_hf
-from tam_hf.finetune.recipe import HUB_ID, Recipe, rerun_yaml
+from tam_hf.finetune.config.load import rerun_yaml
+from tam_hf.finetune.config.resolve import portable
+from tam_hf.finetune.config.schema import HUB_ID, Recipe
 
 __all__ = ["prepare_upload", "model_card", "push"]
 
@@ -27,9 +29,20 @@ CITATION = """@article{malviya2024torque,
 }"""
 
 
+def _shown(path: str) -> str:
+    """A data file as a public card names it: ``embedded:NAME`` for the package's own, else the file name alone
+    (a local path says nothing to a reader and tells the world about the trainer's disk)."""
+    embedded = portable(path)
+    return embedded if embedded != path else Path(path).name
+
+
+def _files(value) -> list[str]:
+    return [_shown(f) for f in ([value] if isinstance(value, str) else value)]
+
+
 def _dataset_name(recipe: Recipe) -> str:
     d = recipe.data
-    return d.dataset or ", ".join([d.train_file] if isinstance(d.train_file, str) else d.train_file)
+    return d.dataset if _hub_dataset(recipe) else ", ".join(_files(d.dataset or d.train_file))
 
 
 # recipe task -> the Hub's pipeline task that model-index files its results under
@@ -51,7 +64,7 @@ def _eval_results(recipe: Recipe, summary: dict) -> list:
     hub_dataset = _hub_dataset(recipe)
     if d.eval_file:
         files = [d.eval_file] if isinstance(d.eval_file, str) else d.eval_file
-        where = dict(dataset_type="local", dataset_name=", ".join(Path(f).name for f in files))
+        where = dict(dataset_type="local", dataset_name=", ".join(_files(files)))
     else:
         split = f"{d.train_split} (held-out {d.eval_fraction:g})" if d.eval_fraction else d.eval_split
         where = dict(dataset_type=hub_dataset or "local", dataset_name=hub_dataset or _dataset_name(recipe),

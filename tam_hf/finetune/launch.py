@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-from tam_hf.finetune.recipe import Recipe, resolve_path
+if TYPE_CHECKING:  # the schema imports pydantic: not needed for `tam-finetune --help`
+    from tam_hf.finetune.config.schema import Recipe
 
 __all__ = ["launched", "rank", "launch_command", "launch_problems"]
 
@@ -26,7 +27,7 @@ def launched() -> bool:
 
 def _accelerate_config(recipe: Recipe) -> Optional[str]:
     d = recipe.distributed
-    return None if d is None or d.accelerate_config is None else str(resolve_path(d.accelerate_config))
+    return None if d is None or d.accelerate_config is None else d.accelerate_config
 
 
 def launch_problems(recipe: Recipe, nproc: Optional[int]) -> list[str]:

@@ -1,9 +1,10 @@
 """lm-evaluation-harness on a fine-tuned model: after training (recipe section ``eval.lm_eval``) and on a finished
 run (``tam-finetune eval RUN_DIR``).
 
-lm-eval is an optional extra: :func:`check_available` is what recipe validation asks, so a recipe that wants it
-without the extra fails before anything is loaded, with the install command. :func:`task_problems` checks the
-task list the same way (unknown names with close matches, missing YAML files).
+lm-eval is an optional extra: recipe validation asks :func:`~tam_hf.finetune.config.checks.check_available`, so
+a recipe that wants it without the extra fails before anything is loaded, with the install command, and checks
+the task list the same way (:func:`~tam_hf.finetune.config.checks.task_problems`: unknown names with close
+matches, missing YAML files). The tasks this module is given are resolved (a task file is a path to open).
 
 Tasks are lm-eval task, group or tag names (``gsm8k``) or paths to task YAML files. In a task YAML, relative
 ``dataset_kwargs.data_files`` are read next to the YAML file (lm-eval alone reads them from the current
@@ -21,77 +22,15 @@ saved adapter on top (or the saved full model), and evaluates that.
 
 from __future__ import annotations
 
-import difflib
-import importlib.util
 import json
-from functools import lru_cache
 from pathlib import Path
 from typing import Optional, Union
 
-from tam_hf.finetune.errors import LMEvalError
+from tam_hf.finetune.config.checks import check_available, task_manager, task_problems
+from tam_hf.finetune.config.resolve import is_task_path
+from tam_hf.finetune.errors import LMEvalError, RecipeError
 
-__all__ = ["INSTALL", "check_available", "task_problems", "run_lm_eval", "evaluate_saved_run",
-           "load_run_model", "summary_table", "main"]
-
-INSTALL = 'pip install "tam_hf[eval]"   (from a checkout: pip install -e ".[eval]")'
-YAML_SUFFIXES = (".yaml", ".yml")
-COMMON_TASKS = ("gsm8k", "hellaswag", "arc_easy", "arc_challenge", "mmlu", "truthfulqa_mc2", "winogrande", "piqa")
-
-
-def check_available() -> Optional[str]:
-    """None when lm-evaluation-harness can be imported, else the problem with the command that installs it."""
-    if importlib.util.find_spec("lm_eval") is None:
-        return f"eval.lm_eval needs lm-evaluation-harness, an optional extra: {INSTALL}"
-    return None
-
-
-def _is_path(task: str) -> bool:
-    return task.endswith(YAML_SUFFIXES) or "/" in task
-
-
-def _resolve(task: str) -> Path:
-    from tam_hf.finetune.recipe import resolve_path
-
-    return resolve_path(task)
-
-
-@lru_cache(maxsize=4)
-def _task_manager(include: tuple[str, ...], defaults: bool):
-    from lm_eval.tasks import TaskManager
-
-    return TaskManager(include_path=list(include) or None, include_defaults=defaults)
-
-
-def _manager_for(tasks: list[str]):
-    """A TaskManager that knows the named tasks; lm-eval's own index (thousands of YAML files, seconds to build)
-    only when a task is given by name."""
-    return _task_manager((), any(not _is_path(t) for t in tasks))
-
-
-def task_problems(tasks: list[str]) -> list[str]:
-    """Problems with ``eval.lm_eval.tasks``: missing YAML files, unknown names (with close matches, else a few of
-    lm-eval's tasks). Empty when every task can be loaded by name or path."""
-    problems = []
-    if not tasks:
-        return ["eval.lm_eval.tasks: list at least one lm-eval task name or task YAML file"]
-    for task in tasks:
-        if _is_path(task):
-            path = _resolve(task)
-            if not path.is_file():
-                problems.append(f"eval.lm_eval.tasks: task file not found: {task}")
-            elif path.suffix not in YAML_SUFFIXES:
-                problems.append(f"eval.lm_eval.tasks: {task} is not a task YAML file (.yaml/.yml)")
-    names = [t for t in tasks if not _is_path(t)]
-    if names:
-        known = set(_manager_for(names).all_tasks)
-        for name in names:
-            if name not in known:
-                close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
-                examples = [t for t in COMMON_TASKS if t in known] or sorted(known)[:8]
-                hint = f"did you mean {', '.join(close)}?" if close else f"known tasks include {', '.join(examples)}"
-                problems.append(f"eval.lm_eval.tasks: unknown lm-eval task {name!r}; {hint} "
-                                "(`lm-eval ls tasks` lists them; a task YAML file works too)")
-    return problems
+__all__ = ["run_lm_eval", "evaluate_saved_run", "load_run_model", "summary_table"]
 
 
 def _absolute_files(value, base: Path):
@@ -108,9 +47,9 @@ def _absolute_files(value, base: Path):
 def _task_spec(task: str) -> Union[str, dict]:
     """What lm-eval's TaskManager.load takes for one recipe task: the name, the path, or (a YAML whose data
     files are relative) the YAML's config with those files made absolute next to it."""
-    if not _is_path(task):
+    if not is_task_path(task):
         return task
-    path = _resolve(task).resolve()
+    path = Path(task).resolve()
     from lm_eval.tasks._yaml_loader import load_yaml  # lm-eval's loader: `include:` and `!function` work
 
     config = load_yaml(path)
@@ -165,7 +104,7 @@ def run_lm_eval(model, tokenizer, tasks: list[str], output_dir: Union[str, Path]
         try:
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
             out = simple_evaluate(model=lm, tasks=specs, num_fewshot=num_fewshot, limit=limit,
-                                  task_manager=_manager_for(tasks), log_samples=False)
+                                  task_manager=task_manager(tasks), log_samples=False)
         finally:
             model.train(was_training)
     except Exception as exc:  # lm-eval raises many kinds; the message and the saved model are what matter
@@ -190,8 +129,8 @@ def load_run_model(run_dir: Union[str, Path]):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tam_hf.finetune.model import DTYPES, load_model
-    from tam_hf.finetune.recipe import load_recipe
+    from tam_hf.finetune.config.load import load_recipe
+    from tam_hf.finetune.model import DTYPES, load_base_model
 
     run_dir = Path(run_dir)
     recipe = load_recipe(run_dir / "recipe.yaml")
@@ -200,8 +139,7 @@ def load_run_model(run_dir: Union[str, Path]):
         from peft import PeftModel
 
         # The base exactly as training loaded it (dtype, GGUF, 4/8-bit, attention), without a fresh adapter.
-        recipe.finetune.method, recipe.finetune.lora = "full", None
-        model = PeftModel.from_pretrained(load_model(recipe, tokenizer), run_dir)
+        model = PeftModel.from_pretrained(load_base_model(recipe, tokenizer), run_dir)
     else:
         model = AutoModelForCausalLM.from_pretrained(run_dir, dtype=DTYPES[recipe.model.dtype])
     if torch.cuda.is_available() and recipe.model.quantization == "none":
@@ -210,7 +148,7 @@ def load_run_model(run_dir: Union[str, Path]):
 
 
 def _recipe_settings(run_dir: Path) -> dict:
-    from tam_hf.finetune.recipe import RecipeError, read_recipe_file
+    from tam_hf.finetune.config.load import read_recipe_file
 
     try:
         raw = read_recipe_file(run_dir / "recipe.yaml")
@@ -222,21 +160,27 @@ def _recipe_settings(run_dir: Path) -> dict:
 def evaluate_saved_run(run_dir: Union[str, Path], tasks: Optional[list[str]] = None, **overrides) -> dict:
     """lm-eval on a finished run; settings from its recipe's ``eval.lm_eval``, ``tasks`` / ``overrides``
     (num_fewshot, limit, batch_size) replacing them."""
+    from tam_hf.finetune.config.load import lm_eval_section
+
     run_dir = Path(run_dir)
     if not (run_dir / "recipe.yaml").is_file():
         raise LMEvalError(f"{run_dir} is not a finished tam-finetune run (no recipe.yaml in it)", exit_code=2)
     settings = _recipe_settings(run_dir)
     settings.update({k: v for k, v in overrides.items() if v is not None})
-    tasks = tasks or settings.get("tasks")
-    if not tasks:
+    settings["tasks"] = tasks or settings.get("tasks")
+    if not settings["tasks"]:
         raise LMEvalError("no lm-eval tasks: the run's recipe has no eval.lm_eval.tasks; give --tasks", exit_code=2)
     problem = check_available()
-    problems = [problem] if problem else task_problems(tasks)
+    problems = [problem] if problem else task_problems(settings["tasks"])
     if problems:
         raise LMEvalError("; ".join(problems), exit_code=2)
+    try:
+        cfg = lm_eval_section(settings, f"lm-eval settings of {run_dir}")
+    except RecipeError as exc:
+        raise LMEvalError(str(exc), exit_code=2) from None
     try:
         model, tokenizer, _ = load_run_model(run_dir)
     except Exception as exc:
         raise LMEvalError(f"could not load the model of {run_dir}: {type(exc).__name__}: {exc}") from exc
-    return run_lm_eval(model, tokenizer, tasks, run_dir, num_fewshot=settings.get("num_fewshot"),
-                       limit=settings.get("limit"), batch_size=settings.get("batch_size") or 1)
+    return run_lm_eval(model, tokenizer, cfg.tasks, run_dir, num_fewshot=cfg.num_fewshot, limit=cfg.limit,
+                       batch_size=cfg.batch_size)

@@ -1,5 +1,9 @@
-"""Evaluation metrics. Classification and correlation metrics are scikit-learn's and scipy's, with the
-definitions GLUE's evaluation uses: accuracy (MNLI, SST-2, ...), F1 binary on class 1 for a two-class task
+"""The built-in evaluation metrics (``METRIC_TASKS`` of the recipe schema names them) and the Trainer's
+``compute_metrics`` for classification (:func:`classification_metrics`, which adds a recipe's ``evaluate:``
+metrics from :mod:`tam_hf.finetune.evaluate_metrics`).
+
+Classification and correlation metrics are scikit-learn's and scipy's, with the definitions GLUE's evaluation
+uses: accuracy (MNLI, SST-2, ...), F1 binary on class 1 for a two-class task
 (MRPC, QQP) and macro-averaged over the classes present otherwise, Matthews correlation (CoLA), Pearson and
 Spearman correlation (STS-B). Perplexity and exact match are a few lines of their own. Everything works
 offline (``evaluate.load`` fetches its metric scripts from the Hub).
@@ -113,12 +117,18 @@ def exact_match(predictions: list[str], references: list[str], answer_pattern: s
 
 
 # Metrics computed from (predictions, labels) of a classification eval; perplexity/exact_match are causal-LM.
+# The names, and which task each fits, are the recipe schema's METRIC_TASKS.
 METRICS = {"accuracy": accuracy, "f1": f1, "mcc": mcc, "pearson": pearson, "spearman": spearman}
 
 
 def classification_metrics(names: list[str], regression: bool):
-    """A Trainer ``compute_metrics`` callable computing ``names`` from logits (argmax for classes; the single
-    output for a regression score). F1 is binary when the classifier has two outputs."""
+    """The Trainer's ``compute_metrics`` for a classification eval: the built-in metrics of ``names`` and its
+    evaluate metrics (:mod:`tam_hf.finetune.evaluate_metrics`), from the argmax class ids (the single output for
+    a regression score) and the labels. F1 is binary when the classifier has two outputs."""
+    from tam_hf.finetune.config.checks import load_metric
+    from tam_hf.finetune.evaluate_metrics import evaluate_specs, scores
+
+    modules = [(spec, load_metric(spec)) for spec in evaluate_specs(names)]
 
     def compute(eval_pred) -> dict[str, float]:
         logits, labels = eval_pred.predictions, eval_pred.label_ids
@@ -133,6 +143,8 @@ def classification_metrics(names: list[str], regression: bool):
                 out[name] = f1(pred, labels, num_classes=logits.shape[-1])
             elif name in METRICS:
                 out[name] = METRICS[name](pred, labels)
+        for spec, module in modules:
+            out.update(scores(spec, module.compute(predictions=pred.tolist(), references=np.asarray(labels).tolist())))
         return out
 
     return compute

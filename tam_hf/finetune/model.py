@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from tam_hf.finetune.errors import hub_unavailable
-from tam_hf.finetune.recipe import EMBEDDED_PREFIX, ModelConfig, Recipe, resolve_path
+from tam_hf.finetune.config.schema import ModelConfig, Recipe
+from tam_hf.finetune.errors import ModelError, hub_unavailable
 
-__all__ = ["model_path", "load_tokenizer", "load_model", "is_peft"]
+__all__ = ["model_path", "load_tokenizer", "load_base_model", "load_model"]
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -29,9 +29,9 @@ def model_path(cfg: ModelConfig) -> str:
     """Where from_pretrained reads the model. An embedded model ships a config but no weights (none are
     committed): it is built once from the config with a fixed seed and saved in the cache, so every later
     path (bitsandbytes loading included) is the ordinary from_pretrained one."""
-    if not cfg.name.startswith(EMBEDDED_PREFIX):
-        return str(resolve_path(cfg.name)) if resolve_path(cfg.name).exists() else cfg.name
-    source = resolve_path(cfg.name)
+    if not cfg.embedded:
+        return cfg.local_dir or cfg.name
+    source = Path(cfg.local_dir)
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(source.iterdir()) if p.is_file())).hexdigest()
     target = _cache_root() / f"{source.name}-{digest[:12]}"
     if not (target / "config.json").is_file():
@@ -57,14 +57,16 @@ def model_path(cfg: ModelConfig) -> str:
 MODEL_OFFLINE = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
-def _from_hub(name: str, load):
+def _from_hub(name: str, local: bool, load):
     """`load()`, turning "the Hub was needed and not there" into one line naming `name` (a local path's own
     errors pass through unchanged)."""
     try:
         return load()
     except OSError as exc:  # transformers reports a missing cache entry, offline mode or no network as OSError
-        if name.startswith(EMBEDDED_PREFIX) or resolve_path(name).exists():
-            raise
+        if local:
+            raise ModelError(f"model.name {name} could not be loaded: {(str(exc).splitlines() or [''])[0][:300]} "
+                             "(a directory needs the weights save_pretrained writes: model.safetensors, "
+                             "model.safetensors.index.json with its shards, or pytorch_model.bin)") from exc
         raise hub_unavailable("model", name, exc, MODEL_OFFLINE,
                               "set model.name to a local model directory (offline demo: embedded:tiny-llama)") from None
 
@@ -75,8 +77,9 @@ def load_tokenizer(cfg: ModelConfig):
     kwargs = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
     if cfg.tokenizer is None and cfg.gguf_file:
         kwargs["gguf_file"] = cfg.gguf_file
-    source = cfg.tokenizer or model_path(cfg)
-    tokenizer = _from_hub(source, lambda: AutoTokenizer.from_pretrained(source, **kwargs))
+    source = cfg.tokenizer_source or model_path(cfg)
+    local = cfg.local_dir is not None if cfg.tokenizer is None else cfg.tokenizer_source != cfg.tokenizer
+    tokenizer = _from_hub(cfg.tokenizer or cfg.name, local, lambda: AutoTokenizer.from_pretrained(source, **kwargs))
     if tokenizer.pad_token is None:
         # Padding positions never carry labels (the collator pads labels with -100), so reusing EOS is safe.
         tokenizer.pad_token = tokenizer.eos_token
@@ -98,6 +101,14 @@ def _quantization_config(cfg: ModelConfig):
 
 def load_model(recipe: Recipe, tokenizer, label_names: list[str] | None = None):
     """The base model for the task, wrapped in a peft LoRA model unless the recipe fine-tunes in full."""
+    model = load_base_model(recipe, tokenizer, label_names)
+    if recipe.finetune.method == "full":
+        return model
+    return _add_lora(model, recipe)
+
+
+def load_base_model(recipe: Recipe, tokenizer, label_names: list[str] | None = None):
+    """The model for the task as the recipe loads it (dtype, GGUF, 4/8-bit, attention), without an adapter."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     cfg = recipe.model
@@ -123,12 +134,10 @@ def load_model(recipe: Recipe, tokenizer, label_names: list[str] | None = None):
         auto = AutoModelForSequenceClassification
     else:
         auto = AutoModelForCausalLM
-    model = _from_hub(cfg.name, lambda: auto.from_pretrained(model_path(cfg), **kwargs))
+    model = _from_hub(cfg.name, cfg.local_dir is not None, lambda: auto.from_pretrained(model_path(cfg), **kwargs))
     if model.config.pad_token_id is None:  # decoder classifiers find the last token through the pad id
         model.config.pad_token_id = tokenizer.pad_token_id
-    if recipe.finetune.method == "full":
-        return model
-    return _add_lora(model, recipe)
+    return model
 
 
 def _add_lora(model, recipe: Recipe):
@@ -144,7 +153,3 @@ def _add_lora(model, recipe: Recipe):
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
                         target_modules=lora.target_modules, modules_to_save=lora.modules_to_save, task_type=task_type)
     return get_peft_model(model, config)
-
-
-def is_peft(model) -> bool:
-    return hasattr(model, "peft_config")

@@ -33,7 +33,8 @@ from tam_hf.finetune.errors import (Aborted, CheckpointError, EvaluationError, F
 from tam_hf.finetune.outputs import (CHECKPOINT, checkpoint_problem, complete_checkpoints, completion_marker,
                                      plan_output_dir, remove_checkpoint, remove_entry, run_lock, write_summary)
 from tam_hf.finetune.launch import rank
-from tam_hf.finetune.recipe import Recipe, rerun_yaml, resolve_path
+from tam_hf.finetune.config.load import rerun_yaml
+from tam_hf.finetune.config.schema import Recipe
 from tam_hf.finetune.signals import GracefulStop
 from tam_hf.finetune.training_args import build_training_arguments
 
@@ -106,7 +107,7 @@ def plan(run: _Run) -> None:
     from tam_hf.finetune.resume import resume_problems, run_settings
 
     recipe = run.recipe
-    resume = str(resolve_path(recipe.resume)) if isinstance(recipe.resume, str) else bool(recipe.resume)
+    resume = recipe.resume if isinstance(recipe.resume, str) else bool(recipe.resume)  # resolved at load
     run.plan = plan_output_dir(run.output_dir, resume, recipe.overwrite)
     if run.plan.checkpoint is not None:
         changed = resume_problems(recipe, run.plan.checkpoint)
@@ -434,7 +435,7 @@ def _trainer(recipe: Recipe, args, tokenizer, callbacks: list):
     d = recipe.data
     if recipe.task == "sequence_classification":
         from tam_hf.finetune.data import build_datasets, collator
-        from tam_hf.finetune.hf_metrics import classification_metrics
+        from tam_hf.finetune.metrics import classification_metrics
         from tam_hf.trainer.tam_trainer import TAMTrainer
 
         train_ds, eval_ds, raw, label_names = build_datasets(recipe, tokenizer)
@@ -455,6 +456,6 @@ def _trainer(recipe: Recipe, args, tokenizer, callbacks: list):
         model, tokenizer, args, raw["train"], raw.get("eval"), fmt=d.format, max_length=d.max_length,
         completion_only_loss=d.completion_only_loss, instruction_template=d.instruction_template, packing=d.packing,
         padding_free=d.padding_free,
-        chat_template_path=str(resolve_path(d.chat_template_path)) if d.chat_template_path else None,
+        chat_template_path=d.chat_template_path,
         callbacks=callbacks)
     return trainer, raw

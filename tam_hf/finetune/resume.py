@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from tam_hf.finetune.outputs import checkpoint_record
-from tam_hf.finetune.recipe import Recipe, resolve_path
+from tam_hf.finetune.config.schema import Recipe
 
 __all__ = ["run_settings", "resume_problems", "SCHEDULE_KEYS"]
 
@@ -31,7 +31,7 @@ _DATA_KEYS = ("format", "dataset", "config_name", "train_split", "columns", "max
 def _fingerprint(files) -> list[dict]:
     out = []
     for name in [files] if isinstance(files, str) else list(files or ()):
-        path = resolve_path(name)
+        path = Path(name)
         digest = hashlib.sha256()
         try:
             with open(path, "rb") as f:

@@ -1,7 +1,7 @@
 """Causal-LM fine-tuning on TRL's ``SFTTrainer``: the recipe's data formats mapped onto TRL's dataset types,
 completion-only / assistant-only loss and packing from TRL, the TAM optimizers from ``TrainingArguments.optim``.
 
-Formats (canonical columns, see ``FORMAT_COLUMNS`` in the recipe schema) -> TRL dataset type:
+Formats (canonical columns, see ``FORMAT_COLUMNS`` in :mod:`tam_hf.finetune.config.schema`) -> TRL dataset type:
 
 ============================  =========================  ==========================================
 recipe ``data.format``        TRL type                   loss with ``completion_only_loss`` (default on)
@@ -39,8 +39,11 @@ from typing import Any, Optional
 import torch
 from trl import SFTTrainer
 
-__all__ = ["TRL_TYPES", "to_trl_dataset", "instruction_prompt", "loss_settings", "sft_config", "attention_kind",
-           "packing_problems", "check_chat_template", "PackedBatchCollator", "TAMSFTTrainer", "build_sft_trainer"]
+from tam_hf.finetune.config.checks import attention_kind, packing_problems
+from tam_hf.finetune.errors import DataError
+
+__all__ = ["TRL_TYPES", "to_trl_dataset", "instruction_prompt", "loss_settings", "sft_config", "model_attention",
+           "check_chat_template", "PackedBatchCollator", "TAMSFTTrainer", "build_sft_trainer"]
 
 IGNORE = -100
 # recipe data.format -> the TRL dataset type it becomes, and the columns TRL reads
@@ -51,7 +54,6 @@ TRL_TYPES = {
     "chat": ("conversational", ("messages",)),
 }
 BLOCK_MASK_KEY = "block_attention_mask"  # a batch key only PackedBatchCollator writes and the model hook reads
-MASKED_ATTENTION = ("sdpa", "eager")  # attention implementations that take a 4D mask as given
 
 
 # ------------------------------------------------------------------------------------------------ datasets
@@ -118,36 +120,15 @@ def sft_config(args, *, fmt: str, max_length: int, completion_only_loss: Optiona
 # ------------------------------------------------------------------------------------------------ checks
 
 
-def attention_kind(model) -> str:
-    """'flash' for any flash-attention implementation, else the implementation's name (sdpa, eager, ...)."""
-    impl = getattr(model.config, "_attn_implementation", None) or "eager"
-    return "flash" if "flash" in impl else impl
-
-
-def packing_problems(packing: bool, padding_free: bool, attn_implementation: Optional[str]) -> list[str]:
-    """Recipe-level problems (before loading) with data.packing / data.padding_free for model.attn_implementation
-    (None: transformers picks, which is never flash-attention)."""
-    impl = attn_implementation or "sdpa"
-    if "flash" in impl:
-        return []
-    problems = []
-    if padding_free and not packing:
-        problems.append(
-            f"data.padding_free needs flash-attention (model.attn_implementation: flash_attention_2), which "
-            f"reads sequence boundaries from position ids; with {impl} it would only pad. Use data.packing: true, "
-            "which packs rows and masks them apart with any attention")
-    if (packing or padding_free) and impl not in MASKED_ATTENTION:
-        problems.append(
-            f"data.packing with model.attn_implementation {impl}: packed rows are masked apart for "
-            f"{', '.join(MASKED_ATTENTION)} or flash-attention only; use one of them")
-    return problems
+def model_attention(model) -> str:
+    """The loaded model's attention as :func:`~tam_hf.finetune.config.checks.attention_kind` names it ('flash',
+    'sdpa', 'eager', ...)."""
+    return attention_kind(getattr(model.config, "_attn_implementation", None) or "eager")
 
 
 def check_chat_template(tokenizer, assistant_only_loss: bool, chat_template_path: Optional[str] = None) -> None:
     """Raise DataError when chat data cannot be rendered or its assistant turns cannot be found, naming the fix."""
     from trl.chat_template_utils import get_training_chat_template, has_generation_markers
-
-    from tam_hf.finetune.data import DataError
 
     if chat_template_path is not None:
         if assistant_only_loss and not has_generation_markers(Path(chat_template_path).read_text()):
@@ -256,7 +237,7 @@ def _block_mask_hook(module, args, kwargs):
     allowed = kwargs.pop(BLOCK_MASK_KEY, None)
     if allowed is None:
         return args, kwargs
-    if attention_kind(module) == "eager":
+    if model_attention(module) == "eager":
         dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
         mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
         allowed = mask.masked_fill_(~allowed, torch.finfo(dtype).min)
@@ -273,9 +254,8 @@ class TAMSFTTrainer(SFTTrainer):
     Constructor arguments are SFTTrainer's."""
 
     def __init__(self, model, args=None, *more, **kwargs):
-        from tam_hf.trainer.callbacks import DampingCallback, install
-        from tam_hf.trainer.distributed import attach
         from tam_hf.trainer.optim_args import check_optim_args
+        from tam_hf.trainer.tam_trainer import equip
 
         if args is not None and kwargs.get("optimizer_cls_and_kwargs") is None and kwargs.get("optimizers", (None,))[0] is None:
             check_optim_args(args)  # the same check as TAMTrainer's: a bad --optim_args fails before tokenising
@@ -285,9 +265,8 @@ class TAMSFTTrainer(SFTTrainer):
             if problems:
                 raise ValueError("; ".join(problems))
         super().__init__(model, args, *more, **kwargs)
-        install(self.callback_handler.callbacks, DampingCallback())
-        attach(self)
-        if self.padding_free and attention_kind(self.model) != "flash":
+        equip(self)
+        if self.padding_free and model_attention(self.model) != "flash":
             self.data_collator = PackedBatchCollator(self._tokenizer.pad_token_id,
                                                      pad_to_multiple_of=self.args.pad_to_multiple_of)
             self.model.register_forward_pre_hook(_block_mask_hook, with_kwargs=True)
@@ -300,8 +279,6 @@ def build_sft_trainer(model, tokenizer, args, train_rows, eval_rows=None, *, fmt
     """The trainer of a causal-LM run: ``train_rows`` / ``eval_rows`` are datasets with the canonical columns of
     ``fmt``; ``args`` the run's TrainingArguments; the model may be a peft model. Raises DataError when the data
     cannot be trained on as asked (no chat template, no assistant markers, nothing left after truncation)."""
-    from tam_hf.finetune.data import DataError
-
     config = sft_config(args, fmt=fmt, max_length=max_length, completion_only_loss=completion_only_loss,
                         packing=packing, padding_free=padding_free, chat_template_path=chat_template_path)
     if fmt == "chat":

@@ -9,7 +9,8 @@ registry's table (``OptimizerSpec.training_args_keys``); the rest go in ``optim_
 
 from __future__ import annotations
 
-from tam_hf.finetune.recipe import Recipe, RecipeError, resolve_path
+from tam_hf.finetune.config.schema import Recipe
+from tam_hf.finetune.errors import RecipeError
 
 __all__ = ["build_training_arguments"]
 
@@ -36,7 +37,7 @@ def build_training_arguments(recipe: Recipe):
     if extra:
         kwargs["optim_args"] = ",".join(f"{k}={v}" for k, v in extra.items())
     if recipe.distributed is not None and recipe.distributed.deepspeed:
-        kwargs["deepspeed"] = str(resolve_path(recipe.distributed.deepspeed))
+        kwargs["deepspeed"] = recipe.distributed.deepspeed
     kwargs.setdefault("seed", 42)
     # Pinned host memory only helps copies to an accelerator; without one torch warns on every dataloader.
     kwargs.setdefault("dataloader_pin_memory", torch.cuda.is_available() or torch.xpu.is_available())

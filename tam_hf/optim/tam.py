@@ -38,31 +38,21 @@ calling, on float32 temporaries, :func:`_torque_statistics`, :func:`_advance_dam
 
 from __future__ import annotations
 
-import functools
-import inspect
 import math
-import typing
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
 from tam_hf.optim import fused as _fused
-from tam_hf.optim import triton_kernels as _triton
+from tam_hf.optim.triton_devices import wanted as triton_wanted
+from tam_hf.optim.hyperparams import ADATAM_ARGS, ADATAMW_ARGS, TAM_ARGS, check_path_options
 
 __all__ = ["TAM", "AdaTAM", "AdaTAMW", "TorqueOptimizer", "tam", "adatam", "StatsReducer", "FRAGMENT_SCALAR_KEYS"]
 
 PAPER = "https://arxiv.org/abs/2412.18790"
-COSINE_SCOPES = ("tensor", "global")
-# exp_avg / exp_avg_sq / momentum_buffer dtype: "auto" = float32 for 16-bit parameters on the fused GPU path
-# (where 16-bit moments lose the update) and the parameter's dtype elsewhere, as torch.optim; "float32" = at
-# least float32 everywhere; "param" = the parameter's dtype everywhere (half the state memory for 16-bit
-# parameters, at a precision cost: in bfloat16, v = beta2 v + (1 - beta2) g^2 moves by less than half an ulp
-# unless g^2 > ~3 v, so v stops decaying).
-MOMENT_DTYPES = ("auto", "float32", "param")
-
 # Maps the [n_tensors, 3] float64 partial sums (m.g, |m|^2, |g|^2) held by this process to the sums over each
 # whole logical tensor; see TorqueOptimizer. None on a single process; the distributed wiring installs one.
 StatsReducer = Callable[[Tensor], Tensor]
@@ -126,29 +116,6 @@ class _Rule:
         return replace(self, maximize=False, weight_decay=self.weight_decay * self.decoupled)
 
 
-# --------------------------------------------------------------------------------------------- validation
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
-
-
-def _validate_common(lr, decay_rate, damping_eps, weight_decay, cosine_scope, foreach, fused, fixed_damping,
-                     moment_dtype) -> None:
-    if isinstance(lr, Tensor):
-        raise ValueError("lr as a Tensor is not supported; pass a float")
-    _check(0.0 <= lr, f"Invalid learning rate: {lr}")
-    _check(0.0 <= decay_rate < 1.0, f"Invalid decay_rate value: {decay_rate}")
-    _check(0.0 <= damping_eps, f"Invalid damping_eps value: {damping_eps}")
-    _check(0.0 <= weight_decay, f"Invalid weight_decay value: {weight_decay}")
-    _check(cosine_scope in COSINE_SCOPES, f"Invalid cosine_scope value: {cosine_scope!r} (expected one of {COSINE_SCOPES})")
-    _check(not (foreach and fused), "foreach and fused cannot both be True")
-    _check(fixed_damping is None or 0.0 <= fixed_damping <= 1.0, f"Invalid fixed_damping value: {fixed_damping}")
-    _check(moment_dtype in MOMENT_DTYPES,
-           f"Invalid moment_dtype value: {moment_dtype!r} (expected one of {MOMENT_DTYPES})")
-
-
 def _describe(p: Tensor) -> str:
     return f"(shape {tuple(p.shape)}, {p.dtype})"
 
@@ -162,8 +129,8 @@ def _input_problem(p: Tensor, g: Tensor, state: Optional[dict], fused: bool,
     if p.is_complex() or g.is_complex():
         return "does not support complex tensors", "the cosine and the update would drop the imaginary part"
     device = p.device if device is None else device  # the param group's (its first parameter's)
-    if fused and _triton.wanted(device):
-        return _triton.input_problem(p, g, state, device)
+    if fused and triton_wanted(device):
+        return _triton().input_problem(p, g, state, device)
     if fused:
         cpu = "with fused=True runs CPU float32/float64 tensors only"
         if not p.is_cpu or p.dtype not in _fused.SUPPORTED_DTYPES:
@@ -203,43 +170,6 @@ def _describe_keys(found: set, expected: set) -> str:
         text += (": it looks like an 8-bit AdaTAM(W) state; convert it with "
                  "tam_hf.optim.tam8bit.dequantize_state_dict(state_dict) first")
     return f"{text} (expected {names(expected)})"
-
-
-def variant_init(base_init: Callable, *, fixed: Optional[dict] = None, defaults: Optional[dict] = None,
-                 extra: Optional[dict] = None) -> Callable:
-    """Decorator for the ``__init__`` of a variant optimizer (AdaTAMW is AdaTAM with decoupled weight decay
-    fixed and ``weight_decay`` 0.01; the 8-bit classes add two arguments), so every argument list is written once.
-
-    The decorated ``__init__`` is called with every argument by keyword (the variant's defaults applied);
-    ``fixed`` arguments are gone from its signature and the body passes them on itself; ``extra`` maps new
-    keyword-only arguments to ``(type, default)``. The signature and annotations are the real ones, so
-    ``inspect.signature`` / ``typing.get_type_hints`` (the optimizer registry, ``--optim_args``) and
-    ``help()`` see the variant's arguments, and a wrong name is a ``TypeError`` as for any constructor."""
-    fixed, defaults, extra = fixed or {}, defaults or {}, extra or {}
-    hints = typing.get_type_hints(base_init)
-    params = [q.replace(default=defaults.get(q.name, q.default), annotation=hints.get(q.name, q.annotation))
-              for q in inspect.signature(base_init).parameters.values() if q.name not in fixed]
-    params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=kind)
-               for name, (kind, default) in extra.items()]
-    signature = inspect.Signature(params)
-
-    def decorate(init: Callable) -> Callable:
-        @functools.wraps(init, assigned=("__module__", "__name__", "__qualname__", "__doc__"), updated=())
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            try:
-                bound = signature.bind(self, *args, **kwargs)
-            except TypeError as e:  # name the class, as Python does for a constructor written out
-                raise TypeError(f"{__init__.__qualname__}() {e}") from None
-            bound.apply_defaults()
-            arguments = dict(bound.arguments)
-            del arguments["self"]
-            init(self, **arguments)
-
-        __init__.__signature__ = signature
-        __init__.__annotations__ = {q.name: q.annotation for q in params if q.annotation is not inspect.Parameter.empty}
-        return __init__
-
-    return decorate
 
 
 # ---------------------------------------------------------------------------------------------- optimizer
@@ -297,7 +227,7 @@ class TorqueOptimizer(Optimizer):
 
     def _check_group(self, index: int, group: dict) -> None:
         name = type(self).__name__
-        triton = bool(group["fused"] and group["params"] and _triton.wanted(group["params"][0].device))
+        triton = bool(group["fused"] and group["params"] and triton_wanted(group["params"][0].device))
         for i, p in enumerate(group["params"]):
             where = f"parameter {i} of param group {index}"
             if p.is_complex():
@@ -308,7 +238,7 @@ class TorqueOptimizer(Optimizer):
                 raise ValueError(f"fused=True supports CPU float32/float64 parameters only: {where} is {p.dtype} "
                                  f"on {p.device}")
         if triton:
-            _triton.check_group(group["params"], index)  # dtypes, one device, and whether Triton runs there
+            _triton().check_group(group["params"], index)  # dtypes, one device, and whether Triton runs there
         elif group["fused"]:
             _fused.load()  # raise now, with the compiler's message, rather than at the first step
 
@@ -352,7 +282,7 @@ class TorqueOptimizer(Optimizer):
             if not state[p]:
                 self._init_state(p, state[p])
                 if _float32_moments(group.get("moment_dtype", "auto"), impl, p):
-                    for name in self.state_buffers:  # 16-bit moments lose the update (MOMENT_DTYPES)
+                    for name in self.state_buffers:  # 16-bit moments lose the update (hyperparams.MOMENT_DTYPES)
                         state[p][name] = state[p][name].float()
                 if group_s is not None:  # global scope: a newcomer joins the group's running average
                     state[p]["s"].copy_(group_s)
@@ -436,7 +366,7 @@ class TorqueOptimizer(Optimizer):
                 if key in saved:
                     s_dtype = torch.promote_types(p.dtype, torch.float32)
                     self.state[p][key] = saved[key].detach().to(dtype=s_dtype, device=p.device).clone()
-            for key in self.state_buffers:  # float32 moments of 16-bit parameters stay float32 (MOMENT_DTYPES)
+            for key in self.state_buffers:  # float32 moments of 16-bit parameters stay float32 (hyperparams.MOMENT_DTYPES)
                 if key in saved and saved[key].dtype == torch.float32 and p.dtype in (torch.bfloat16, torch.float16):
                     self.state[p][key] = saved[key].detach().to(device=p.device).clone()
 
@@ -522,7 +452,7 @@ class TAM(TorqueOptimizer):
         moment_dtype: dtype of the momentum buffer (and AdaTAM's second moment) for 16-bit parameters:
             ``"auto"`` (float32 on the fused GPU path, the parameter's dtype elsewhere, as ``torch.optim``),
             ``"float32"`` (everywhere), or ``"param"`` (the parameter's dtype everywhere: half the state memory,
-            but in bfloat16 small updates of the second moment round away; see :data:`MOMENT_DTYPES`).
+            but in bfloat16 small updates of the second moment round away; see :data:`tam_hf.optim.hyperparams.MOMENT_DTYPES`).
 
     State per tensor: ``momentum_buffer`` (parameter-sized) and ``s`` (0-dim, float32 or wider).
     """
@@ -530,27 +460,8 @@ class TAM(TorqueOptimizer):
     state_buffers = ("momentum_buffer",)
     state_scalars = ("s",)
 
-    def __init__(
-        self,
-        params: Iterable,
-        lr: float,
-        momentum: float = 0.9,
-        decay_rate: float = 0.9,
-        damping_eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        maximize: bool = False,
-        foreach: Optional[bool] = None, cosine_scope: str = "tensor", fused: Optional[bool] = None,
-        fixed_damping: Optional[float] = None,
-        moment_dtype: str = "auto",
-    ):
-        _validate_common(lr, decay_rate, damping_eps, weight_decay, cosine_scope, foreach, fused, fixed_damping,
-                         moment_dtype)
-        _check(0.0 <= momentum < 1.0, f"Invalid momentum value: {momentum}")
-        defaults = dict(
-            lr=lr, momentum=momentum, decay_rate=decay_rate, damping_eps=damping_eps, weight_decay=weight_decay,
-            maximize=maximize, foreach=foreach, cosine_scope=cosine_scope, fused=fused, fixed_damping=fixed_damping,
-            moment_dtype=moment_dtype,
-        )
+    @TAM_ARGS.init
+    def __init__(self, params, **defaults):
         super().__init__(params, defaults)
 
     def _rule(self, group) -> _Rule:
@@ -594,36 +505,9 @@ class AdaTAM(TorqueOptimizer):
     state_buffers = ("exp_avg", "exp_avg_sq")
     state_scalars = ("s", "step")
 
-    def __init__(
-        self,
-        params: Iterable,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        decay_rate: float = 0.9,
-        damping_eps: float = 1e-8,
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        maximize: bool = False,
-        foreach: Optional[bool] = None,
-        cosine_scope: str = "tensor",
-        fused: Optional[bool] = None,
-        fixed_damping: Optional[float] = None,
-        decoupled_weight_decay: bool = False,
-        bias_correction: bool = False,
-        moment_dtype: str = "auto",
-    ):
-        _validate_common(lr, decay_rate, damping_eps, weight_decay, cosine_scope, foreach, fused, fixed_damping,
-                         moment_dtype)
-        _check(len(betas) == 2, f"Invalid betas: {betas}")
-        _check(0.0 <= betas[0] < 1.0, f"Invalid beta parameter at index 0: {betas[0]}")
-        _check(0.0 <= betas[1] < 1.0, f"Invalid beta parameter at index 1: {betas[1]}")
-        _check(0.0 <= eps, f"Invalid epsilon value: {eps}")
-        defaults = dict(
-            lr=lr, betas=tuple(betas), decay_rate=decay_rate, damping_eps=damping_eps, eps=eps,
-            weight_decay=weight_decay, maximize=maximize, foreach=foreach, cosine_scope=cosine_scope,
-            fused=fused, fixed_damping=fixed_damping, decoupled_weight_decay=decoupled_weight_decay,
-            bias_correction=bias_correction, moment_dtype=moment_dtype,
-        )
+    @ADATAM_ARGS.init
+    def __init__(self, params, **defaults):
+        defaults["betas"] = tuple(defaults["betas"])
         super().__init__(params, defaults)
 
     def __setstate__(self, state):
@@ -647,7 +531,7 @@ class AdaTAMW(AdaTAM):
     paper uses for its language-model fine-tuning. Same arguments as :class:`AdaTAM` less
     ``decoupled_weight_decay``; ``weight_decay`` defaults to 0.01 as in ``torch.optim.AdamW``."""
 
-    @variant_init(AdaTAM.__init__, fixed={"decoupled_weight_decay": True}, defaults={"weight_decay": 1e-2})
+    @ADATAMW_ARGS.init
     def __init__(self, **kwargs):
         super().__init__(decoupled_weight_decay=True, **kwargs)
 
@@ -695,10 +579,11 @@ def _functional_step(rule, params, grads, exp_avgs, exp_avg_sqs, s, scope, forea
     if steps is not None:
         lists["steps"] = steps
     for name, xs in lists.items():
-        _check(len(xs) == len(params), f"{len(xs)} {name} for {len(params)} params")
-    _check(not (foreach and fused), "foreach and fused cannot both be True")
-    _check(scope in COSINE_SCOPES, f"Invalid cosine_scope value: {scope!r} (expected one of {COSINE_SCOPES})")
-    _check(not rule.bias_correction or steps is not None, "bias_correction needs each tensor's step count (steps)")
+        if len(xs) != len(params):
+            raise ValueError(f"{len(xs)} {name} for {len(params)} params")
+    check_path_options(scope, foreach, fused)
+    if rule.bias_correction and steps is None:
+        raise ValueError("bias_correction needs each tensor's step count (steps)")
     names = ("exp_avg", "exp_avg_sq", "s")
     for i, (p, g) in enumerate(zip(params, grads)):
         state = None
@@ -721,7 +606,7 @@ def _functional_step(rule, params, grads, exp_avgs, exp_avg_sqs, s, scope, forea
 
 
 def _float32_moments(moment_dtype: str, impl: str, p: Tensor) -> bool:
-    """Whether a 16-bit parameter's moments are created in float32 (see :data:`MOMENT_DTYPES`)."""
+    """Whether a 16-bit parameter's moments are created in float32 (see :data:`tam_hf.optim.hyperparams.MOMENT_DTYPES`)."""
     if p.dtype not in (torch.bfloat16, torch.float16):
         return False
     return moment_dtype == "float32" or (moment_dtype == "auto" and impl == "triton")
@@ -733,12 +618,12 @@ def _default_impl(params: list[Tensor], foreach: Optional[bool], fused: Optional
     means the Triton kernels for CUDA/ROCm tensors (CPU ones under ``TAM_HF_TRITON_ON_CPU=1``, tests only)."""
     device = params[0].device
     if fused:
-        return "triton" if _triton.wanted(device) else "fused"
+        return "triton" if triton_wanted(device) else "fused"
     if foreach:
         return "foreach"
     if foreach is None and fused is None:
-        if (_triton.wanted(device) and all(p.device == device for p in params)
-                and _triton.available(device, warn=True)):
+        if (triton_wanted(device) and all(p.device == device for p in params)
+                and _triton().available(device, warn=True)):
             return "triton"
         if all(p.is_cpu for p in params) and _fused.available(warn=True):
             return "fused"
@@ -1046,6 +931,30 @@ def _fused_step(work: _GroupStep) -> None:
                             momentum=r.beta1, lr=r.lr, decay_rate=r.decay_rate, damping_eps=r.damping_eps)
 
 
+def _triton():
+    # Imported here, not with this module: it costs triton and torch._dynamo (seconds), which CPU runs and
+    # recipe validation never need.
+    from tam_hf.optim import triton_kernels
+
+    return triton_kernels
+
+
+def _triton_statistics(work: _GroupStep) -> Tensor:
+    return _triton().statistics(work)
+
+
+def _triton_update(work: _GroupStep, coeffs: list[Tensor]) -> None:
+    _triton().update(work, coeffs)
+
+
+def _triton_step(work: _GroupStep) -> None:
+    _triton().step(work)
+
+
+def _triton_takes(p: Tensor, g: Tensor, m: Tensor, v: Optional[Tensor]) -> bool:
+    return _triton().takes(p, g, m, v)
+
+
 class _Path(NamedTuple):
     """One code path. ``statistics(work)`` -> [n, 3] float64 rows; ``update(work, coeffs)`` applies m (v) and p;
     ``step(work)``, where given, does statistics, damping and update in one pass (tensor scope, no reducer).
@@ -1062,5 +971,5 @@ _PATHS: dict[str, _Path] = {
     "single": _Path(_single_tensor_statistics, _single_tensor_update),
     "foreach": _Path(_multi_tensor_statistics, _multi_tensor_update),
     "fused": _Path(_fused_statistics, _fused_update, step=_fused_step, takes=_fused_takes),
-    "triton": _Path(_triton.statistics, _triton.update, step=_triton.step, takes=_triton.takes),
+    "triton": _Path(_triton_statistics, _triton_update, step=_triton_step, takes=_triton_takes),
 }

@@ -48,15 +48,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from tam_hf.optim.tam import AdaTAM, adatam, variant_init
+from tam_hf.optim.hyperparams import (
+    ADATAM8BIT_ARGS, ADATAMW8BIT_ARGS, BITSANDBYTES_INSTALL, check_block_size,
+)
+from tam_hf.optim.tam import AdaTAM, adatam
 
-__all__ = ["AdaTAM8bit", "AdaTAMW8bit", "dequantize_state_dict", "SUPPORTED_DEVICES", "SUPPORTED_DTYPES",
-           "BLOCK_SIZES"]
+__all__ = ["AdaTAM8bit", "AdaTAMW8bit", "dequantize_state_dict", "SUPPORTED_DEVICES", "SUPPORTED_DTYPES"]
 
 SUPPORTED_DEVICES = ("cpu", "cuda", "xpu", "mps")  # where bitsandbytes has blockwise-quantization kernels
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what its quantization takes
-BLOCK_SIZES = (64, 128, 256, 512, 1024, 2048, 4096)  # the block sizes bitsandbytes documents
-INSTALL = "pip install bitsandbytes"
 
 # (quantized codes, absmax, signed map) per moment
 _QUANTIZED = {"exp_avg": ("exp_avg_q", "exp_avg_absmax", True),
@@ -72,7 +72,7 @@ def _bnb_functional():
     try:
         import bitsandbytes.functional as F
     except ImportError as exc:
-        raise ImportError(f"the 8-bit AdaTAM optimizers need bitsandbytes: {INSTALL} ({exc})") from exc
+        raise ImportError(f"the 8-bit AdaTAM optimizers need bitsandbytes: {BITSANDBYTES_INSTALL} ({exc})") from exc
     return F
 
 
@@ -133,14 +133,9 @@ class AdaTAM8bit(AdaTAM):
 
     supports_sharded_statistics = False  # read by the trainer layer's distributed checks
 
-    @variant_init(AdaTAM.__init__, fixed={"moment_dtype": "auto"},  # moments are uint8 codes or float32 here
-                  extra={"min_8bit_size": (int, 4096), "block_size": (int, 256)})
+    @ADATAM8BIT_ARGS.init
     def __init__(self, min_8bit_size: int, block_size: int, **kwargs):
-        _bnb_functional()  # fail now, with the install command, not at the first step
-        if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) or min_8bit_size < 0:
-            raise ValueError(f"Invalid min_8bit_size value: {min_8bit_size!r} (a non-negative int)")
-        if block_size not in BLOCK_SIZES:
-            raise ValueError(f"Invalid block_size value: {block_size!r} (expected one of {BLOCK_SIZES})")
+        _bnb_functional()  # an installed but broken bitsandbytes fails now too, not at the first step
         self._constructing = (min_8bit_size, block_size)  # add_param_group runs inside super().__init__
         self._known_params: set[int] = set()  # what a step may find; DeepSpeed swaps in partitions
         super().__init__(**kwargs)
@@ -160,8 +155,7 @@ class AdaTAM8bit(AdaTAM):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            if group["block_size"] not in BLOCK_SIZES:
-                raise ValueError(f"Invalid block_size value: {group['block_size']!r} (expected one of {BLOCK_SIZES})")
+            check_block_size(group["block_size"])
             for i, p in enumerate(group["params"]):
                 self._check_param(len(self.param_groups) - 1, i, p, group)
         except Exception:
@@ -388,7 +382,7 @@ class AdaTAMW8bit(AdaTAM8bit):
     r"""AdaTAMW (decoupled weight decay, ``weight_decay`` default 0.01) with 8-bit moments; same arguments as
     :class:`AdaTAM8bit` less ``decoupled_weight_decay``."""
 
-    @variant_init(AdaTAM8bit.__init__, fixed={"decoupled_weight_decay": True}, defaults={"weight_decay": 1e-2})
+    @ADATAMW8BIT_ARGS.init
     def __init__(self, **kwargs):
         super().__init__(decoupled_weight_decay=True, **kwargs)
 

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import threading
 import warnings
 from collections import OrderedDict
@@ -47,15 +46,13 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["SUPPORTED_DTYPES", "FORCE_ON_CPU", "wanted", "available", "load", "check_group", "input_problem",
-           "takes", "statistics", "update", "step"]
+from tam_hf.optim.triton_devices import DEVICE_TYPES, FORCE_ON_CPU
+
+__all__ = ["SUPPORTED_DTYPES", "available", "load", "check_group", "input_problem", "takes", "statistics", "update",
+           "step"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-_DEVICE_TYPES = ("cuda",)  # ROCm builds of torch report "cuda" too
-
-# Tests only: CPU tensors take these kernels (under the interpreter) instead of the C kernels.
-FORCE_ON_CPU = "TAM_HF_TRITON_ON_CPU"
 
 # Elements per program and per loop iteration. On a GPU a chunk streams a while, and a 1B-parameter model still
 # gives ~16k programs (no tail effect). The interpreter gets tiny chunks so that tests of a few hundred
@@ -347,7 +344,7 @@ def _reason(device: torch.device) -> Optional[str]:
         if not _built:
             return (f"CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 set before the kernels' first "
                     f"use, for tests; {FORCE_ON_CPU}=1 selects them)")
-    elif device.type not in _DEVICE_TYPES:
+    elif device.type not in DEVICE_TYPES:
         return f"they run on CUDA and ROCm devices, not {device.type}"
     key = str(device)
     with _lock:
@@ -399,15 +396,6 @@ def available(device, warn: bool = False) -> bool:
         warnings.warn(f"tam_hf Triton kernels unavailable on {device} ({reason}); using the foreach path",
                       RuntimeWarning, stacklevel=3)
     return reason is None
-
-
-def wanted(device) -> bool:
-    """Whether tensors on ``device`` belong to these kernels: CUDA/ROCm ones (CPU ones when tests set
-    ``TAM_HF_TRITON_ON_CPU=1``). Says nothing about whether the kernels can run there: see :func:`load`."""
-    device = torch.device(device)
-    if device.type == "cpu":
-        return os.environ.get(FORCE_ON_CPU, "0") not in ("", "0")
-    return device.type in _DEVICE_TYPES
 
 
 # ------------------------------------------------------------------------------------------------ checks

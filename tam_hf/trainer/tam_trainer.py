@@ -20,7 +20,15 @@ from tam_hf.trainer.callbacks import DampingCallback, install
 from tam_hf.trainer.distributed import attach
 from tam_hf.trainer.optim_args import optimizer_cls_and_kwargs, torque_spec
 
-__all__ = ["TAMTrainer"]
+__all__ = ["TAMTrainer", "equip"]
+
+
+def equip(trainer) -> None:
+    """What a tam_hf trainer adds to its parent, once built: the damping telemetry (before the reporters, so they
+    see it) and the distributed checks (refuse configs that would swap TAM out; exact sharded statistics at
+    train begin). TAMTrainer and the causal-LM SFT trainer both call it."""
+    install(trainer.callback_handler.callbacks, DampingCallback())
+    attach(trainer)
 
 
 class TAMTrainer(Trainer):
@@ -29,8 +37,7 @@ class TAMTrainer(Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        install(self.callback_handler.callbacks, DampingCallback())
-        attach(self)  # DeepSpeed/FSDP: refuse configs that would swap TAM out; exact sharded statistics at train begin
+        equip(self)
 
     @staticmethod
     def get_optimizer_cls_and_kwargs(args, model=None):

@@ -1,4 +1,4 @@
-"""Reading and writing recipe YAML.
+"""Reading and writing recipe YAML (the safe loader every recipe, override and study file goes through).
 
 Reading goes through :class:`RecipeLoader`, a ``yaml.SafeLoader`` (plain data only: a tag that would build a
 Python object is refused, never executed) that also refuses what a recipe never needs and a hostile file uses:

@@ -4,30 +4,28 @@ Strict types: a YAML ``true`` is no number, ``64.0`` is no int, ``"8"`` is no in
 floats: an int is a float, and a number that PyYAML read as a string (YAML 1.1 reads ``1e-4``, without a dot,
 as text) is read as the number it spells. No number may be nan or inf.
 
-Two sections are open-ended and checked in :mod:`tam_hf.finetune.recipe` against the library that owns them:
-``optimizer`` (its keys are the chosen optimizer's constructor arguments, read from
-``tam_hf.optim.registry``) and ``training`` (``transformers.TrainingArguments`` fields; :data:`TRAINING_RANGES`
-holds the ranges of its numeric ones).
+Two sections are open-ended and checked against the library that owns them: ``optimizer`` in
+:mod:`tam_hf.finetune.config.load` (its keys are the chosen optimizer's constructor arguments, read from
+``tam_hf.optim.registry``) and ``training`` in :mod:`tam_hf.finetune.config.training` (``TrainingArguments``
+fields; :data:`TRAINING_RANGES` holds the ranges of its numeric ones).
 """
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WrapValidator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, WrapValidator
 from pydantic_core import PydanticCustomError
 
-from tam_hf.finetune.recipe_yaml import short
+from tam_hf.finetune.config.resolve import EMBEDDED_PREFIX, local_source
+from tam_hf.finetune.config.yaml_io import short
 
 __all__ = ["Recipe", "ModelConfig", "DataConfig", "LoraConfig", "FinetuneConfig", "OptimizerConfig", "EvalConfig",
-           "LMEvalConfig", "HubConfig", "DistributedConfig", "Float", "STRICT", "EMBEDDED_PREFIX", "DATA_DIR", "EMBEDDED_MODELS",
-           "FORMAT_COLUMNS", "COMPLETION_FORMATS", "FILE_SUFFIXES", "METRIC_TASKS", "DEFAULT_METRICS",
+           "LMEvalConfig", "HubConfig", "DistributedConfig", "Float", "STRICT", "EMBEDDED_MODELS",
+           "FORMAT_COLUMNS", "COMPLETION_FORMATS", "FILE_SUFFIXES", "METRIC_TASKS", "BUILTIN_METRICS",
            "TRAINING_OWNED", "TRAINING_RANGES", "HUB_ID"]
 
-EMBEDDED_PREFIX = "embedded:"
-DATA_DIR = Path(__file__).resolve().parent.parent / "assets"
 EMBEDDED_MODELS = ("tiny-llama",)  # directories under tam_hf/assets holding config.json + tokenizer files
 
 # Canonical columns each data format reads; `data.columns` maps them onto the dataset's own column names.
@@ -41,7 +39,8 @@ FORMAT_COLUMNS = {
 COMPLETION_FORMATS = ("prompt_completion", "instruction", "chat")
 FILE_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
-# Metric name -> the (task, data.target) pairs it makes sense for; computed in tam_hf.finetune.metrics.
+# The built-in metrics: name -> the (task, data.target) pairs it makes sense for. Computed in
+# tam_hf.finetune.metrics (perplexity and exact_match by the evaluate phase); the defaults are in resolve.py.
 METRIC_TASKS = {
     "accuracy": {("sequence_classification", "label")},
     "f1": {("sequence_classification", "label")},
@@ -51,7 +50,7 @@ METRIC_TASKS = {
     "perplexity": {("causal_lm", None)},
     "exact_match": {("causal_lm", None)},
 }
-DEFAULT_METRICS = {"label": ["accuracy", "f1"], "score": ["pearson", "spearman"], None: ["perplexity"]}
+BUILTIN_METRICS = tuple(METRIC_TASKS)
 
 # TrainingArguments fields that another recipe section owns: one place per setting.
 TRAINING_OWNED = {
@@ -144,6 +143,29 @@ class ModelConfig(_Section):
     attn_implementation: Optional[str] = Field(
         None, description="eager, sdpa, flash_attention_2 ...; None lets transformers pick.")
 
+    # Resolved once, when the section is built: where the weights and the tokenizer are read from.
+    _source: Optional[str] = PrivateAttr(None)
+    _tokenizer_source: Optional[str] = PrivateAttr(None)
+
+    def model_post_init(self, context: Any) -> None:
+        self._source = local_source(self.name)
+        self._tokenizer_source = None if self.tokenizer is None else local_source(self.tokenizer) or self.tokenizer
+
+    @property
+    def embedded(self) -> bool:
+        """A model shipped in the package as a config and tokenizer, without weights (built on first use)."""
+        return self.name.startswith(EMBEDDED_PREFIX)
+
+    @property
+    def local_dir(self) -> Optional[str]:
+        """The local directory the model is read from (for an embedded model, its config), or None: a Hub id."""
+        return self._source
+
+    @property
+    def tokenizer_source(self) -> Optional[str]:
+        """model.tokenizer as from_pretrained takes it (a local directory resolved), or None: the model's own."""
+        return self._tokenizer_source
+
 
 class DataConfig(_Section):
     format: Literal["text", "prompt_completion", "instruction", "chat", "classification"] = Field(
@@ -199,6 +221,10 @@ class FinetuneConfig(_Section):
     method: Literal["lora", "qlora", "full"] = Field("lora", description="qlora = lora on a 4-bit bitsandbytes base.")
     lora: Optional[LoraConfig] = Field(None, description="LoRA settings (lora and qlora only; defaults filled in).")
 
+    def model_post_init(self, context: Any) -> None:
+        if self.method != "full" and self.lora is None:
+            self.lora = LoraConfig()
+
 
 class OptimizerConfig(_Section):
     """``name`` and ``lr``; every other key is a keyword argument of the chosen optimizer's constructor
@@ -227,10 +253,13 @@ class OptimizerConfig(_Section):
             return super().__getattr__(item)
         except AttributeError:
             if not item.startswith("_"):
-                from tam_hf.optim.registry import OPTIMIZERS
+                from tam_hf.optim.registry import get
 
-                spec = OPTIMIZERS.get(self.__dict__.get("name"))
-                if spec is not None and item in spec.accepted_keys():
+                try:
+                    accepted = get(self.__dict__.get("name")).accepted_keys()
+                except ValueError:
+                    accepted = ()
+                if item in accepted:
                     return None
             raise
 

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 from transformers import EvalPrediction
 
-from tam_hf.finetune import hf_metrics
-from tam_hf.finetune.hf_metrics import classification_metrics, is_metric_key, metric_problems, parse_metric, text_metrics
+from tam_hf.finetune.config import checks
+from tam_hf.finetune.config.checks import metric_problems, parse_metric
+from tam_hf.finetune.evaluate_metrics import is_metric_key, text_metrics
+from tam_hf.finetune.metrics import classification_metrics
 
 METRIC = '''
 import datasets
@@ -92,7 +94,7 @@ def test_builtin_names_never_import_evaluate(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_evaluate)
     assert metric_problems(["accuracy", "f1", "perplexity"], "sequence_classification") == []
     (problem,) = metric_problems(["evaluate:bleu"], "causal_lm")
-    assert "need the evaluate library" in problem and hf_metrics.INSTALL in problem
+    assert "need the evaluate library" in problem and checks.EVALUATE_INSTALL in problem
 
 
 def test_names_parse_and_unknown_names_say_how_to_write_them():

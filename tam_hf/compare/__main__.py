@@ -1,7 +1,0 @@
-"""``python -m tam_hf.compare RECIPE.yaml --optimizers ... --seeds N``: the same as ``tam-finetune compare``."""
-
-import sys
-
-from tam_hf.compare.study import main
-
-sys.exit(main())
