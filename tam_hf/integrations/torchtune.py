@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import weakref
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Mapping, Optional
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -56,10 +56,16 @@ def damping_metrics(optimizers: Iterable[torch.optim.Optimizer]) -> dict[str, fl
 
 
 class DampingLogger:
-    """A torchtune metric logger that adds ``damping/*`` to each ``log_dict`` of the logger it wraps (``logger``,
-    already instantiated by torchtune's config system); everything else is the wrapped logger's."""
+    """A torchtune metric logger that adds ``damping/*`` to each ``log_dict`` of the logger it wraps; everything
+    else is the wrapped logger's. ``logger``: a logger, or its config node (torchtune 0.6 does not instantiate
+    nested ``_component_`` nodes, so this does)."""
 
-    def __init__(self, logger, **_ignored):
+    def __init__(self, logger):
+        if isinstance(logger, Mapping) and "_component_" in logger:
+            from omegaconf import OmegaConf
+            from torchtune import config
+
+            logger = config.instantiate(OmegaConf.create(dict(logger)))
         self._logger = logger
         self._stepped: weakref.WeakSet = weakref.WeakSet()
         self._hook = register_optimizer_step_post_hook(self._record)
