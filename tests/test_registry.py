@@ -63,7 +63,7 @@ def test_a_new_registry_entry_reaches_recipes_optim_and_compare(slowtamw, tmp_pa
     finally:
         tam_hf.unregister()
 
-    labels, runs = study.plan(DEMO, ["adamw", "slowtamw", "slowtamw-const"], [0], out=tmp_path / "cmp")
+    labels, runs, _ = study.plan(DEMO, ["adamw", "slowtamw", "slowtamw-const"], [0], out=tmp_path / "cmp")
     assert labels == ["adamw", "slowtamw", "slowtamw-const"]
     by_label = {r.label: r for r in runs}
     # the transfer rule from the registry: 0.2x the AdamW reference, and the control holds d at 0.5
