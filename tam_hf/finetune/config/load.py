@@ -318,7 +318,7 @@ def _parse_optimizer(name: str, raw, problems: list[str]):
     try:
         spec.check(config.kwargs())
     except (ValueError, TypeError, RuntimeError) as exc:
-        problems.append(f"optimizer: {clip(exc, 160)} ({spec.cls.__name__})")
+        problems.append(f"optimizer: {clip(exc, 160)} ({spec.class_name})")
         return _INVALID
     return config
 
