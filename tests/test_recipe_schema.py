@@ -19,7 +19,8 @@ from tam_hf.finetune.errors import RecipeError
 from tam_hf.optim import registry
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
+# recipes/integrations/ holds axolotl, LLaMA-Factory and torchtune configs (tests/test_integrations.py), not recipes.
+RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if "integrations" not in p.relative_to(ROOT).parts)
 EXAMPLES = sorted((ROOT / "recipes" / "examples").glob("*.yaml"))
 GOOD = {
     "model": {"name": "embedded:tiny-llama"},
