@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from transformers import EvalPrediction
 
-from tam_hf.finetune.config import checks
-from tam_hf.finetune.config.checks import metric_problems, parse_metric
+from tam_hf.finetune.config import metric_rules
+from tam_hf.finetune.config.metric_rules import metric_problems, parse_metric
 from tam_hf.finetune.evaluate_metrics import is_metric_key, text_metrics
 from tam_hf.finetune.metrics import classification_metrics
 
@@ -94,7 +94,7 @@ def test_builtin_names_never_import_evaluate(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_evaluate)
     assert metric_problems(["accuracy", "f1", "perplexity"], "sequence_classification") == []
     (problem,) = metric_problems(["evaluate:bleu"], "causal_lm")
-    assert "need the evaluate library" in problem and checks.EVALUATE_INSTALL in problem
+    assert "need the evaluate library" in problem and metric_rules.EVALUATE_INSTALL in problem
 
 
 def test_names_parse_and_unknown_names_say_how_to_write_them():

@@ -17,7 +17,7 @@ from typing import Optional
 
 import numpy as np
 
-from tam_hf.finetune.config.checks import MetricSpec, load_metric, parse_metric
+from tam_hf.finetune.config.metric_rules import MetricSpec, load_metric, parse_metric
 
 __all__ = ["evaluate_specs", "scores", "is_metric_key", "text_metrics"]
 

@@ -125,7 +125,7 @@ def classification_metrics(names: list[str], regression: bool):
     """The Trainer's ``compute_metrics`` for a classification eval: the built-in metrics of ``names`` and its
     evaluate metrics (:mod:`tam_hf.finetune.evaluate_metrics`), from the argmax class ids (the single output for
     a regression score) and the labels. F1 is binary when the classifier has two outputs."""
-    from tam_hf.finetune.config.checks import load_metric
+    from tam_hf.finetune.config.metric_rules import load_metric
     from tam_hf.finetune.evaluate_metrics import evaluate_specs, scores
 
     modules = [(spec, load_metric(spec)) for spec in evaluate_specs(names)]
