@@ -1,4 +1,6 @@
-"""Regenerates the mini-study data in tam_hf/assets/study: `python scripts/generate_study_data.py`.
+"""Regenerates the study data in tam_hf/assets/study: `python scripts/generate_study_data.py` (byte-identical
+on every run). This module is task A (templated sentiment); tasks B, C and D are in study_pairs.py,
+study_rules.py and study_shift.py beside it, and docs/study/TASKS.md describes all four.
 
 Provenance and licence: every sentence of sentiment_train.jsonl / sentiment_eval.jsonl is produced by the
 templates below from a fixed seed (random.Random(20241225)); no external text is used. Released with tam_hf
@@ -14,6 +16,7 @@ three-clause reviews was solved to 100% eval accuracy in 40 steps by MiniLM and 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 from pathlib import Path
@@ -104,13 +107,37 @@ def rows(n: int, rng: random.Random, exclude: set[str] = frozenset()) -> list[di
     return out
 
 
-def main() -> None:
+# The other study tasks, one standalone module each (stdlib only), beside this script.
+TASK_MODULES = ("study_pairs", "study_rules", "study_shift")
+
+
+def task_module(name: str):
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def generate() -> dict[str, list[dict]]:
+    """Task A, the templated sentiment set."""
     rng = random.Random(SEED)
     train = rows(N_TRAIN, rng)
     evaluation = rows(N_EVAL, rng, exclude={r["text"] for r in train})
-    for name, data in (("sentiment_train.jsonl", train), ("sentiment_eval.jsonl", evaluation)):
-        (HERE / name).write_text("".join(json.dumps(r) + "\n" for r in data))
-        print(f"wrote {len(data)} rows to {HERE / name}")
+    return {"sentiment_train.jsonl": train, "sentiment_eval.jsonl": evaluation}
+
+
+def all_files() -> dict[str, str]:
+    """Every study file's name under tam_hf/assets/study -> its exact text (one JSON object a line)."""
+    files = dict(generate())
+    for name in TASK_MODULES:
+        files.update(task_module(name).generate())
+    return {name: "".join(json.dumps(r) + "\n" for r in data) for name, data in files.items()}
+
+
+def main() -> None:
+    for name, text in all_files().items():
+        (HERE / name).write_text(text)
+        print(f"wrote {text.count(chr(10))} rows to {HERE / name}")
 
 
 if __name__ == "__main__":
