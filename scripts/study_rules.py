@@ -19,7 +19,7 @@ from __future__ import annotations
 import random
 
 SEED = 20250211
-N_TRAIN, N_EVAL = 1600, 200
+N_TRAIN, N_EVAL = 800, 100
 
 WORDS = ["cat", "dog", "fox", "owl", "cow", "pig", "hen", "bee", "red", "blue", "green", "pink", "gold", "gray",
          "apple", "pear", "plum", "lime", "milk", "salt", "sand", "rock", "moon", "star"]
