@@ -158,6 +158,10 @@ def train(run: _Run) -> Any:
     # The last logged loss, not the run's mean; the mean when no step was logged (and the summary says so).
     run.summary.update(train_loss=logged[-1] if logged else mean, train_loss_logged=bool(logged),
                        mean_train_loss=mean, steps=trainer.state.global_step, damping=_damping(trainer))
+    if run.recipe.optimizer.switch is not None:
+        from tam_hf.optim.switch import switch_summary
+
+        run.summary["switch"] = switch_summary(trainer.optimizer)
     checkpoint = run.output_dir / f"checkpoint-{trainer.state.global_step}"
     if run.stop.requested and checkpoint.is_dir():  # else the signal came after the last step: save goes on
         run.summary["checkpoint"] = str(checkpoint)

@@ -23,15 +23,17 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Optional
 
-from tam_hf.finetune.config.messages import did_you_mean, key_text
+from pydantic import ValidationError
+
+from tam_hf.finetune.config.messages import did_you_mean, explain, key_text
 from tam_hf.finetune.config.metric_rules import metric_problems, parse_metric
 from tam_hf.finetune.config.resolve import (EMBEDDED_PREFIX, YAML_SUFFIXES, exists, is_task_path, local_source,
                                             probe, resolve_path)
 from tam_hf.finetune.config.schema import (COMPLETION_FORMATS, EMBEDDED_MODELS, FILE_SUFFIXES,
-                                           FORMAT_COLUMNS, HUB_ID, METRIC_TASKS)
+                                           FORMAT_COLUMNS, HUB_ID, METRIC_TASKS, SwitchConfig)
 from tam_hf.finetune.config.yaml_io import clip, short
 
-__all__ = ["cross_check", "CHAT_TEMPLATE_SUFFIXES", "MASKED_ATTENTION", "attention_kind", "packing_problems",
+__all__ = ["cross_check", "switch_section_problems", "CHAT_TEMPLATE_SUFFIXES", "MASKED_ATTENTION", "attention_kind", "packing_problems",
            "LM_EVAL_INSTALL", "COMMON_TASKS", "check_available", "task_manager", "task_problems"]
 
 
@@ -48,6 +50,7 @@ def cross_check(s: dict[str, Any], problems: list[str]) -> None:
         (_check_launch, ("distributed", "resume", "overwrite", "training")),
         (_check_output_dir, ("training",)),
         (_check_trackers, ("training",)),
+        (_check_switch, ("optimizer", "training", "distributed")),
     ]
     for check, needs in checks:
         if all(k in s for k in needs):
@@ -247,6 +250,51 @@ def _check_hub(r, problems: list[str]) -> None:
         problems.append(f"hub.repo_id: {short(h.repo_id)} must look like user/name")
     if r.finetune.method == "qlora" and h.artifact == "merged":
         problems.append("hub.artifact merged with qlora: merging into a 4-bit base is lossy; push the adapter")
+
+
+# ------------------------------------------------------------------------------------------- switch
+
+
+def switch_section_problems(first: str, first_lr, value) -> list[str]:
+    """The problems of ``optimizer.switch`` (``value`` as written) for the optimizer ``first`` at lr
+    ``first_lr``: types and ranges (SwitchConfig), ``to`` a registry name and a supported pair, the first lr > 0.
+    What needs another section (training.max_steps, distributed) is :func:`_check_switch`'s."""
+    from tam_hf.optim.switch_rules import pair_problem  # the registry only: no torch
+
+    if value is None:
+        return []
+    if not isinstance(value, dict):
+        return [f"optimizer.switch: expected a mapping {{to: NAME, at_step: K, lr: optional}}, got "
+                f"{type(value).__name__} {short(value)}"]
+    problems = []
+    try:
+        SwitchConfig.model_validate(value)
+    except ValidationError as exc:
+        problems += explain(exc, ("optimizer", "switch"), SwitchConfig)
+    if isinstance(value.get("to"), str):
+        problem = pair_problem(first, value["to"])
+        if problem:
+            problems.append(f"optimizer.switch.to: {problem}")
+    if isinstance(first_lr, (int, float)) and not isinstance(first_lr, bool) and not first_lr > 0:
+        problems.append(f"optimizer.lr: {first_lr!r} with optimizer.switch: a switch needs lr > 0 (the second "
+                        "optimizer's lr follows the schedule as lr_now * switch.lr / lr)")
+    return problems
+
+
+def _check_switch(r, problems: list[str]) -> None:
+    switch = r.optimizer.switch
+    if switch is None:
+        return
+    max_steps = r.training.get("max_steps")
+    if isinstance(max_steps, int) and max_steps > 0 and switch.at_step >= max_steps:
+        problems.append(f"optimizer.switch.at_step: {switch.at_step} must be below training.max_steps "
+                        f"({max_steps}): the run would end before (or right at) the switch")
+    sharded = [k for k, on in (("distributed.deepspeed", r.distributed is not None and r.distributed.deepspeed),
+                               ("training.fsdp", r.training.get("fsdp"))) if on]
+    if sharded:
+        problems.append(f"optimizer.switch with {' and '.join(sharded)}: the sharded wrapper rewrites the param "
+                        "groups of the optimizer it is given, which the two optimizers inside the switch would not "
+                        "see; use DDP (several processes without DeepSpeed/FSDP) or no switch")
 
 
 # ------------------------------------------------------------------------------------------- packing
