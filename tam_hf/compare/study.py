@@ -34,6 +34,11 @@ AdamW for the Adam family, SGD-momentum for the SGD family; AdaTAM ``(1 - beta1)
 the README, "The algorithm, and the learning rate to use"). Write ``NAME@LR`` (``adamw@2e-5``) to set an arm's
 lr yourself, which is required across families (AdamW vs TAM).
 
+Switched arms: ``adatamw>adamw@100`` trains with adatamw for 100 steps, then continues with AdamW
+(``optimizer.switch``, :mod:`tam_hf.optim.switch`); ``adatamw@4e-5>adamw@100`` sets the first optimizer's lr. The
+first lr follows the rules above, the second the transfer rule from it; the label is the text as typed, with
+registry names.
+
 Logging: a run of ``max_steps`` that the recipe's ``logging_steps`` would log fewer than :data:`MIN_POINTS` times
 (``training.max_steps=10`` on a recipe that logs every 25 steps logs nothing) is logged every ``max_steps // 10``
 steps instead, so that the loss and damping curves can be drawn; the plan's notes (console and report.md) say
@@ -183,6 +188,23 @@ def _parse_arm(text: str) -> tuple[Arm, Optional[float]]:
         raise ValueError(f"--optimizers {text!r}: the lr after @ must be a number") from None
 
 
+def _parse_switched_arm(text: str) -> tuple[Arm, Optional[float], Optional[dict], str]:
+    """(arm, its explicit lr, its ``optimizer.switch`` or None, the label's head) of ``NAME[@LR]`` or of a switched
+    arm ``NAME[@LR]>TO@K`` (TAM as a warm-up: NAME for K steps, then TO at the lr of the transfer rule)."""
+    first, sep, second = text.strip().partition(">")
+    arm, lr = _parse_arm(first)
+    head = arm.name if lr is None else f"{arm.name}@{lr:g}"  # adatamw, adatamw@8e-06: two arms
+    if not sep:
+        return arm, lr, None, head
+    to, _, step = second.strip().partition("@")
+    try:
+        to_name, at_step = registry.get(to.strip()).name, int(step)
+    except ValueError:
+        raise ValueError(f"--optimizers {text!r}: a switched arm is NAME[@LR]>TO@K (adatamw>adamw@100): TO a "
+                         f"registry optimizer, K the step of the switch") from None
+    return arm, lr, {"to": to_name, "at_step": at_step}, f"{head}>{to_name}@{at_step}"
+
+
 def _parse_sweeps(items: list[str]) -> list[tuple[str, list]]:
     out = []
     for item in items:
@@ -237,11 +259,10 @@ def expand(raw: dict, base: Recipe, optimizers: list[str], sweeps: list[str] = (
     sweep_axes = _parse_sweeps(list(sweeps))
     for text in optimizers:
         text = text.strip()
-        arm, explicit_lr = _parse_arm(text)
+        arm, explicit_lr, switch, head = _parse_switched_arm(text)
         if explicit_lr is None and arm.spec.family != base_spec.family:
             problems.append(f"{arm.name}: no lr transfer from the recipe's {base.optimizer.name}; write {arm.name}@LR")
             continue
-        head = arm.name if explicit_lr is None else f"{arm.name}@{explicit_lr:g}"  # adatamw, adatamw@8e-06: two arms
         axes = [(k, vals) for k, vals in sweep_axes if _applies(k, arm)]
         for combo in itertools.product(*(vals for _, vals in axes)):
             label = " ".join([head] + [f"{k.rsplit('.', 1)[-1]}={v}" for (k, _), v in zip(axes, combo)])
@@ -258,6 +279,8 @@ def expand(raw: dict, base: Recipe, optimizers: list[str], sweeps: list[str] = (
             opt["lr"] = explicit_lr if explicit_lr is not None else reference_lr * arm.lr_factor(settings)
             if arm.fixed_damping is not None:
                 opt["fixed_damping"] = arm.fixed_damping
+            if switch is not None:
+                opt["switch"] = dict(switch)
             problems += [f"{label}: {p}" for p in apply_overrides(arm_raw, [f"{k}={v}" for (k, _), v in zip(axes, combo)])]
             out.append((label, arm, arm_raw))
     return out, problems

@@ -4,8 +4,8 @@ r"""Switching optimizer mid-run: train with a TAM optimizer for ``at_step`` step
 :class:`SwitchOptimizer` is ONE ``torch.optim.Optimizer`` for the Trainer, accelerate, the LR scheduler and
 checkpoints: it steps the first optimizer until ``at_step`` steps are done, converts the state at the start of
 the next step and steps the second from then on. Its ``param_groups`` are its own: the scheduler scales their
-``lr`` as for any optimizer, and each step hands the active optimizer ``group lr x ratio`` (ratio 1 before the
-switch, ``lr_to / lr_from`` after), so the second optimizer follows the same schedule at its own scale. Its
+``lr`` as for any optimizer, and each step hands the active optimizer the group's lr (before the switch) or
+``lr / lr_from * lr_to`` (after), so the second optimizer follows the same schedule at its own scale. Its
 ``state_dict`` holds which optimizer is active, the step count and the active optimizer's own state dict, so a
 resume after the switch continues with the second optimizer. ``.optimizer`` is the active one (how tam_hf
 unwraps optimizers): TAM's damping telemetry is there before the switch and absent after.
@@ -94,7 +94,7 @@ class SwitchOptimizer(Optimizer):
         self.kind = "sgd" if a.family == "sgd" else "adam"
         self.first = a.cls(self._inner_groups(), **first_kwargs)
         self.second = b.cls(self._inner_groups(), **kwargs)
-        self.ratios = (1.0, kwargs["lr"] / first_lr)
+        self.lrs = (first_lr, kwargs["lr"])
         self.steps = 0
         self.switched = False
 
@@ -130,9 +130,10 @@ class SwitchOptimizer(Optimizer):
     def step(self, closure=None):
         if not self.switched and self.steps >= self.at_step:
             self._switch()
-        active, ratio = self.optimizer, self.ratios[self.switched]
+        active = self.optimizer
         for outer, inner in zip(self.param_groups, active.param_groups):
-            inner["lr"] = outer["lr"] * ratio
+            # lr / lr_from * lr_to: exactly lr_to while the schedule is at its peak (ratio 1.0)
+            inner["lr"] = outer["lr"] / self.lrs[0] * self.lrs[1] if self.switched else outer["lr"]
         loss = active.step(closure)
         self.steps += 1
         return loss
@@ -178,5 +179,5 @@ def switch_summary(optimizer) -> Optional[dict]:
     if switch is None:
         return None
     return {"from": switch.names[0], "to": switch.names[1], "at_step": switch.at_step,
-            "lr": switch.second.defaults["lr"], "switched_at_step": switch.switched_at_step}
+            "lr": switch.lrs[1], "switched_at_step": switch.switched_at_step}
 

@@ -57,7 +57,7 @@ def switch_problems(first: str, to: Any, at_step: Any, lr: Any, first_lr: Any) -
     if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr)
                            or lr <= 0):
         out.append(("lr", f"{lr!r} must be a finite number > 0 (or unset: the transfer rule)"))
-    if isinstance(first_lr, (int, float)) and not first_lr > 0:
+    if isinstance(first_lr, bool) or not isinstance(first_lr, (int, float)) or not first_lr > 0:
         out.append(("first_lr", f"a switch needs the first optimizer's lr > 0 (got {first_lr!r}): the second "
                                 "optimizer's lr follows the schedule as lr_now * switch_lr / lr"))
     return out
@@ -75,7 +75,8 @@ def second_kwargs(first: str, first_kwargs: dict, to: str, lr: Optional[float]) 
     first that it also takes (betas, eps, weight_decay, momentum, maximize). Weight decay carries by value:
     AdaTAM's coupled L2 becomes AdamW's decoupled decay at the same coefficient."""
     accepted = registry.get(to).accepted_keys()
-    out = {k: first_kwargs[k] for k in _INHERITED if k in first_kwargs and k in accepted}
+    values = {**registry.get(first).defaults(), **first_kwargs}  # TAM's momentum 0.9 is SGD's 0 when unset
+    out = {k: values[k] for k in _INHERITED if k in values and k in accepted}
     out["lr"] = default_lr(first, first_kwargs, to) if lr is None else lr
     return out
 
