@@ -236,3 +236,15 @@ def test_compare_plans_a_switched_arm(tmp_path):
         study.plan(recipe, ["adatamw>adamw"], [0], out=tmp_path / "cmp")
     with pytest.raises(RecipeError, match="adamw>adatamw@3: optimizer.switch.to: adamw -> adatamw is not a supported"):
         study.plan(recipe, ["adamw>adatamw@3"], [0], out=tmp_path / "cmp")
+
+
+def test_sharded_runs_refuse_a_switch():
+    from types import SimpleNamespace
+
+    from tam_hf.trainer.distributed import DistributedConfigError, check_training_args
+
+    args = SimpleNamespace(optim="adatamw", optim_args="switch_to=adamw,switch_at_step=3",
+                           deepspeed={"zero_optimization": {"stage": 2}}, fsdp=None)
+    with pytest.raises(DistributedConfigError, match="optimizer switch .* cannot run under DeepSpeed ZeRO"):
+        check_training_args(args)
+    check_training_args(SimpleNamespace(**{**vars(args), "optim_args": "decay_rate=0.8"}))  # no switch: fine

@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 from tam_hf.optim import registry
 
-__all__ = ["SWITCHES", "supported_text", "pair_problem", "switch_problems", "default_lr", "second_kwargs", "label"]
+__all__ = ["SWITCHES", "supported_text", "pair_problem", "switch_problems", "default_lr", "second_kwargs"]
 
 # first optimizer -> the optimizers it may hand its state to. Each pair has a derived conversion of the first
 # moment (tam_hf.optim.switch); another pair would need its own, so it is refused rather than guessed.
@@ -80,7 +80,3 @@ def second_kwargs(first: str, first_kwargs: dict, to: str, lr: Optional[float]) 
     out["lr"] = default_lr(first, first_kwargs, to) if lr is None else lr
     return out
 
-
-def label(first: str, to: str, at_step: int) -> str:
-    """How reports name a switched run: ``adatamw>adamw@100``."""
-    return f"{first}>{to}@{at_step}"
