@@ -211,6 +211,10 @@ def evaluate(run: _Run) -> None:
     if run.trainer.eval_dataset is not None:
         metrics, notes = evaluate_model(run.recipe, run.trainer, run.tokenizer, run.raw.get("eval"))
     run.summary["eval"] = metrics
+    if run.trainer.validation_dataset is not None:  # for choosing among runs (compare --tune-lr), never the eval set
+        run.summary["validation"], more = evaluate_model(run.recipe, run.trainer, run.tokenizer,
+                                                         run.raw.get("validation"), split="validation")
+        notes += more
     if notes:
         run.summary["notes"] = notes
 
@@ -442,7 +446,7 @@ def _trainer(recipe: Recipe, args, tokenizer, callbacks: list):
         from tam_hf.finetune.metrics import classification_metrics
         from tam_hf.trainer.tam_trainer import TAMTrainer
 
-        train_ds, eval_ds, raw, label_names = build_datasets(recipe, tokenizer)
+        train_ds, eval_ds, raw, label_names, validation_ds = build_datasets(recipe, tokenizer)
         model = load_model(recipe, tokenizer, label_names)
         compute_metrics = None
         if eval_ds is not None and recipe.eval.metrics:
@@ -450,6 +454,7 @@ def _trainer(recipe: Recipe, args, tokenizer, callbacks: list):
         trainer = TAMTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                              data_collator=collator(recipe, tokenizer), processing_class=tokenizer,
                              compute_metrics=compute_metrics, callbacks=callbacks)
+        trainer.validation_dataset = validation_ds  # scored after training only (the evaluate phase)
         return trainer, raw
     from tam_hf.finetune.data import load_raw
     from tam_hf.finetune.sft import build_sft_trainer
@@ -460,6 +465,5 @@ def _trainer(recipe: Recipe, args, tokenizer, callbacks: list):
         model, tokenizer, args, raw["train"], raw.get("eval"), fmt=d.format, max_length=d.max_length,
         completion_only_loss=d.completion_only_loss, instruction_template=d.instruction_template, packing=d.packing,
         padding_free=d.padding_free,
-        chat_template_path=d.chat_template_path,
-        callbacks=callbacks)
+        chat_template_path=d.chat_template_path, callbacks=callbacks, validation_rows=raw.get("validation"))
     return trainer, raw

@@ -185,9 +185,16 @@ def _check_data(r, problems: list[str]) -> None:
     evals = [k for k in ("eval_split", "eval_file", "eval_fraction") if getattr(d, k) is not None]
     if len(evals) > 1:
         problems.append(f"data: {' and '.join('data.' + k for k in evals)} exclude each other; pick one eval source")
+    if d.validation_split is not None and d.validation_file is not None:
+        problems.append("data: data.validation_split and data.validation_file exclude each other; pick one "
+                        "validation source")
+    if d.eval_fraction is not None and d.validation_split is not None and d.eval_fraction + d.validation_split >= 0.9:
+        problems.append(f"data: data.eval_fraction {d.eval_fraction:g} and data.validation_split "
+                        f"{d.validation_split:g} leave {1 - d.eval_fraction - d.validation_split:.0%} of the rows to "
+                        "train on; lower them")
     if d.eval_split is not None and d.dataset is None:
         problems.append("data.eval_split needs data.dataset; with local files use data.eval_file")
-    for key in ("train_file", "eval_file"):
+    for key in ("train_file", "eval_file", "validation_file"):
         value = getattr(d, key)
         for item in [value] if isinstance(value, str) else value or []:
             path = resolve_path(item)

@@ -86,7 +86,7 @@ def _path(value: str) -> str:
 def resolve_paths(s: dict[str, Any]) -> None:
     """Every path field of a recipe that passed its checks, in place, as the path to open."""
     data = s["data"]
-    for key in ("train_file", "eval_file"):
+    for key in ("train_file", "eval_file", "validation_file"):
         value = getattr(data, key)
         if value is not None:
             setattr(data, key, _path(value) if isinstance(value, str) else [_path(v) for v in value])

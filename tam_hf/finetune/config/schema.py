@@ -180,6 +180,13 @@ class DataConfig(_Section):
     eval_split: Optional[str] = Field(None, description="Split to evaluate on.")
     eval_fraction: Optional[Float] = Field(
         None, gt=0, lt=1, description="Hold this fraction of the training rows out for evaluation.")
+    validation_split: Optional[Float] = Field(
+        None, gt=0, lt=1, description="Hold this fraction of the training rows out as a validation set (carved with "
+                                      "a fixed seed, the same for every run whatever training.seed): evaluated after "
+                                      "training (summary.json 'validation'), used by `compare --tune-lr` to choose "
+                                      "the lr; never the eval set.")
+    validation_file: Optional[StrOrList] = Field(
+        None, description="Local validation file(s) (exclusive with data.validation_split).")
     columns: dict[str, str] = Field(
         default_factory=dict, description="Canonical column -> dataset column, e.g. {prompt: question}.")
     max_length: int = Field(
