@@ -248,3 +248,14 @@ def test_sharded_runs_refuse_a_switch():
     with pytest.raises(DistributedConfigError, match="optimizer switch .* cannot run under DeepSpeed ZeRO"):
         check_training_args(args)
     check_training_args(SimpleNamespace(**{**vars(args), "optim_args": "decay_rate=0.8"}))  # no switch: fine
+
+
+def test_compare_tunes_the_first_lr_of_a_switched_arm(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(run_raw(tmp_path / "out", max_steps=6)))
+    tuned = study.plan_tuned(recipe, ["adamw", "adatamw>adamw@3"], "auto", [100], None,
+                             ["data.validation_split=0.2"], out=tmp_path / "cmp")
+    switched = [r for r in tuned.runs if r.label == "adatamw>adamw@3"]
+    assert len(switched) == len(tuned.grids["adatamw>adamw@3"]) >= 5
+    assert sorted(r.recipe.optimizer.lr for r in switched) == pytest.approx(sorted(tuned.grids["adatamw>adamw@3"]))
+    assert all(r.recipe.optimizer.switch.at_step == 3 and r.recipe.optimizer.switch.lr is None for r in switched)
