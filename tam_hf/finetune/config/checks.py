@@ -33,8 +33,8 @@ from tam_hf.finetune.config.schema import (COMPLETION_FORMATS, EMBEDDED_MODELS, 
                                            FORMAT_COLUMNS, HUB_ID, METRIC_TASKS, SwitchConfig)
 from tam_hf.finetune.config.yaml_io import clip, short
 
-__all__ = ["cross_check", "switch_section_problems", "CHAT_TEMPLATE_SUFFIXES", "MASKED_ATTENTION", "attention_kind", "packing_problems",
-           "LM_EVAL_INSTALL", "COMMON_TASKS", "check_available", "task_manager", "task_problems"]
+__all__ = ["cross_check", "switch_section_problems", "CHAT_TEMPLATE_SUFFIXES", "MASKED_ATTENTION", "attention_kind",
+           "packing_problems", "LM_EVAL_INSTALL", "COMMON_TASKS", "check_available", "task_manager", "task_problems"]
 
 
 def cross_check(s: dict[str, Any], problems: list[str]) -> None:
