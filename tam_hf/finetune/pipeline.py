@@ -95,7 +95,9 @@ def finetune(recipe: Recipe, callbacks: list = ()) -> dict:
         run.output_dir = run.work_dir = Path(run.args.output_dir)
         phases = PHASES
         if recipe.stages is not None:
-            from tam_hf.finetune.stages import STAGED_PHASES as phases
+            from tam_hf.finetune.stages import staged_phases
+
+            phases = staged_phases(dict(PHASES), begin=begin, stopped=_STOPPED)
         with run_lock(run.output_dir):  # a concurrent run into the same directory stops here (rank 0 holds it)
             try:
                 for name, phase in phases:

@@ -1,6 +1,6 @@
 """Staged runs (a recipe's ``stages:``): continual fine-tuning across a sequence of datasets, the way a
-distribution shift is studied. The phases are the pipeline's (:mod:`tam_hf.finetune.pipeline`: its ``_Run``,
-signal handling, failures, manifest and checkpoint markers); ``train`` runs the stages one after the other:
+distribution shift is studied. The phases are the pipeline's (:mod:`tam_hf.finetune.pipeline`: its run record,
+signal handling, failures, manifest and checkpoint markers, handed in by :func:`staged_phases`); ``train`` runs the stages one after the other:
 
     for each stage k:  train on stage k's data (its own TrainingArguments and lr schedule: warm-up restarts),
                        save its final model, optimizer state and trainer state into its folder,
@@ -30,8 +30,9 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from tam_hf.finetune.config.schema import DataConfig, Recipe, StageConfig
 from tam_hf.finetune.config.stage_rules import STAGE_MARKER, restage, stage_folder
@@ -39,13 +40,21 @@ from tam_hf.finetune.continual import continual_metrics, higher_is_better, mean_
 from tam_hf.finetune.errors import CheckpointError, RecipeError, ResumeError
 from tam_hf.finetune.outputs import (CHECKPOINT, Manifest, OutputPlan, complete_checkpoints, plan_output_dir,
                                      write_json, write_summary)
-from tam_hf.finetune.pipeline import _STOPPED, _Run, begin, lm_eval, publish, save
-from tam_hf.finetune.pipeline import train as train_stage
 
-__all__ = ["Stage", "stage_recipe", "STAGED_PHASES", "OPTIMIZER_FILE"]
+__all__ = ["Stage", "stage_recipe", "staged_phases", "OPTIMIZER_FILE"]
 
 OPTIMIZER_FILE = "optimizer.pt"
 SPLITS = ("eval", "validation")  # the sets every stage is evaluated on, where the data has them
+
+
+@dataclass
+class _Pipeline:
+    """What a staged run takes from the pipeline (which imports this module): the end of its build, its train
+    phase (run once per stage) and the answer of a phase that a signal stopped."""
+
+    begin: Callable
+    train: Callable
+    stopped: object
 
 
 @dataclass
@@ -88,7 +97,7 @@ def _settings(stage: Stage) -> dict:
 # ------------------------------------------------------------------------------------------------- plan
 
 
-def plan(run: _Run) -> None:
+def plan(run) -> None:
     """Every stage's TrainingArguments (their own checks, all stages' problems at once), then what the output
     directory holds: nothing of another run (or overwrite), or the stages to skip and where to continue."""
     from tam_hf.finetune.training_args import build_training_arguments
@@ -108,7 +117,7 @@ def plan(run: _Run) -> None:
     run.plan = _resume_plan(run) if recipe.resume else plan_output_dir(run.output_dir, False, recipe.overwrite)
 
 
-def _resume_plan(run: _Run) -> OutputPlan:
+def _resume_plan(run) -> OutputPlan:
     from tam_hf.finetune.resume import resume_problems
 
     plan = OutputPlan(run.output_dir, manifest=Manifest.read(run.output_dir))
@@ -156,7 +165,7 @@ def _skip_finished(stage: Stage) -> bool:
 # ------------------------------------------------------------------------------------------------ build
 
 
-def build(run: _Run) -> Any:
+def build(pipeline: _Pipeline, run) -> Any:
     """The tokenizer, every stage's data (all checked before the model loads) and the one model they train."""
     from transformers import set_seed
 
@@ -168,10 +177,10 @@ def build(run: _Run) -> Any:
     run.tokenizer = load_tokenizer(run.recipe.model)
     labels = _load_data(run)
     run.model = load_model(run.stages[0].recipe, run.tokenizer, labels)
-    return begin(run)
+    return pipeline.begin(run)
 
 
-def _load_data(run: _Run) -> list[str] | None:
+def _load_data(run) -> list[str] | None:
     """Every stage's rows; for classification tokenised with the labels of all stages together (one head for
     every stage). Returns those label names (None for causal LM and regression)."""
     from functools import partial
@@ -201,16 +210,16 @@ def _load_data(run: _Run) -> list[str] | None:
 # ------------------------------------------------------------------------------------------------ train
 
 
-def train(run: _Run) -> Any:
+def train(pipeline: _Pipeline, run) -> Any:
     """Each unfinished stage in turn; then the trainer of the last stage holds the final model."""
     run.summary["stages"] = [s.record for s in run.stages if s.record is not None]  # finished before a resume
     for stage in run.stages:
         if stage.record is not None:
             continue
         if run.stop.requested:
-            return _STOPPED
-        if _run_stage(run, stage) is _STOPPED:
-            return _STOPPED
+            return pipeline.stopped
+        if _run_stage(pipeline, run, stage) is pipeline.stopped:
+            return pipeline.stopped
     last = run.stages[-1]
     if not last.trained_here:  # every stage had finished before this attempt: load the last one's model
         run.stage = last
@@ -219,7 +228,7 @@ def train(run: _Run) -> Any:
     run.steps_before = sum(s.record["steps"] for s in run.stages[:-1])
 
 
-def _run_stage(run: _Run, stage: Stage) -> Any:
+def _run_stage(pipeline: _Pipeline, run, stage: Stage) -> Any:
     from transformers import set_seed
 
     from tam_hf.finetune.guards import nonfinite_guard
@@ -246,8 +255,8 @@ def _run_stage(run: _Run, stage: Stage) -> Any:
     # Loading an adapter draws random numbers (peft initialises it first): every stage starts training from its
     # seed's state, whether the run went on or was resumed here (a checkpoint restores its own RNG states).
     set_seed(stage.args.seed)
-    if train_stage(run) is _STOPPED:
-        return _STOPPED
+    if pipeline.train(run) is pipeline.stopped:
+        return pipeline.stopped
     run.stop.phase = "save"
     run.write("save", lambda: _save_stage(run, stage))
     run.stop.phase = "evaluate"
@@ -267,7 +276,7 @@ def _run_stage(run: _Run, stage: Stage) -> Any:
     write_summary(run.output_dir, s)
 
 
-def _stage_trainer(run: _Run, stage: Stage, callbacks: list):
+def _stage_trainer(run, stage: Stage, callbacks: list):
     """(trainer of ``stage`` over the run's model, {"eval/NAME" | "validation/NAME": prepared set} of every
     stage). The trainer evaluates on the stage's own eval set while training; the others after it."""
     by_key = {f"{split}/{s.name}": (s, split) for s in run.stages for split in SPLITS if split in s.raw}
@@ -328,7 +337,7 @@ def _load_stage(trainer, stage: Stage, state: bool = False) -> None:
         trainer.state = TrainerState.load_from_json(str(stage.folder / "trainer_state.json"))
 
 
-def _save_stage(run: _Run, stage: Stage) -> None:
+def _save_stage(run, stage: Stage) -> None:
     """What the next stage (and a resumed run) starts from: the model, the optimizer state, the trainer state."""
     import torch
 
@@ -339,7 +348,7 @@ def _save_stage(run: _Run, stage: Stage) -> None:
         trainer.state.save_to_json(str(stage.folder / "trainer_state.json"))
 
 
-def _evaluate_stage(run: _Run, stage: Stage) -> tuple[dict, list[str]]:
+def _evaluate_stage(run, stage: Stage) -> tuple[dict, list[str]]:
     """({"eval": {stage name: metrics}, "validation": {...}}, notes): the model after ``stage`` on every stage's
     sets, each with that stage's recipe (its generation prompts and answers)."""
     from tam_hf.finetune.evaluation import evaluate as evaluate_model
@@ -376,7 +385,7 @@ def _mark_finished(stage: Stage) -> None:
 # --------------------------------------------------------------------------------------------- evaluate
 
 
-def evaluate(run: _Run) -> None:
+def evaluate(run) -> None:
     """The run's numbers from the stages' evaluations: ``eval`` / ``validation`` = the final model's average over
     the stages' sets, ``continual`` on the recipe's first metric (eval loss when it has none)."""
     records, names = [s.record for s in run.stages], [s.name for s in run.stages]
@@ -399,5 +408,10 @@ def evaluate(run: _Run) -> None:
         s["notes"] = notes
 
 
-STAGED_PHASES = (("plan", plan), ("build", build), ("train", train), ("save", save), ("evaluate", evaluate),
-                 ("lm-eval", lm_eval), ("publish", publish))
+def staged_phases(single: dict[str, Callable], begin: Callable, stopped: object) -> tuple:
+    """The phases of a staged run: plan, build, train and evaluate of its own around the pipeline's ``single``
+    phases (save, lm-eval, publish; its train runs once per stage)."""
+    pipeline = _Pipeline(begin=begin, train=single["train"], stopped=stopped)
+    return (("plan", plan), ("build", partial(build, pipeline)), ("train", partial(train, pipeline)),
+            ("save", single["save"]), ("evaluate", evaluate), ("lm-eval", single["lm-eval"]),
+            ("publish", single["publish"]))

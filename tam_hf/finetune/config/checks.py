@@ -29,8 +29,7 @@ from tam_hf.finetune.config.resolve import (EMBEDDED_PREFIX, YAML_SUFFIXES, exis
                                             probe, resolve_path)
 from tam_hf.finetune.config.schema import (COMPLETION_FORMATS, EMBEDDED_MODELS, FILE_SUFFIXES,
                                            FORMAT_COLUMNS, HUB_ID, METRIC_TASKS)
-from tam_hf.finetune.config.stage_rules import (EVAL_SOURCES, STAGE_MARKER, restage, stage_data,
-                                                training_problems)
+from tam_hf.finetune.config.stage_rules import EVAL_SOURCES, STAGE_MARKER, restage, stage_data
 from tam_hf.finetune.config.yaml_io import clip, short
 
 __all__ = ["cross_check", "CHAT_TEMPLATE_SUFFIXES", "MASKED_ATTENTION", "attention_kind", "packing_problems",
@@ -234,8 +233,6 @@ def _check_data(r, problems: list[str]) -> None:
 def _check_stages(r, problems: list[str]) -> None:
     """Each stage's merged data through the data checks; a problem every stage shares is named once, as the
     recipe's own (it comes from the shared data section), the others with the stage's path."""
-    from tam_hf.finetune.config.load import key_places  # load imports this module
-
     per_stage = []
     for i, stage in enumerate(r.stages):
         if stage is None:  # it did not parse: its problems are listed already
@@ -250,7 +247,6 @@ def _check_stages(r, problems: list[str]) -> None:
                 found.append("data: every stage is evaluated after each stage, on every stage's eval set: set "
                              "data.eval_file, data.eval_split or data.eval_fraction (for the stage, or in the "
                              "recipe's data section)")
-        problems += training_problems(stage, i, key_places)
         per_stage.append((i, found))
     shared = set.intersection(*(set(f) for _, f in per_stage)) if len(per_stage) > 1 else set()
     problems += [p for p in per_stage[0][1] if p in shared] if per_stage else []

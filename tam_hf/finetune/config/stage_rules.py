@@ -2,8 +2,9 @@
 
 A stage sets ``data`` and ``training`` keys over the recipe's sections, and ``reset_optimizer``. What every stage
 shares (the model, its head, the optimizer, the metrics) stays at the top level: a stage that sets it is refused
-with the reason. Each stage's merged sections are checked like a recipe's own (:mod:`tam_hf.finetune.config.checks`
-calls :func:`stage_data` and :func:`training_problems`), and its problems name the stage (``stages[1].data...``).
+with the reason. Each stage's merged sections are checked like a recipe's own (:func:`parse_stages` checks its
+training keys, :mod:`tam_hf.finetune.config.checks` its merged data through :func:`stage_data`), and its problems
+name the stage (``stages[1].data...``).
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ def parse_stages(raw, problems: list[str], places: Callable[[], Mapping[str, Seq
                                 "level")
         try:
             parsed.append(StageConfig.model_validate({k: v for k, v in item.items() if k not in RUN_KEYS}))
+            problems += training_problems(parsed[-1], i, places)
         except ValidationError as exc:
             problems += explain(exc, ("stages", i), StageConfig, places=places)
             parsed.append(None)
