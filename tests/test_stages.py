@@ -3,6 +3,7 @@ and two-stage classification runs on the tiny Llama whose summaries are checked 
 hand, whose optimizer state carries over (or not), and which resume to the same result after a signal."""
 
 import copy
+import csv
 import json
 import signal
 from pathlib import Path
@@ -271,3 +272,27 @@ def test_lora_resumed_between_stages_carries_the_adapter_and_the_optimizer_state
     mine = load_file(str(out / "adapter_model.safetensors"))
     theirs = load_file(str(tmp_path / "whole" / "adapter_model.safetensors"))
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in theirs)
+
+
+def test_compare_reports_the_continual_numbers_across_seeds_and_a_stage_table(tmp_path):
+    from tam_hf.compare.report import run_metrics, write_report
+
+    def result(arm, seed, matrix):
+        c = {"metric": "accuracy", "higher_is_better": True, **continual_metrics(matrix, True), "matrix": matrix}
+        stages = [{"name": n, "steps": 2} for n in ("words", "weather")]
+        return {"label": arm, "seed": seed, "log_history": [],
+                "summary": {"train_loss": 1.0, "eval": {"accuracy": sum(matrix[-1]) / 2}, "stages": stages,
+                            "continual": c}}
+
+    results = [result("adamw", 0, [[0.9, 0.5], [0.7, 0.8]]), result("adamw", 1, [[0.8, 0.5], [0.8, 0.9]]),
+               result("adatamw", 0, [[0.9, 0.5], [0.9, 0.9]]), result("adatamw", 1, [[0.9, 0.5], [0.8, 0.9]])]
+    assert run_metrics(results[0]) == pytest.approx({"train_loss": 1.0, "eval_accuracy": 0.75,
+                                                     "continual_final_average": 0.75, "continual_forgetting": 0.2,
+                                                     "continual_backward_transfer": -0.2})
+    paths, _ = write_report(results, ["adamw", "adatamw"], tmp_path, "t")
+    rows = {(r["arm"], r["metric"]): r for r in csv.DictReader(paths["report.csv"].open())}
+    row = rows["adatamw", "continual_forgetting"]
+    assert float(row["mean"]) == pytest.approx(0.05) and float(row["delta_vs_adamw"]) == pytest.approx(-0.05)
+    report = paths["report.md"].read_text()
+    assert "## Stages" in report
+    assert "| adamw | 1. words | 2 | 0.8500 ± 0.6353 | 0.7500 ± 0.6353 |" in report  # t(0.975, 1) * 0.05
