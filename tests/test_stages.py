@@ -296,3 +296,25 @@ def test_compare_reports_the_continual_numbers_across_seeds_and_a_stage_table(tm
     report = paths["report.md"].read_text()
     assert "## Stages" in report
     assert "| adamw | 1. words | 2 | 0.8500 ± 0.6353 | 0.7500 ± 0.6353 |" in report  # t(0.975, 1) * 0.05
+
+
+def test_a_causal_lm_runs_in_stages_scored_on_perplexity(tmp_path):
+    def write(name, op):
+        rows = [{"prompt": f"{a} {op} {b} =", "completion": f" {a + b if op == '+' else a * b}"} for a in range(4) for b in range(3)]
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(tmp_path / name)
+
+    raw = {"model": {"name": "embedded:tiny-llama"}, "finetune": {"method": "lora"},
+           "data": {"format": "prompt_completion", "max_length": 32, "eval_fraction": 0.25},
+           "optimizer": {"name": "adatamw", "lr": 1e-3},
+           "training": {"max_steps": 2, "per_device_train_batch_size": 4, "save_strategy": "no",
+                        "output_dir": str(tmp_path / "out"), "disable_tqdm": True},
+           "stages": [{"name": "plus", "data": {"train_file": write("plus.jsonl", "+")}},
+                      {"name": "times", "data": {"train_file": write("times.jsonl", "*")}}]}
+    summary = finetune(validate_recipe(raw))
+    c = summary["continual"]
+    assert c["metric"] == "perplexity" and c["higher_is_better"] is False
+    matrix = [[s["eval"][n]["perplexity"] for n in ("plus", "times")] for s in summary["stages"]]
+    assert c["matrix"] == matrix and c["forgetting"] == pytest.approx(matrix[1][0] - matrix[0][0])
+    assert summary["eval"]["perplexity"] == pytest.approx((matrix[1][0] + matrix[1][1]) / 2)
+    assert summary["damping"] is not None and summary["stages"][0]["damping"] is not None  # AdaTAMW's
