@@ -16,7 +16,7 @@ from transformers import TrainerCallback
 
 from tam_hf.finetune.config.load import validate_recipe
 from tam_hf.finetune.continual import continual_metrics
-from tam_hf.finetune.errors import RecipeError
+from tam_hf.finetune.errors import OutputDirError, RecipeError
 from tam_hf.finetune.pipeline import finetune
 
 # Two domains with the same labels and no word in common: a shift of vocabulary.
@@ -256,6 +256,14 @@ def test_a_signal_in_stage_2_stops_naming_it_and_resume_finishes_the_same_run(ca
     for name in ("", "stage-1-words", "stage-2-weather"):
         mine, theirs = _weights(out / name), _weights(whole_out / name)
         assert all(torch.equal(mine[k], theirs[k]) for k in theirs), name
+    # Every stage finished: a resume trains nothing, loads the last stage's model and gives the same summary.
+    (out / "model.safetensors").unlink()
+    third = finetune(recipe)
+    _same_result(third, whole)
+    assert torch.equal(_weights(out)["score.weight"], _weights(whole_out)["score.weight"])
+    recipe.resume = False
+    with pytest.raises(OutputDirError, match="holds another run's outputs"):
+        finetune(recipe)
 
 
 def test_lora_resumed_between_stages_carries_the_adapter_and_the_optimizer_state(files, tmp_path):
@@ -318,3 +326,20 @@ def test_a_causal_lm_runs_in_stages_scored_on_perplexity(tmp_path):
     assert c["matrix"] == matrix and c["forgetting"] == pytest.approx(matrix[1][0] - matrix[0][0])
     assert summary["eval"]["perplexity"] == pytest.approx((matrix[1][0] + matrix[1][1]) / 2)
     assert summary["damping"] is not None and summary["stages"][0]["damping"] is not None  # AdaTAMW's
+
+
+def test_a_failure_in_a_stage_is_recorded_with_the_stage(files, tmp_path):
+    from tam_hf.finetune.errors import NonFiniteError
+
+    class PoisonStage2(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            if Path(args.output_dir).name == "stage-2-weather" and state.global_step == 1:
+                next(p for p in model.parameters() if p.grad is not None).grad.fill_(float("nan"))
+
+    out = tmp_path / "out"
+    with pytest.raises(NonFiniteError):
+        finetune(validate_recipe(_raw(files, out)), callbacks=[PoisonStage2()])
+    summary = read_summary(out)
+    assert summary["status"] == "failed" and summary["phase"] == "train" and summary["stage"] == "weather"
+    assert summary["diverged_at_step"] == 2 and summary["steps"] == 4 + 2
+    assert [s["name"] for s in summary["stages"]] == ["words"]
