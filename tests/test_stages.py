@@ -114,6 +114,15 @@ def test_a_problem_of_the_shared_data_section_is_named_once(files, tmp_path):
                                                                                     "stages[1].data"]
 
 
+def test_what_applies_to_a_single_run_is_refused_with_stages(files, tmp_path):
+    raw = _raw(files, tmp_path / "out")
+    raw["optimizer"] = {"name": "adatamw", "lr": 1e-3, "switch": {"to": "adamw", "at_step": 2}}
+    raw.update(hub={"push": True, "repo_id": "me/model"}, resume=str(tmp_path))
+    with pytest.raises(RecipeError) as info:
+        validate_recipe(raw)
+    assert sorted(p.split(" ")[0] for p in info.value.problems) == ["hub:", "optimizer.switch", "resume:"]
+
+
 def test_stage_paths_are_resolved_and_the_recipe_reruns(files, tmp_path):
     from tam_hf.finetune.config.load import rerun_yaml
     from tam_hf.finetune.config.yaml_io import read_yaml
@@ -306,14 +315,15 @@ def test_compare_reports_the_continual_numbers_across_seeds_and_a_stage_table(tm
     assert "| adamw | 1. words | 2 | 0.8500 ± 0.6353 | 0.7500 ± 0.6353 |" in report  # t(0.975, 1) * 0.05
 
 
-def test_a_causal_lm_runs_in_stages_scored_on_perplexity(tmp_path):
+def test_a_causal_lm_runs_in_stages_scored_on_perplexity_with_validation_sets(tmp_path):
     def write(name, op):
-        rows = [{"prompt": f"{a} {op} {b} =", "completion": f" {a + b if op == '+' else a * b}"} for a in range(4) for b in range(3)]
+        rows = [{"prompt": f"{a} {op} {b} =", "completion": f" {a + b if op == '+' else a * b}"}
+                for a in range(4) for b in range(3)]
         (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
         return str(tmp_path / name)
 
     raw = {"model": {"name": "embedded:tiny-llama"}, "finetune": {"method": "lora"},
-           "data": {"format": "prompt_completion", "max_length": 32, "eval_fraction": 0.25},
+           "data": {"format": "prompt_completion", "max_length": 32, "eval_fraction": 0.25, "validation_split": 0.25},
            "optimizer": {"name": "adatamw", "lr": 1e-3},
            "training": {"max_steps": 2, "per_device_train_batch_size": 4, "save_strategy": "no",
                         "output_dir": str(tmp_path / "out"), "disable_tqdm": True},
@@ -325,6 +335,10 @@ def test_a_causal_lm_runs_in_stages_scored_on_perplexity(tmp_path):
     matrix = [[s["eval"][n]["perplexity"] for n in ("plus", "times")] for s in summary["stages"]]
     assert c["matrix"] == matrix and c["forgetting"] == pytest.approx(matrix[1][0] - matrix[0][0])
     assert summary["eval"]["perplexity"] == pytest.approx((matrix[1][0] + matrix[1][1]) / 2)
+    validation = [summary["stages"][1]["validation"][n] for n in ("plus", "times")]
+    assert summary["validation"] == pytest.approx({k: (validation[0][k] + validation[1][k]) / 2
+                                                   for k in ("loss", "perplexity")})
+    assert validation[0] != summary["stages"][1]["eval"]["plus"]  # another set of rows
     assert summary["damping"] is not None and summary["stages"][0]["damping"] is not None  # AdaTAMW's
 
 

@@ -57,9 +57,10 @@ def format_summary(s: dict) -> str:
     else:
         shown = f"mean train loss: {loss:.4f} (no step was logged)"
     lines.append(f"optimizer: {s.get('optimizer')}   steps: {s.get('steps')}   {shown}")
-    for key, value in (s.get("eval") or {}).items():
-        value = f"{value:.4f}" if isinstance(value, float) else "n/a" if value is None else value
-        lines.append(f"eval {key}: {value}")
+    for split in ("eval", "validation"):
+        for key, value in (s.get(split) or {}).items():
+            value = f"{value:.4f}" if isinstance(value, float) else "n/a" if value is None else value
+            lines.append(f"{split} {key}: {value}")
     lines += [f"note: {note}" for note in s.get("notes") or []]
     d = s.get("damping")
     if d:

@@ -227,8 +227,9 @@ def _diverged_section(bad: list[dict], results: list[dict], arms: list[str]) -> 
 
 
 def write_report(results: list[dict], arms: list[str], out: Path, title: str, command: str = "",
-                 notes: list[str] = ()) -> tuple[dict[str, Path], list[str]]:
-    """Write report.md, report.csv, runs.csv, loss.png and damping.png into ``out``; returns their paths and the
+                 notes: list[str] = (), sections: list[str] = ()) -> tuple[dict[str, Path], list[str]]:
+    """Write report.md, report.csv, runs.csv, loss.png and damping.png into ``out`` (``sections``: markdown lines
+    placed after the table, e.g. the learning rates chosen by tuning); returns their paths and the
     notes a reader must see (``notes``, what the study changed in the recipe, plus every empty plot panel and
     why; report.md lists them too). Runs whose result says ``status: diverged`` stay out of every mean and plot:
     runs.csv marks their cells 'diverged' and report.md lists them."""
@@ -268,7 +269,7 @@ def write_report(results: list[dict], arms: list[str], out: Path, title: str, co
              "interval (Student t, n − 1 degrees of freedom; the seeds column is n); (Δ the difference to "
              f"**{arms[0]}** paired by seed, [its 95% CI], p of the paired t-test). An interval that contains 0 "
              "does not tell the arms apart at these seeds; n/a: one seed, no interval.",
-             "", markdown_table(metrics, rows, arms), "",
+             "", markdown_table(metrics, rows, arms), "", *sections, *([""] if sections else []),
              "![loss](loss.png)", "", "![damping](damping.png)", ""]
     text += _stages_section(results, arms)
     if notes:

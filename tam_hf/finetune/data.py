@@ -29,6 +29,9 @@ __all__ = ["load_raw", "check_rows", "tokenize_row", "build_datasets", "prompt_a
 DATASET_OFFLINE = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
 _TEXT_BUILDERS = ("json", "csv", "text")
 _SNIFF = 8192
+# data.validation_split carves with its own fixed seed: every run of a study (any training.seed, any arm) selects
+# on the same rows, and they are not the rows data.eval_fraction holds out (seed 0, carved first).
+VALIDATION_SEED = 1
 
 
 def _files(value) -> list[str]:
@@ -117,7 +120,8 @@ def _load_dataset(cfg: DataConfig):
 
 
 def load_raw(cfg: DataConfig):
-    """A DatasetDict with 'train' and, when the recipe has evaluation data, 'eval' (canonical column names)."""
+    """A DatasetDict with 'train' and, when the recipe has them, 'eval' and 'validation' (canonical column
+    names). Held-out fractions are carved from the training rows: eval first, then validation."""
     from datasets import DatasetDict
 
     if cfg.train_file is not None:
@@ -139,12 +143,17 @@ def load_raw(cfg: DataConfig):
         if cfg.eval_split is not None:
             raw["eval"] = loaded[cfg.eval_split]
         sources = {"train": f"{cfg.dataset} split {cfg.train_split}", "eval": f"{cfg.dataset} split {cfg.eval_split}"}
+    if cfg.validation_file is not None:
+        files = _files(cfg.validation_file)
+        raw["validation"] = _load_files(FILE_SUFFIXES[Path(files[0]).suffix], {"validation": files})["validation"]
+        sources["validation"] = ", ".join(files)
     for name, ds in raw.items():
         if len(ds) == 0:
             raise DataError(f"{name} data ({sources[name]}) has no rows")
-    if cfg.eval_fraction is not None:
-        split = raw["train"].train_test_split(test_size=cfg.eval_fraction, seed=0)
-        raw = DatasetDict({"train": split["train"], "eval": split["test"]})
+    for name, fraction, seed in (("eval", cfg.eval_fraction, 0), ("validation", cfg.validation_split, VALIDATION_SEED)):
+        if fraction is not None:
+            split = raw["train"].train_test_split(test_size=fraction, seed=seed)
+            raw = DatasetDict({**raw, "train": split["train"], name: split["test"]})
     renames = {v: k for k, v in cfg.columns.items() if v != k}
     raw = DatasetDict({name: ds.rename_columns({o: n for o, n in renames.items() if o in ds.column_names})
                        for name, ds in raw.items()})
@@ -203,9 +212,10 @@ class _Locator:
     'SPLIT data (SOURCE), row N'. Lines are counted only when an error needs one."""
 
     def __init__(self, cfg: DataConfig, split: str):
-        value = cfg.train_file if split == "train" else cfg.eval_file
+        value = {"train": cfg.train_file, "eval": cfg.eval_file, "validation": cfg.validation_file}.get(split)
+        carved = cfg.eval_fraction is not None or cfg.validation_split is not None  # rows shuffled by the split
         self.split = split
-        self.files = _files(value) if value is not None and cfg.eval_fraction is None else []
+        self.files = _files(value) if value is not None and not (carved and split != "validation") else []
         self.source = ", ".join(self.files) or (cfg.dataset or ", ".join(_files(cfg.train_file)))
 
     @staticmethod
@@ -308,8 +318,8 @@ def label_names(raw, cfg: DataConfig) -> list[str] | None:
 
 
 def build_datasets(recipe: Recipe, tokenizer):
-    """Sequence classification: (train, eval or None, raw DatasetDict, label names or None), tokenised datasets
-    ready for :func:`collator`. Causal-LM recipes hand :func:`load_raw`'s rows to TRL instead."""
+    """Sequence classification: (train, eval or None, raw DatasetDict, label names or None, validation or None),
+    tokenised datasets ready for :func:`collator`. Causal-LM recipes hand :func:`load_raw`'s rows to TRL instead."""
     cfg = recipe.data
     if cfg.format != "classification":
         raise ValueError(f"format {cfg.format}: causal-LM data is tokenised by TRL (tam_hf.finetune.sft); "
@@ -321,7 +331,7 @@ def build_datasets(recipe: Recipe, tokenizer):
     for split, ds in raw.items():
         fn = partial(_tokenize_checked, tokenizer=tokenizer, cfg=cfg, label2id=label2id, locate=_Locator(cfg, split))
         out[split] = ds.map(fn, with_indices=True, remove_columns=ds.column_names, desc=f"tokenising {split}")
-    return out["train"], out.get("eval"), raw, names
+    return out["train"], out.get("eval"), raw, names, out.get("validation")
 
 
 def collator(recipe: Recipe, tokenizer):

@@ -49,21 +49,25 @@ def _exact_match(recipe, answers: list[str], references: list[str]) -> float:
     return exact_match(_answer_texts(recipe, answers), references, recipe.eval.answer_pattern)
 
 
-def evaluate(recipe: Recipe, trainer, tokenizer, raw_eval) -> tuple[dict, list[str]]:
-    """(eval metrics, notes): the trainer's loss and metrics, perplexity from the loss, and the generated metrics
-    (exact_match, evaluate metrics on causal LM). A perplexity beyond float range is null, with a note."""
+def evaluate(recipe: Recipe, trainer, tokenizer, raw_eval, split: str = "eval") -> tuple[dict, list[str]]:
+    """(metrics, notes) on the eval set, or with ``split="validation"`` on ``trainer.validation_dataset`` (whose
+    raw rows are ``raw_eval`` then): the trainer's loss and metrics, perplexity from the loss, and the generated
+    metrics (exact_match, evaluate metrics on causal LM). A perplexity beyond float range is null, with a note.
+    The trainer logs the validation scores as ``validation_*``: they never mix with the eval curve."""
     from tam_hf.finetune.config.schema import BUILTIN_METRICS
     from tam_hf.finetune.evaluate_metrics import is_metric_key, text_metrics
     from tam_hf.finetune.metrics import perplexity
 
     names = recipe.eval.metrics
-    metrics = {k.removeprefix("eval_"): v for k, v in trainer.evaluate().items()
-               if k.removeprefix("eval_") == "loss" or is_metric_key(k.removeprefix("eval_"), names)}
+    dataset = trainer.validation_dataset if split == "validation" else None  # None: the trainer's eval set
+    scores = trainer.evaluate(eval_dataset=dataset, metric_key_prefix=split)
+    metrics = {k.removeprefix(split + "_"): v for k, v in scores.items()
+               if k.removeprefix(split + "_") == "loss" or is_metric_key(k.removeprefix(split + "_"), names)}
     notes = []
     if "perplexity" in names:
         metrics["perplexity"] = perplexity(metrics["loss"])
         if metrics["perplexity"] is None:
-            notes.append(f"eval perplexity is null: exp(eval loss {metrics['loss']:.4g}) is beyond float range")
+            notes.append(f"{split} perplexity is null: exp({split} loss {metrics['loss']:.4g}) is beyond float range")
     generated = [n for n in names if n == "exact_match" or n not in BUILTIN_METRICS]
     if recipe.task == "causal_lm" and generated:
         answers, references = _generated(recipe, trainer.model, tokenizer, raw_eval)

@@ -176,6 +176,10 @@ def train(run: _Run) -> Any:
     # The last logged loss, not the run's mean; the mean when no step was logged (and the summary says so).
     run.summary.update(train_loss=logged[-1] if logged else mean, train_loss_logged=bool(logged),
                        mean_train_loss=mean, steps=trainer.state.global_step, damping=_damping(trainer))
+    if run.recipe.optimizer.switch is not None:
+        from tam_hf.optim.switch import switch_summary
+
+        run.summary["switch"] = switch_summary(trainer.optimizer)
     checkpoint = run.work_dir / f"checkpoint-{trainer.state.global_step}"
     if run.stop.requested and checkpoint.is_dir():  # else the signal came after the last step: save goes on
         run.summary["checkpoint"] = str(checkpoint)
@@ -225,6 +229,10 @@ def evaluate(run: _Run) -> None:
     if run.trainer.eval_dataset is not None:
         metrics, notes = evaluate_model(run.recipe, run.trainer, run.tokenizer, run.raw.get("eval"))
     run.summary["eval"] = metrics
+    if run.trainer.validation_dataset is not None:  # for choosing among runs (compare --tune-lr), never the eval set
+        run.summary["validation"], more = evaluate_model(run.recipe, run.trainer, run.tokenizer,
+                                                         run.raw.get("validation"), split="validation")
+        notes += more
     if notes:
         run.summary["notes"] = notes
 
@@ -457,7 +465,7 @@ def _trainer(recipe: Recipe, args, tokenizer, callbacks: list):
         from tam_hf.finetune.metrics import classification_metrics
         from tam_hf.trainer.tam_trainer import TAMTrainer
 
-        train_ds, eval_ds, raw, label_names = build_datasets(recipe, tokenizer)
+        train_ds, eval_ds, raw, label_names, validation_ds = build_datasets(recipe, tokenizer)
         model = load_model(recipe, tokenizer, label_names)
         compute_metrics = None
         if eval_ds is not None and recipe.eval.metrics:
@@ -465,6 +473,7 @@ def _trainer(recipe: Recipe, args, tokenizer, callbacks: list):
         trainer = TAMTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                              data_collator=collator(recipe, tokenizer), processing_class=tokenizer,
                              compute_metrics=compute_metrics, callbacks=callbacks)
+        trainer.validation_dataset = validation_ds  # scored after training only (the evaluate phase)
         return trainer, raw
     from tam_hf.finetune.data import load_raw
     from tam_hf.finetune.sft import build_sft_trainer
@@ -475,6 +484,5 @@ def _trainer(recipe: Recipe, args, tokenizer, callbacks: list):
         model, tokenizer, args, raw["train"], raw.get("eval"), fmt=d.format, max_length=d.max_length,
         completion_only_loss=d.completion_only_loss, instruction_template=d.instruction_template, packing=d.packing,
         padding_free=d.padding_free,
-        chat_template_path=d.chat_template_path,
-        callbacks=callbacks)
+        chat_template_path=d.chat_template_path, callbacks=callbacks, validation_rows=raw.get("validation"))
     return trainer, raw

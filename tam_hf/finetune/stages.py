@@ -1,6 +1,7 @@
 """Staged runs (a recipe's ``stages:``): continual fine-tuning across a sequence of datasets, the way a
 distribution shift is studied. The phases are the pipeline's (:mod:`tam_hf.finetune.pipeline`: its run record,
-signal handling, failures, manifest and checkpoint markers, handed in by :func:`staged_phases`); ``train`` runs the stages one after the other:
+signal handling, failures, manifest and checkpoint markers, handed in by :func:`staged_phases`); ``train`` runs
+the stages one after the other:
 
     for each stage k:  train on stage k's data (its own TrainingArguments and lr schedule: warm-up restarts),
                        save its final model, optimizer state and trainer state into its folder,
@@ -302,7 +303,7 @@ def _stage_trainer(run, stage: Stage, callbacks: list):
             packing=data.packing, padding_free=data.padding_free, chat_template_path=data.chat_template_path,
             callbacks=callbacks)
     sets = dict(trainer.eval_dataset)
-    trainer.eval_dataset = sets[f"eval/{stage.name}"]
+    trainer.eval_dataset, trainer.validation_dataset = sets[f"eval/{stage.name}"], None
     return trainer, sets
 
 
@@ -360,12 +361,16 @@ def _evaluate_stage(run, stage: Stage) -> tuple[dict, list[str]]:
             for split in SPLITS:
                 key = f"{split}/{other.name}"
                 if key in stage.sets:
-                    trainer.eval_dataset = stage.sets[key]
-                    metrics, more = evaluate_model(other.recipe, trainer, run.tokenizer, other.raw[split])
+                    # The validation sets through the trainer's validation_dataset: logged as validation_*, never
+                    # mixed into the eval curve.
+                    which = "validation_dataset" if split == "validation" else "eval_dataset"
+                    setattr(trainer, which, stage.sets[key])
+                    metrics, more = evaluate_model(other.recipe, trainer, run.tokenizer, other.raw[split],
+                                                   split=split)
                     out.setdefault(split, {})[other.name] = metrics
                     notes += [f"{other.name} {split}: {n}" for n in more]
     finally:
-        trainer.eval_dataset = own
+        trainer.eval_dataset, trainer.validation_dataset = own, None
     return out, notes
 
 

@@ -23,17 +23,19 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Optional
 
-from tam_hf.finetune.config.messages import did_you_mean, key_text
+from pydantic import ValidationError
+
+from tam_hf.finetune.config.messages import did_you_mean, explain, key_text
 from tam_hf.finetune.config.metric_rules import metric_problems, parse_metric
 from tam_hf.finetune.config.resolve import (EMBEDDED_PREFIX, YAML_SUFFIXES, exists, is_task_path, local_source,
                                             probe, resolve_path)
 from tam_hf.finetune.config.schema import (COMPLETION_FORMATS, EMBEDDED_MODELS, FILE_SUFFIXES,
-                                           FORMAT_COLUMNS, HUB_ID, METRIC_TASKS)
+                                           FORMAT_COLUMNS, HUB_ID, METRIC_TASKS, SwitchConfig)
 from tam_hf.finetune.config.stage_rules import EVAL_SOURCES, STAGE_MARKER, restage, stage_data
 from tam_hf.finetune.config.yaml_io import clip, short
 
-__all__ = ["cross_check", "CHAT_TEMPLATE_SUFFIXES", "MASKED_ATTENTION", "attention_kind", "packing_problems",
-           "LM_EVAL_INSTALL", "COMMON_TASKS", "check_available", "task_manager", "task_problems"]
+__all__ = ["cross_check", "switch_section_problems", "CHAT_TEMPLATE_SUFFIXES", "MASKED_ATTENTION", "attention_kind",
+           "packing_problems", "LM_EVAL_INSTALL", "COMMON_TASKS", "check_available", "task_manager", "task_problems"]
 
 
 def cross_check(s: dict[str, Any], problems: list[str]) -> None:
@@ -48,6 +50,7 @@ def cross_check(s: dict[str, Any], problems: list[str]) -> None:
         (_check_launch, ("distributed", "resume", "overwrite", "training")),
         (_check_output_dir, ("training",)),
         (_check_trackers, ("training",)),
+        (_check_switch, ("optimizer", "training", "distributed")),
     ]
     checks += [(_check_stages, ("stages", "data", "task", "model", "eval", "hub", "resume"))] if staged else [
         (_check_data, ("data", "task")), (_check_packing, ("data", "task", "model")),
@@ -189,9 +192,16 @@ def _check_data(r, problems: list[str]) -> None:
     evals = [k for k in ("eval_split", "eval_file", "eval_fraction") if getattr(d, k) is not None]
     if len(evals) > 1:
         problems.append(f"data: {' and '.join('data.' + k for k in evals)} exclude each other; pick one eval source")
+    if d.validation_split is not None and d.validation_file is not None:
+        problems.append("data: data.validation_split and data.validation_file exclude each other; pick one "
+                        "validation source")
+    if d.eval_fraction is not None and d.validation_split is not None and d.eval_fraction + d.validation_split >= 0.9:
+        problems.append(f"data: data.eval_fraction {d.eval_fraction:g} and data.validation_split "
+                        f"{d.validation_split:g} leave {1 - d.eval_fraction - d.validation_split:.0%} of the rows to "
+                        "train on; lower them")
     if d.eval_split is not None and d.dataset is None:
         problems.append("data.eval_split needs data.dataset; with local files use data.eval_file")
-    for key in ("train_file", "eval_file"):
+    for key in ("train_file", "eval_file", "validation_file"):
         value = getattr(d, key)
         for item in [value] if isinstance(value, str) else value or []:
             path = resolve_path(item)
@@ -254,6 +264,10 @@ def _check_stages(r, problems: list[str]) -> None:
     if r.hub.push or r.hub.repo_id:
         problems.append("hub: a staged run cannot be pushed yet (its model card describes one dataset); remove "
                         "hub.push and hub.repo_id and upload the saved model yourself")
+    if getattr(r, "optimizer", None) is not None and r.optimizer.switch is not None:
+        problems.append("optimizer.switch with stages: each stage builds its optimizer afresh (its state carried "
+                        "over), so a switch at one step of one stage is not defined; train the stages with one "
+                        "optimizer")
     if isinstance(r.resume, str):
         problems.append("resume: a staged run continues with resume: true (it finds the stage to continue in "
                         "training.output_dir); a checkpoint path does not say which stages came before it")
@@ -283,6 +297,51 @@ def _check_hub(r, problems: list[str]) -> None:
         problems.append(f"hub.repo_id: {short(h.repo_id)} must look like user/name")
     if r.finetune.method == "qlora" and h.artifact == "merged":
         problems.append("hub.artifact merged with qlora: merging into a 4-bit base is lossy; push the adapter")
+
+
+# ------------------------------------------------------------------------------------------- switch
+
+
+def switch_section_problems(first: str, first_lr, value) -> list[str]:
+    """The problems of ``optimizer.switch`` (``value`` as written) for the optimizer ``first`` at lr
+    ``first_lr``: types and ranges (SwitchConfig), ``to`` a registry name and a supported pair, the first lr > 0.
+    What needs another section (training.max_steps, distributed) is :func:`_check_switch`'s."""
+    from tam_hf.optim.switch_rules import pair_problem  # the registry only: no torch
+
+    if value is None:
+        return []
+    if not isinstance(value, dict):
+        return [f"optimizer.switch: expected a mapping {{to: NAME, at_step: K, lr: optional}}, got "
+                f"{type(value).__name__} {short(value)}"]
+    problems = []
+    try:
+        SwitchConfig.model_validate(value)
+    except ValidationError as exc:
+        problems += explain(exc, ("optimizer", "switch"), SwitchConfig)
+    if isinstance(value.get("to"), str):
+        problem = pair_problem(first, value["to"])
+        if problem:
+            problems.append(f"optimizer.switch.to: {problem}")
+    if isinstance(first_lr, (int, float)) and not isinstance(first_lr, bool) and not first_lr > 0:
+        problems.append(f"optimizer.lr: {first_lr!r} with optimizer.switch: a switch needs lr > 0 (the second "
+                        "optimizer's lr follows the schedule as lr_now * switch.lr / lr)")
+    return problems
+
+
+def _check_switch(r, problems: list[str]) -> None:
+    switch = r.optimizer.switch
+    if switch is None:
+        return
+    max_steps = r.training.get("max_steps")
+    if isinstance(max_steps, int) and max_steps > 0 and switch.at_step >= max_steps:
+        problems.append(f"optimizer.switch.at_step: {switch.at_step} must be below training.max_steps "
+                        f"({max_steps}): the run would end before (or right at) the switch")
+    sharded = [k for k, on in (("distributed.deepspeed", r.distributed is not None and r.distributed.deepspeed),
+                               ("training.fsdp", r.training.get("fsdp"))) if on]
+    if sharded:
+        problems.append(f"optimizer.switch with {' and '.join(sharded)}: the sharded wrapper rewrites the param "
+                        "groups of the optimizer it is given, which the two optimizers inside the switch would not "
+                        "see; use DDP (several processes without DeepSpeed/FSDP) or no switch")
 
 
 # ------------------------------------------------------------------------------------------- packing

@@ -84,11 +84,11 @@ def _path(value: str) -> str:
     return str(resolve_path(value))
 
 
-_DATA_PATHS = ("train_file", "eval_file", "dataset", "chat_template_path")
+_DATA_PATHS = ("train_file", "eval_file", "validation_file", "dataset", "chat_template_path")
 
 
 def _resolve_data(data) -> None:
-    for key in ("train_file", "eval_file"):
+    for key in ("train_file", "eval_file", "validation_file"):
         value = getattr(data, key)
         if value is not None:
             setattr(data, key, _path(value) if isinstance(value, str) else [_path(v) for v in value])

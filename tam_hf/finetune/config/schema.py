@@ -15,14 +15,16 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, WrapValidator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, WrapValidator,
+                      model_serializer)
 from pydantic_core import PydanticCustomError
 
 from tam_hf.finetune.config.resolve import EMBEDDED_PREFIX, local_source
 from tam_hf.finetune.config.yaml_io import short
 
-__all__ = ["Recipe", "ModelConfig", "DataConfig", "LoraConfig", "FinetuneConfig", "OptimizerConfig", "EvalConfig",
-           "LMEvalConfig", "HubConfig", "DistributedConfig", "StageConfig", "STAGE_NAME", "Float", "STRICT", "EMBEDDED_MODELS",
+__all__ = ["Recipe", "ModelConfig", "DataConfig", "LoraConfig", "FinetuneConfig", "OptimizerConfig", "SwitchConfig",
+           "EvalConfig", "LMEvalConfig", "HubConfig", "DistributedConfig", "StageConfig", "STAGE_NAME", "Float",
+           "STRICT", "EMBEDDED_MODELS",
            "FORMAT_COLUMNS", "COMPLETION_FORMATS", "FILE_SUFFIXES", "METRIC_TASKS", "BUILTIN_METRICS",
            "TRAINING_OWNED", "TRAINING_RANGES", "HUB_ID"]
 
@@ -179,6 +181,13 @@ class DataConfig(_Section):
     eval_split: Optional[str] = Field(None, description="Split to evaluate on.")
     eval_fraction: Optional[Float] = Field(
         None, gt=0, lt=1, description="Hold this fraction of the training rows out for evaluation.")
+    validation_split: Optional[Float] = Field(
+        None, gt=0, lt=1, description="Hold this fraction of the training rows out as a validation set (carved with "
+                                      "a fixed seed, the same for every run whatever training.seed): evaluated after "
+                                      "training (summary.json 'validation'), used by `compare --tune-lr` to choose "
+                                      "the lr; never the eval set.")
+    validation_file: Optional[StrOrList] = Field(
+        None, description="Local validation file(s) (exclusive with data.validation_split).")
     columns: dict[str, str] = Field(
         default_factory=dict, description="Canonical column -> dataset column, e.g. {prompt: question}.")
     max_length: int = Field(
@@ -226,8 +235,19 @@ class FinetuneConfig(_Section):
             self.lora = LoraConfig()
 
 
+class SwitchConfig(_Section):
+    to: str = Field(description="The optimizer to continue with (a registry name): adamw after adatamw or adatam, "
+                                "sgd after tam.")
+    at_step: int = Field(ge=1, description="Optimizer steps taken with optimizer.name before the switch; below "
+                                           "training.max_steps.")
+    lr: Optional[Float] = Field(
+        None, gt=0, description="Peak lr of the second optimizer (it follows the same schedule). Unset: the "
+                                "registry's transfer rule, lr_to = optimizer.lr / lr_factor(name) * lr_factor(to) "
+                                "(5x after AdaTAM(W) at beta1 0.9, 0.5x after TAM).")
+
+
 class OptimizerConfig(_Section):
-    """``name`` and ``lr``; every other key is a keyword argument of the chosen optimizer's constructor
+    """``name``, ``lr`` and ``switch``; every other key is a keyword argument of the chosen optimizer's constructor
     (``tam_hf.optim.registry``: ``OPTIMIZERS[name].accepted_keys()``), checked by the constructor itself.
     Unset keys keep the constructor's defaults, except those ``TrainingArguments`` feeds (weight_decay: 0)."""
 
@@ -237,6 +257,18 @@ class OptimizerConfig(_Section):
                                   "Momentum), adamw, sgd (the torch references), or one added with registry.add().")
     lr: Float = Field(description="Peak learning rate. AdaTAM(W) wants ~0.2x AdamW's, TAM ~2x SGD-momentum's "
                                   "(README: the learning-rate transfer rule).")
+    switch: Optional[SwitchConfig] = Field(
+        None, description="Continue with another optimizer after at_step steps, the state handed over in its "
+                          "convention (TAM as a warm-up; README: Switching optimizer mid-run): {to: adamw, at_step: "
+                          "100, lr: optional}. Supported: adatamw -> adamw, adatam -> adamw, tam -> sgd.")
+
+    @model_serializer(mode="wrap")
+    def _without_unset_switch(self, handler):
+        # Recipes without a switch dump as before: run fingerprints (compare) and resume records stay the same.
+        out = handler(self)
+        if isinstance(out, dict) and out.get("switch", 0) is None:
+            del out["switch"]
+        return out
 
     def settings(self) -> dict[str, Any]:
         """The constructor keys the recipe sets besides lr, as written (lists stay lists)."""

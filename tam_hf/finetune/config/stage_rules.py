@@ -18,7 +18,8 @@ from tam_hf.finetune.config.schema import STAGE_NAME, DataConfig, StageConfig
 from tam_hf.finetune.config.training import parse_training
 from tam_hf.finetune.config.yaml_io import short
 
-__all__ = ["STAGE_MARKER", "stage_folder", "RUN_KEYS", "SHARED_DATA", "SHARED_TRAINING", "EVAL_SOURCES", "parse_stages", "stage_data",
+__all__ = ["STAGE_MARKER", "stage_folder", "RUN_KEYS", "SHARED_DATA", "SHARED_TRAINING", "EVAL_SOURCES",
+           "parse_stages", "stage_data",
            "training_problems", "restage"]
 
 # Written into a stage's folder once the stage is finished: its final model, optimizer state and evaluations.
