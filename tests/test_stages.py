@@ -14,6 +14,7 @@ from hf_tiny import read_summary
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
+from tam_hf.commands.run import format_summary
 from tam_hf.finetune.config.load import validate_recipe
 from tam_hf.finetune.continual import continual_metrics
 from tam_hf.finetune.errors import OutputDirError, RecipeError
@@ -199,6 +200,8 @@ def test_stages_and_continual_match_evaluations_done_by_hand(carried, files):
     assert read_summary(out)["continual"] == c
     marker = json.loads((out / "stage-1-words" / "tam_hf_stage.json").read_text())
     assert marker["record"] == summary["stages"][0]
+    assert (f"stages: words, weather; on accuracy: final average {c['final_average']:.4f}, forgetting "
+            f"{c['forgetting']:+.4f}, backward transfer {c['backward_transfer']:+.4f}") in format_summary(summary)
 
 
 def test_the_optimizer_state_carries_over_unless_reset(carried, files, tmp_path):
