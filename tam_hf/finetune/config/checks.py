@@ -31,6 +31,7 @@ from tam_hf.finetune.config.resolve import (EMBEDDED_PREFIX, YAML_SUFFIXES, exis
                                             probe, resolve_path)
 from tam_hf.finetune.config.schema import (COMPLETION_FORMATS, EMBEDDED_MODELS, FILE_SUFFIXES,
                                            FORMAT_COLUMNS, HUB_ID, METRIC_TASKS, SwitchConfig)
+from tam_hf.finetune.config.stage_rules import EVAL_SOURCES, STAGE_MARKER, restage, stage_data
 from tam_hf.finetune.config.yaml_io import clip, short
 
 __all__ = ["cross_check", "switch_section_problems", "CHAT_TEMPLATE_SUFFIXES", "MASKED_ATTENTION", "attention_kind",
@@ -40,10 +41,9 @@ __all__ = ["cross_check", "switch_section_problems", "CHAT_TEMPLATE_SUFFIXES", "
 def cross_check(s: dict[str, Any], problems: list[str]) -> None:
     """Append the problems of the parsed sections ``s`` (section name -> value) to ``problems``."""
     r = SimpleNamespace(**s)
+    staged = s.get("stages") is not None  # a stage's merged data is checked in its place (_check_stages)
     checks = [
         (_check_model, ("model",)),
-        (_check_data, ("data", "task")),
-        (_check_packing, ("data", "task", "model")),
         (_check_finetune, ("finetune", "model", "hub")),
         (_check_eval, ("eval", "data", "task")),
         (_check_hub, ("hub", "finetune")),
@@ -52,6 +52,9 @@ def cross_check(s: dict[str, Any], problems: list[str]) -> None:
         (_check_trackers, ("training",)),
         (_check_switch, ("optimizer", "training", "distributed")),
     ]
+    checks += [(_check_stages, ("stages", "data", "task", "model", "eval", "hub", "resume"))] if staged else [
+        (_check_data, ("data", "task")), (_check_packing, ("data", "task", "model")),
+        (_check_eval_data, ("eval", "data"))]
     for check, needs in checks:
         if all(k in s for k in needs):
             check(r, problems)
@@ -100,8 +103,12 @@ def _check_launch(r, problems: list[str]) -> None:
     if isinstance(r.resume, str) and not _is_dir(resolve_path(r.resume)):
         problems.append(f"resume: checkpoint directory not found: {clip(r.resume)}")
     output_dir = r.training.get("output_dir")
-    if r.resume is True and isinstance(output_dir, str) and not any(Path(output_dir).expanduser().glob("checkpoint-*")):
-        problems.append(f"resume: true but {output_dir} holds no checkpoint-* directory to continue from")
+    staged = getattr(r, "stages", None) is not None
+    found = ("checkpoint-*",) if not staged else (f"stage-*/{p}" for p in ("checkpoint-*", STAGE_MARKER))
+    if (r.resume is True and isinstance(output_dir, str)
+            and not any(any(Path(output_dir).expanduser().glob(p)) for p in found)):
+        what = "finished stage or stage-*/checkpoint-* directory" if staged else "checkpoint-* directory"
+        problems.append(f"resume: true but {output_dir} holds no {what} to continue from")
 
 
 def _real(path: Path) -> Path:
@@ -231,6 +238,39 @@ def _check_data(r, problems: list[str]) -> None:
                             f"({' or '.join(CHAT_TEMPLATE_SUFFIXES)})")
         elif not _is_file(path):
             problems.append(f"data.chat_template_path: file not found: {clip(d.chat_template_path)}")
+
+
+def _check_stages(r, problems: list[str]) -> None:
+    """Each stage's merged data through the data checks; a problem every stage shares is named once, as the
+    recipe's own (it comes from the shared data section), the others with the stage's path."""
+    per_stage = []
+    for i, stage in enumerate(r.stages):
+        if stage is None:  # it did not parse: its problems are listed already
+            continue
+        found: list[str] = []
+        data = stage_data(r.data, stage, i, problems)
+        if data is not None:
+            merged = SimpleNamespace(**{**vars(r), "data": data})
+            _check_data(merged, found)
+            _check_packing(merged, found)
+            if not _has_eval(data):
+                found.append("data: every stage is evaluated after each stage, on every stage's eval set: set "
+                             "data.eval_file, data.eval_split or data.eval_fraction (for the stage, or in the "
+                             "recipe's data section)")
+        per_stage.append((i, found))
+    shared = set.intersection(*(set(f) for _, f in per_stage)) if len(per_stage) > 1 else set()
+    problems += [p for p in per_stage[0][1] if p in shared] if per_stage else []
+    problems += [restage(p, i) for i, found in per_stage for p in found if p not in shared]
+    if r.hub.push or r.hub.repo_id:
+        problems.append("hub: a staged run cannot be pushed yet (its model card describes one dataset); remove "
+                        "hub.push and hub.repo_id and upload the saved model yourself")
+    if getattr(r, "optimizer", None) is not None and r.optimizer.switch is not None:
+        problems.append("optimizer.switch with stages: each stage builds its optimizer afresh (its state carried "
+                        "over), so a switch at one step of one stage is not defined; train the stages with one "
+                        "optimizer")
+    if isinstance(r.resume, str):
+        problems.append("resume: a staged run continues with resume: true (it finds the stage to continue in "
+                        "training.output_dir); a checkpoint path does not say which stages came before it")
 
 
 def _check_finetune(r, problems: list[str]) -> None:
@@ -429,8 +469,14 @@ def _check_eval(r, problems: list[str]) -> None:
                                 "e.g. '####\\s*(\\S+)'")
         if "exact_match" not in r.eval.metrics:
             problems.append("eval.answer_pattern is set but eval.metrics has no exact_match")
-    has_eval = any(getattr(r.data, k) is not None for k in ("eval_split", "eval_file", "eval_fraction"))
-    if not has_eval and r.eval.metrics:
+
+
+def _has_eval(data) -> bool:
+    return any(getattr(data, k) is not None for k in EVAL_SOURCES)
+
+
+def _check_eval_data(r, problems: list[str]) -> None:
+    if not _has_eval(r.data) and r.eval.metrics:
         problems.append("eval.metrics are set but there is no evaluation data: set data.eval_file, "
                         "data.eval_split or data.eval_fraction (or eval.metrics: [])")
     if r.eval.lm_eval is not None:

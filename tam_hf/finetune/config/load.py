@@ -379,4 +379,13 @@ def _plain(value):
     return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
-_PARSERS = {"optimizer": _parse_optimizer, "training": _parse_training}
+def _parse_stages(name: str, raw, problems: list[str]):
+    from tam_hf.finetune.config.stage_rules import parse_stages
+
+    if raw is None:
+        return None
+    parsed = parse_stages(raw, problems, key_places)
+    return _INVALID if parsed is None else parsed
+
+
+_PARSERS = {"optimizer": _parse_optimizer, "training": _parse_training, "stages": _parse_stages}

@@ -23,7 +23,8 @@ from tam_hf.finetune.config.resolve import EMBEDDED_PREFIX, local_source
 from tam_hf.finetune.config.yaml_io import short
 
 __all__ = ["Recipe", "ModelConfig", "DataConfig", "LoraConfig", "FinetuneConfig", "OptimizerConfig", "SwitchConfig",
-           "EvalConfig", "LMEvalConfig", "HubConfig", "DistributedConfig", "Float", "STRICT", "EMBEDDED_MODELS",
+           "EvalConfig", "LMEvalConfig", "HubConfig", "DistributedConfig", "StageConfig", "STAGE_NAME", "Float",
+           "STRICT", "EMBEDDED_MODELS",
            "FORMAT_COLUMNS", "COMPLETION_FORMATS", "FILE_SUFFIXES", "METRIC_TASKS", "BUILTIN_METRICS",
            "TRAINING_OWNED", "TRAINING_RANGES", "HUB_ID"]
 
@@ -337,6 +338,27 @@ class DistributedConfig(_Section):
     deepspeed: Optional[str] = Field(None, description="DeepSpeed JSON config, passed to TrainingArguments.deepspeed.")
 
 
+STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # a folder name on every filesystem
+
+
+class StageConfig(_Section):
+    """One stage of a staged run (continual fine-tuning, distribution shift): its ``data`` and ``training`` are
+    overrides of the recipe's sections, merged key by key and checked like them."""
+
+    name: str = Field(
+        description="Unique; letters, digits, '_', '.', '-' (it names the stage's folder stage-<k>-<name> and its "
+                    "results in summary.json).")
+    data: dict[str, Any] = Field(
+        default_factory=dict, description="data keys this stage sets (train_file, eval_file, ...) over the recipe's "
+                                          "data section; format, target and num_labels belong to the whole run.")
+    training: dict[str, Any] = Field(
+        default_factory=dict, description="TrainingArguments this stage sets over the recipe's training section "
+                                          "(max_steps, warmup_steps, ...); its lr schedule and warm-up start afresh.")
+    reset_optimizer: bool = Field(
+        False, description="Start the optimizer's state (moments, TAM's damping) afresh at this stage; by default it "
+                           "carries over from the previous stage.")
+
+
 class Recipe(_Section):
     model: ModelConfig = Field(description="Base model.")
     data: DataConfig = Field(description="Datasets and how they are tokenised.")
@@ -354,6 +376,11 @@ class Recipe(_Section):
     overwrite: bool = Field(
         False, description="Start over in a training.output_dir that holds another run's outputs: its checkpoints, "
                            "weights and summary are removed once the model and data have loaded.")
+    stages: Optional[Annotated[list[StageConfig], Field(min_length=1)]] = Field(
+        None, description="Train in stages, one after the other (continual fine-tuning, distribution shift): the "
+                          "model and the optimizer state carry over, and after each stage the model is evaluated on "
+                          "every stage's eval set. summary.json gains stages and continual (final average, "
+                          "forgetting, backward transfer); eval is the final model's average over the stages.")
 
     @property
     def output_dir(self) -> str:
