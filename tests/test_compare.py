@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from tam_hf.commands import compare as command
-from tam_hf.compare import study
+from tam_hf.compare import runner, study
 from tam_hf.compare.report import aggregate, curves
 from tam_hf.finetune.config.load import load_recipe, validate_recipe
 from tam_hf.finetune.errors import RecipeError
@@ -264,7 +264,7 @@ def test_result_json_is_written_atomically(tmp_path, monkeypatch):
     real_replace = os.replace
     monkeypatch.setattr(os, "replace", lambda src, dst: replaced.append(Path(dst).name) or real_replace(src, dst))
     _, runs, _ = study.plan(DEMO, ["adamw"], [0], out=tmp_path)
-    study.execute(runs[0])
+    runner.execute(runs[0])
     assert {"result.json", "study.json"} <= set(replaced)  # a reader finds the old file or the whole new one
     assert runs[0].done
 
@@ -297,7 +297,7 @@ def test_the_wall_time_of_a_resumed_run_adds_up_its_parts(tmp_path, monkeypatch)
     # the first attempt reached checkpoint-4 after 7.5 s, then was killed
     (run.directory / "study.json").write_text(json.dumps({"fingerprint": run.fingerprint,
                                                           "elapsed_s": {"2": 3.0, "4": 7.5}}))
-    result = study.execute(run)
+    result = runner.execute(run)
     assert seen == [True]  # continued from the checkpoint
     assert result["summary"]["wall_s"] == pytest.approx(9.5)
     assert result["resumed_from_step"] == 4 and result["wall_s_parts"] == [7.5, 2.0]
@@ -342,7 +342,7 @@ def test_compare_two_optimizers_two_seeds_then_resume(tmp_path, monkeypatch, cap
 
     # Rerun: nothing trains.
     calls = []
-    monkeypatch.setattr(study, "execute", lambda run, keep_models=False: calls.append(run) or {})
+    monkeypatch.setattr(runner, "execute", lambda run, keep_models=False: calls.append(run) or {})
     capsys.readouterr()
     assert command.main(argv) == 0
     assert calls == [] and "4 finished, 0 to do" in capsys.readouterr().out
@@ -436,7 +436,7 @@ def test_compare_stops_on_a_run_error_with_its_exit_code(tmp_path, monkeypatch, 
     def execute(run, keep_models=False):
         raise DataError("row 3 has no 'completion'")
 
-    monkeypatch.setattr(study, "execute", execute)
+    monkeypatch.setattr(runner, "execute", execute)
     argv = [str(DEMO), "--optimizers", "adamw", "--seeds", "1", "--out", str(tmp_path)]
     assert command.main(argv) == 1
     err = capsys.readouterr().err
@@ -469,6 +469,6 @@ def test_a_diverged_run_is_a_result_the_study_goes_on_and_a_rerun_does_not_retry
     report = (out / "report.md").read_text()
     assert "## Diverged runs" in report and "1 of 3 runs diverged" in report and "| adatamw | 1 of 3 | 1 | 3 |" in report
 
-    monkeypatch.setattr(study, "execute", lambda run, keep_models=False: pytest.fail("nothing may be retried"))
+    monkeypatch.setattr(runner, "execute", lambda run, keep_models=False: pytest.fail("nothing may be retried"))
     assert command.main(argv) == 0
     assert "3 finished, 0 to do" in capsys.readouterr().out

@@ -202,10 +202,11 @@ def config_violations(root: Path = ROOT) -> list[str]:
     for name, edges in import_graph(root).items():
         if name == CONFIG or name.startswith(CONFIG + "."):
             for module, line in edges.items():
-                # The optimizer registry and the tracker table are torch-free data the recipe is checked against.
+                # The optimizer registry, the switch rules and the tracker table are torch-free data the recipe is
+                # checked against.
                 if module.split(".")[0] == "tam_hf" and not (
                         module.startswith(("tam_hf.optim.registry", "tam_hf.optim.hyperparams",
-                                           "tam_hf.integrations.trackers")) or target_layer(module) == "finetune") or (
+                                           "tam_hf.optim.switch_rules", "tam_hf.integrations.trackers")) or target_layer(module) == "finetune") or (
                         target_layer(module) == "finetune"
                         and not any(module == m or module.startswith(m + ".") for m in CONFIG_MAY_IMPORT)):
                     found.append(f"{name.replace('.', '/')}.py:{line}: imports {module}")

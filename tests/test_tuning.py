@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tam_hf.commands import compare as command
-from tam_hf.compare import study
+from tam_hf.compare import runner, study
 from tam_hf.compare.tuning import (TUNING_SEED, auto_grid, choose, chosen_section, default_metric, parse_tune_lr)
 from tam_hf.finetune.errors import RecipeError
 
@@ -130,12 +130,12 @@ def test_a_tuned_study_chooses_on_validation_then_scores_fresh_seeds(tmp_path, c
     runs = list(csv.DictReader((out / "runs.csv").open()))
     assert [(r["arm"], r["seed"]) for r in runs] == [("adamw", "0"), ("adamw", "1"), ("adatamw", "0"), ("adatamw", "1")]
     for arm in chosen:
-        result = study.read_result(out / "runs" / arm / "seed0" / "result.json")
+        result = runner.read_result(out / "runs" / arm / "seed0" / "result.json")
         assert result["lr"] == chosen[arm] and "validation" in result["summary"]
     report = (out / "report.md").read_text()
     assert "## Learning rates chosen" in report and "edge" in report  # a grid of two: the choice is at an edge
     assert (out / "tuning.png").read_bytes()[:4] == b"\x89PNG"
 
     calls = []  # a rerun trains nothing
-    monkeypatch.setattr(study, "execute", lambda run, keep_models=False: calls.append(run) or {})
+    monkeypatch.setattr(runner, "execute", lambda run, keep_models=False: calls.append(run) or {})
     assert command.main(argv) == 0 and calls == []

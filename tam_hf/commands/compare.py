@@ -1,7 +1,7 @@
 """``tam-finetune compare RECIPE.yaml --optimizers adamw,adatamw,adatamw-const --seeds 3 --out DIR``.
 
 Plans every run (:func:`tam_hf.compare.study.plan`), trains the ones not finished yet one after another
-(:func:`tam_hf.compare.study.execute`), then writes the report (:mod:`tam_hf.compare.report`) into DIR. Exit codes:
+(:func:`tam_hf.compare.runner.execute`), then writes the report (:mod:`tam_hf.compare.report`) into DIR. Exit codes:
 
 * 0 the report was written (or ``--dry-run`` printed a valid plan);
 * 2 the recipe, an arm, the seeds or a sweep are wrong: every problem on stderr, nothing trained;
@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from tam_hf.commands import explain
+from tam_hf.compare import runner
 from tam_hf.compare import study
 from tam_hf.compare.tuning import TUNING_SEED, parse_tune_lr
 from tam_hf.finetune.errors import RecipeError
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         code = _train(runs, [], args, len([c for c in choices if c.lr is not None]), len(seeds), out, "scored runs")
         if code is not None:
             return code
-    results = [study.read_result(r.result_path) for r in runs if r.done]
+    results = [runner.read_result(r.result_path) for r in runs if r.done]
     if not results:
         print("error: no finished runs to report", file=sys.stderr)
         return 1
@@ -145,7 +146,7 @@ def _choose(tuned, out: Path):
     """(the choice of every arm, report.md's section, the tuning files written) from the finished tuning runs."""
     from tam_hf.compare.tuning import choose, chosen_section, write_tuning
 
-    done = [(run, study.read_result(run.result_path)) for run in tuned.runs if run.done]
+    done = [(run, runner.read_result(run.result_path)) for run in tuned.runs if run.done]
     choices = []
     for label in tuned.labels:
         by_lr: dict[float, list[dict]] = {}
@@ -163,7 +164,7 @@ def _train(runs, notes, args, n_arms: int, n_seeds: int, out: Path, what: str):
     """Train the runs not finished yet, one after another; None when every one finished (or --dry-run /
     --report-only asked for none), else the exit code."""
     for run in runs:
-        if study.unreadable(run.result_path):
+        if runner.unreadable(run.result_path):
             print(f"note: {run.result_path} is unreadable (cut short by a full disk or a crash?): the run is "
                   "counted as not finished and redone", file=sys.stderr, flush=True)
     todo = [r for r in runs if not r.done]
@@ -186,7 +187,7 @@ def _train(runs, notes, args, n_arms: int, n_seeds: int, out: Path, what: str):
         print(f"[{i}/{len(todo)}] {run.label} seed {run.seed} lr {run.recipe.optimizer.lr:.3g} -> {run.directory}",
               flush=True)
         try:
-            result = study.execute(run, keep_models=args.keep_models)
+            result = runner.execute(run, keep_models=args.keep_models)
         except KeyboardInterrupt:
             print("compare interrupted; rerun the same command to continue", file=sys.stderr)
             return 130
@@ -197,7 +198,7 @@ def _train(runs, notes, args, n_arms: int, n_seeds: int, out: Path, what: str):
             print(f"{run.label} seed {run.seed}: {answer[1]}\nfinished runs are kept; fix the cause and rerun "
                   "the same command to continue", file=sys.stderr)
             return answer[0]
-        if study.diverged(result):
+        if runner.diverged(result):
             print(f"[{i}/{len(todo)}] diverged at step {result['diverged_at_step']} (a result: recorded, not "
                   f"retried): {result['diverged'].split('. ')[0]}", flush=True)
         else:

@@ -61,6 +61,12 @@ def format_summary(s: dict) -> str:
         for key, value in (s.get(split) or {}).items():
             value = f"{value:.4f}" if isinstance(value, float) else "n/a" if value is None else value
             lines.append(f"{split} {key}: {value}")
+    c = s.get("continual")
+    if c:  # a staged run: eval above is the final model's average over the stages
+        shown = lambda v, sign="": "n/a" if v is None else f"{v:{sign}.4f}"  # noqa: E731
+        lines.append(f"stages: {', '.join(x['name'] for x in s.get('stages') or [])}; on {c['metric']}: final "
+                     f"average {shown(c['final_average'])}, forgetting {shown(c['forgetting'], '+')}, backward "
+                     f"transfer {shown(c['backward_transfer'], '+')} (summary.json: stages, continual)")
     lines += [f"note: {note}" for note in s.get("notes") or []]
     d = s.get("damping")
     if d:

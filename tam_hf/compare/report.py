@@ -11,6 +11,10 @@ Input is a list of finished runs, each ``{"label", "seed", "summary", "log_histo
 * ``loss.png``   training and evaluation loss over steps (mean over seeds, band = min..max);
 * ``damping.png`` TAM's mean damping over steps (arms without damping, e.g. AdamW, are absent).
 
+Staged runs (a recipe's ``stages:``) add ``continual_final_average``, ``continual_forgetting`` and
+``continual_backward_transfer`` to the metrics, and a Stages section to report.md (each stage's eval set right
+after that stage and after the last one).
+
 report.md ends with Notes: what the study changed in the recipe (e.g. a logging interval) and every plot panel
 left empty, with the reason, so that an empty plot is never silent.
 
@@ -30,6 +34,8 @@ from tam_hf.compare.stats import mean_ci, paired
 __all__ = ["run_metrics", "aggregate", "write_report", "curves"]
 
 # log_history key -> curve name; train losses are logged under "loss", evaluations under "eval_loss".
+# The continual-learning numbers of a staged run's summary that compare reports like any metric.
+CONTINUAL = ("final_average", "forgetting", "backward_transfer")
 CURVES = {"loss": "train loss", "eval_loss": "eval loss", "damping/mean": "damping (mean over tensors)"}
 
 
@@ -39,6 +45,8 @@ def run_metrics(result: dict) -> dict[str, float]:
     out = {"train_loss": s["train_loss"]}
     for key, value in (s.get("eval") or {}).items():
         out[f"eval_{key}"] = value
+    for key in CONTINUAL:  # a staged run (recipe stages:): tam_hf.finetune.continual
+        out[f"continual_{key}"] = (s.get("continual") or {}).get(key)
     if s.get("damping"):
         out["damping_mean"] = s["damping"]["mean"]
     out["wall_s"] = s.get("wall_s")
@@ -180,6 +188,29 @@ def _empty_panel_note(key: str, png: str) -> str:
     return f"{png}: the {CURVES[key]} panel is empty: {why}"
 
 
+def _stages_section(results: list[dict], arms: list[str]) -> list[str]:
+    """report.md's per-stage table of staged runs: each stage's eval set right after that stage was trained and
+    after the last stage (mean ± the half-width of its 95% interval over seeds), on the continual metric."""
+    staged = [r for r in results if (r["summary"].get("continual") or {}).get("matrix")]
+    if not staged:
+        return []
+    metric = staged[0]["summary"]["continual"]["metric"]
+    names = [s["name"] for s in staged[0]["summary"]["stages"]]
+    text = ["", "## Stages", "", f"{metric} on each stage's eval set, right after that stage and after the last "
+            f"stage ({names[-1]}); forgetting and backward transfer are in the table above (continual_*).", "",
+            "| arm | stage | seeds | after its stage | after the last stage |", "|---|---|---|---|---|"]
+    for arm in arms:
+        matrices = [r["summary"]["continual"]["matrix"] for r in staged if r["label"] == arm]
+        for j, name in enumerate(names):
+            cells = []
+            for row in (j, -1):
+                values = [m[row][j] for m in matrices if len(m) == len(names) and isinstance(m[row][j], (int, float))]
+                mean, _, high = mean_ci(values) if values else (math.nan, math.nan, math.nan)
+                cells.append(f"{_fmt(mean, mean)} ± {_fmt(high - mean, mean)}" if values else "–")
+            text.append(f"| {arm} | {j + 1}. {name} | {len(matrices)} | {cells[0]} | {cells[1]} |")
+    return text + [""]
+
+
 def _diverged_section(bad: list[dict], results: list[dict], arms: list[str]) -> list[str]:
     """report.md's account of diverged runs: per arm how many seeds and which, with the step and reason."""
     text = ["", "## Diverged runs", "",
@@ -240,6 +271,7 @@ def write_report(results: list[dict], arms: list[str], out: Path, title: str, co
              "does not tell the arms apart at these seeds; n/a: one seed, no interval.",
              "", markdown_table(metrics, rows, arms), "", *sections, *([""] if sections else []),
              "![loss](loss.png)", "", "![damping](damping.png)", ""]
+    text += _stages_section(results, arms)
     if notes:
         text += ["## Notes", "", *[f"- {n}" for n in notes], ""]
     if bad:

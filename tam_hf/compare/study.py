@@ -1,25 +1,15 @@
-"""The study behind ``tam-finetune compare`` (the command itself: :mod:`tam_hf.commands.compare`): plan the runs,
-execute one run.
+"""The study behind ``tam-finetune compare`` (the command itself: :mod:`tam_hf.commands.compare`): the arms and the
+plan of the runs.
 
 A study runs one recipe under several optimizers ("arms") and seeds, one run after another, then writes the report of
 :mod:`tam_hf.compare.report` (markdown + CSV table of every metric as mean ± std with the difference to the first arm,
 loss and damping plots) into DIR.
 
-Resumable: each run lives in ``DIR/runs/<arm>/seed<k>`` and is finished when its ``result.json`` can be read and
-was produced by the same resolved recipe; a rerun of the same command skips those and only does the rest
-(a partial run is continued from its last complete checkpoint when it saved one, else started again; its
-``wall_s`` then adds up the time of every attempt up to that checkpoint, recorded in ``study.json``).
-``result.json`` and ``study.json`` are written atomically; one that cannot be read (cut short by a full disk or a
-crash) means "not finished": the run is done again, with a note.
-
 Each seed, arm and sweep value is named once: a duplicate (``--seeds 3,3``, ``adamw,adamw``, an alias of an arm
 already named, ``decay_rate=0.5,0.5``) would present one run as two and shrink every interval, so it is an error
 (exit 2), as is an empty list.
 
-A run that diverges (non-finite loss, gradients or weights) is a result, not a reason to stop: its
-``result.json`` says ``status: diverged`` with the step and reason and no metrics (train loss and eval null), the
-study carries on, a rerun does not retry it, and the report lists it (per arm: how many seeds diverged, which)
-and leaves it out of the means. Any other run error stops the study with its message and exit code.
+Running and resuming the runs: :mod:`tam_hf.compare.runner`; lr tuning: :mod:`tam_hf.compare.tuning`.
 
 Arms come from the optimizer registry (:mod:`tam_hf.optim.registry`): every entry is an arm under its own
 name, and every TAM entry that takes ``fixed_damping`` also gets a ``<name>-const`` control arm that holds the
@@ -33,6 +23,11 @@ same family gets the lr the transfer rule gives (each entry's ``lr_factor``, rel
 AdamW for the Adam family, SGD-momentum for the SGD family; AdaTAM ``(1 - beta1) / 0.5``, TAM ``1 / 0.5``; see
 the README, "The algorithm, and the learning rate to use"). Write ``NAME@LR`` (``adamw@2e-5``) to set an arm's
 lr yourself, which is required across families (AdamW vs TAM).
+
+Switched arms: ``adatamw>adamw@100`` trains with adatamw for 100 steps, then continues with AdamW
+(``optimizer.switch``, :mod:`tam_hf.optim.switch`); ``adatamw@4e-5>adamw@100`` sets the first optimizer's lr. The
+first lr follows the rules above, the second the transfer rule from it; the label is the text as typed, with
+registry names.
 
 Logging: a run of ``max_steps`` that the recipe's ``logging_steps`` would log fewer than :data:`MIN_POINTS` times
 (``training.max_steps=10`` on a recipe that logs every 25 steps logs nothing) is logged every ``max_steps // 10``
@@ -51,12 +46,11 @@ import hashlib
 import itertools
 import json
 import re
-import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Optional
 
+from tam_hf.compare.runner import read_result
 from tam_hf.finetune.config.load import apply_overrides, read_recipe_file, to_dict, validate_recipe
 from tam_hf.finetune.config.schema import Recipe
 from tam_hf.finetune.config.yaml_io import read_yaml
@@ -65,13 +59,10 @@ from tam_hf.optim import registry
 from tam_hf.optim.registry import OptimizerSpec
 
 __all__ = ["Arm", "Run", "Plan", "Tuned", "MIN_POINTS", "arms", "find_arm", "expand", "plan", "plan_tuned",
-           "final_runs", "execute", "diverged"]
+           "final_runs"]
 
 # TrainingArguments fields that cannot change a run's numbers: a rerun that differs only in these is not redone.
 COSMETIC = ("output_dir", "disable_tqdm", "report_to", "run_name", "logging_dir")
-# A partial run's own record (fingerprint, seconds to each checkpoint over every attempt), written atomically.
-RECORD = "study.json"
-KEEP_FILES = ("result.json", "summary.json", "recipe.yaml", RECORD)
 CONTROL_SUFFIX = "-const"
 # The control holds d at its mean under noisy gradients, the E[d] the transfer rule divides by: its lr is its
 # TAM arm's, and its step is on average the same.
@@ -157,21 +148,6 @@ class Run:
         return result is not None and result.get("fingerprint") == self.fingerprint
 
 
-def read_result(path: Path) -> Optional[dict]:
-    """A run's result.json (or :data:`RECORD`), or None when there is none or it cannot be read whole (a disk
-    that filled up, a power cut): such a run is not finished and is done again."""
-    try:
-        value = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def unreadable(path: Path) -> bool:
-    """A result.json that exists but :func:`read_result` cannot read."""
-    return path.exists() and read_result(path) is None
-
-
 # ------------------------------------------------------------------------------------------------ planning
 
 
@@ -187,6 +163,22 @@ def _parse_arm(text: str) -> tuple[Arm, Optional[float], Optional[list[float]]]:
         return arm, float(lr) if lr else None, None
     except ValueError:
         raise ValueError(f"--optimizers {text!r}: the lr after @ must be a number") from None
+
+
+def _parse_switch(text: str) -> tuple[str, Optional[dict], str]:
+    """(the first optimizer's ``NAME[@LR]``, the ``optimizer.switch`` of a switched arm ``NAME[@LR]>TO@K`` or None,
+    the label's tail ``>TO@K`` in registry names or ''). TAM as a warm-up: NAME for K steps, then TO at the lr of
+    the transfer rule from NAME's."""
+    first, sep, second = text.strip().partition(">")
+    if not sep:
+        return first, None, ""
+    to, _, step = second.strip().partition("@")
+    try:
+        to_name, at_step = registry.get(to.strip()).name, int(step)
+    except ValueError:
+        raise ValueError(f"--optimizers {text!r}: a switched arm is NAME[@LR]>TO@K (adatamw>adamw@100): TO a "
+                         f"registry optimizer, K the step of the switch") from None
+    return first.strip(), {"to": to_name, "at_step": at_step}, f">{to_name}@{at_step}"
 
 
 def _parse_sweeps(items: list[str]) -> list[tuple[str, list]]:
@@ -246,7 +238,8 @@ def expand(raw: dict, base: Recipe, optimizers: list[str], sweeps: list[str] = (
     sweep_axes = _parse_sweeps(list(sweeps))
     for text in optimizers:
         text = text.strip()
-        arm, explicit_lr, grid = _parse_arm(text)
+        first, switch, tail = _parse_switch(text)
+        arm, explicit_lr, grid = _parse_arm(first)
         if grid is not None and grids is None:
             raise ValueError(f"--optimizers {text!r}: a list of lrs tunes the arm; give --tune-lr auto (or a list) "
                              "for the other arms too, so that no untuned arm is compared with tuned ones")
@@ -255,7 +248,7 @@ def expand(raw: dict, base: Recipe, optimizers: list[str], sweeps: list[str] = (
                             + (" (the centre of its grid) or {arm.name}@LR1|LR2|..." if grids is not None else ""))
             continue
         # adatamw, adatamw@8e-06: two arms; tuned, both are adatamw (the lr is chosen, not named)
-        head = arm.name if explicit_lr is None or grids is not None else f"{arm.name}@{explicit_lr:g}"
+        head = (arm.name if explicit_lr is None or grids is not None else f"{arm.name}@{explicit_lr:g}") + tail
         axes = [(k, vals) for k, vals in sweep_axes if _applies(k, arm)]
         for combo in itertools.product(*(vals for _, vals in axes)):
             label = " ".join([head] + [f"{k.rsplit('.', 1)[-1]}={v}" for (k, _), v in zip(axes, combo)])
@@ -275,6 +268,8 @@ def expand(raw: dict, base: Recipe, optimizers: list[str], sweeps: list[str] = (
                 grids[label] = grid
             if arm.fixed_damping is not None:
                 opt["fixed_damping"] = arm.fixed_damping
+            if switch is not None:
+                opt["switch"] = dict(switch)
             problems += [f"{label}: {p}" for p in apply_overrides(arm_raw, [f"{k}={v}" for (k, _), v in zip(axes, combo)])]
             out.append((label, arm, arm_raw))
     return out, problems
@@ -433,122 +428,3 @@ def _log_often_enough(raw: dict, base: Recipe, sets: list[str]) -> list[str]:
     return [f"compare logs every {chosen} step(s) (training.logging_steps={chosen}): the recipe's interval of "
             f"{every:g} logs {int(steps // every)} point(s) in a {steps}-step run, too few to draw the curves "
             "(--set training.logging_steps=N chooses another)"]
-
-
-# ------------------------------------------------------------------------------------------------- running
-
-
-def _history_callback():
-    """A callback that keeps the Trainer's state, so the log history (the final evaluation included: it is
-    appended to the same state after training) outlives the run; finetune() returns only the summary."""
-    from transformers import TrainerCallback
-
-    class _History(TrainerCallback):
-        state = None
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.state = state
-
-    return _History()
-
-
-def _prepare(run: Run) -> tuple[Optional[int], Optional[float]]:
-    """Continue a partial run from its last complete checkpoint when the recipe is unchanged; else start over.
-    Returns (the step resumed from, the seconds the earlier attempts took to reach it), both None for a fresh
-    start; the seconds are None too when no attempt recorded them."""
-    from tam_hf.finetune.outputs import complete_checkpoints, write_json
-
-    d = run.directory
-    record = _record(d)
-    good, _ = complete_checkpoints(d) if record.get("fingerprint") == run.fingerprint else ([], [])
-    if good:
-        run.recipe.resume = True
-        step = int(good[0].name.rsplit("-", 1)[1])
-        return step, (record.get("elapsed_s") or {}).get(str(step))
-    if d.exists():
-        shutil.rmtree(d)
-    d.mkdir(parents=True)
-    write_json(d / RECORD, {"fingerprint": run.fingerprint, "elapsed_s": {}})
-    return None, None
-
-
-def _record(directory: Path) -> dict:
-    """RECORD of a partial run: its fingerprint, and checkpoint step -> seconds from the run's first start to that
-    checkpoint over every attempt. Unreadable counts as absent: the run starts over."""
-    value = read_result(directory / RECORD)
-    return value if value is not None else {}
-
-
-def _elapsed_callback(directory: Path, before: float):
-    """Records, at every checkpoint, the seconds spent so far (``before`` from earlier attempts plus this one), so
-    that a run killed and continued from that checkpoint reports the wall time of all its parts."""
-    from transformers import TrainerCallback
-
-    from tam_hf.finetune.outputs import write_json
-
-    started = time.time()
-
-    class _Elapsed(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
-            record = _record(directory)
-            record.setdefault("elapsed_s", {})[str(state.global_step)] = round(before + time.time() - started, 1)
-            write_json(directory / RECORD, record)
-
-    return _Elapsed()
-
-
-def _prune(directory: Path) -> None:
-    """Drop weights and checkpoints of a finished run: a study of many runs would otherwise fill the disk."""
-    for path in directory.iterdir():
-        if path.name not in KEEP_FILES:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-
-
-def execute(run: Run, keep_models: bool = False) -> dict:
-    """Train one run and write its result.json (atomically: a reader finds no file or the whole file); a run
-    that diverges is written as a diverged result (see the module docstring). Other run errors propagate."""
-    from tam_hf.finetune.errors import NonFiniteError
-    from tam_hf.finetune.outputs import write_json
-    from tam_hf.finetune.pipeline import finetune
-
-    resumed_from, before = _prepare(run)
-    history = _history_callback()
-    result = {"label": run.label, "seed": run.seed, "lr": run.recipe.optimizer.lr, "fingerprint": run.fingerprint,
-              "fixed_damping": run.fixed_damping}
-    callbacks = [history, _elapsed_callback(run.directory, before or 0.0)]
-    try:
-        summary = finetune(run.recipe, callbacks=callbacks)
-    except NonFiniteError as exc:
-        summary = dict(exc.summary or {})
-        # No metric of a diverged run may enter a mean: the report reads train_loss / eval / damping / wall_s.
-        summary.update(status="diverged", train_loss=None, eval=None, damping=None)
-        result.update(status="diverged", diverged=str(exc), diverged_at_step=exc.step,
-                      wall_s=_add_parts(result, summary.pop("wall_s", None), resumed_from, before))
-    else:
-        if summary.get("interrupted"):
-            raise KeyboardInterrupt
-        result["status"] = "completed"
-        summary["wall_s"] = _add_parts(result, summary.get("wall_s"), resumed_from, before)
-    result.update(summary=summary, log_history=history.state.log_history if history.state is not None else [])
-    write_json(run.result_path, result)
-    if not keep_models:
-        _prune(run.directory)
-    return result
-
-
-def _add_parts(result: dict, wall_s: Optional[float], resumed_from: Optional[int], before: Optional[float]):
-    """The wall time of every attempt of a resumed run added up (recorded in ``result``); this attempt's alone
-    when the run was not resumed, or the earlier attempts recorded nothing (said in ``result``)."""
-    if resumed_from is None or not isinstance(wall_s, (int, float)):
-        return wall_s
-    result["resumed_from_step"] = resumed_from
-    if before is None:
-        result["wall_s_note"] = f"resumed from checkpoint-{resumed_from}, whose time was not recorded: wall_s " \
-                                "counts the resumed part only"
-        return wall_s
-    result["wall_s_parts"] = [before, wall_s]
-    return round(before + wall_s, 1)
-
-
-def diverged(result: dict) -> bool:
-    return result.get("status") == "diverged"

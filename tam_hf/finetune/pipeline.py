@@ -60,6 +60,12 @@ class _Run:
     guard: Any = None
     summary: dict = field(default_factory=dict)
     errors: list = field(default_factory=list)  # (error class, message) raised once every phase has run
+    # A staged run (tam_hf.finetune.stages): checkpoints go to the current stage's folder, steps add up.
+    work_dir: Path | None = None  # where checkpoints are written: output_dir, or the current stage's folder
+    stage: Any = None  # the stage in progress (stages.Stage)
+    stages: list = field(default_factory=list)
+    model: Any = None  # trained by one stage's trainer after another
+    steps_before: int = 0  # steps of the stages before the current one
 
     @property
     def checkpoint(self) -> str | None:
@@ -67,7 +73,7 @@ class _Run:
 
     @property
     def steps(self) -> int:
-        return self.trainer.state.global_step if self.trainer is not None else 0
+        return self.steps_before + (self.trainer.state.global_step if self.trainer is not None else 0)
 
     def write(self, phase: str, work: Callable[[], Any]):
         """Run `work`, recording what it writes in the manifest as this phase's (see outputs.Manifest)."""
@@ -86,10 +92,15 @@ def finetune(recipe: Recipe, callbacks: list = ()) -> dict:
     run = _Run(recipe, GracefulStop(), list(callbacks))
     with run.stop:
         run.args = build_training_arguments(recipe)
-        run.output_dir = Path(run.args.output_dir)
+        run.output_dir = run.work_dir = Path(run.args.output_dir)
+        phases = PHASES
+        if recipe.stages is not None:
+            from tam_hf.finetune.stages import staged_phases
+
+            phases = staged_phases(dict(PHASES), begin=begin, stopped=_STOPPED)
         with run_lock(run.output_dir):  # a concurrent run into the same directory stops here (rank 0 holds it)
             try:
-                for name, phase in PHASES:
+                for name, phase in phases:
                     run.stop.phase = name
                     if run.stop.requested or phase(run) is _STOPPED:
                         return _interrupted(run)
@@ -121,7 +132,6 @@ def plan(run: _Run) -> None:
 def build(run: _Run) -> Any:
     from transformers import set_seed
 
-    import tam_hf
     from tam_hf.finetune.guards import nonfinite_guard
     from tam_hf.finetune.model import load_tokenizer
 
@@ -133,6 +143,14 @@ def build(run: _Run) -> Any:
     # The guard comes last: it must see the save decisions of every callback before it.
     callbacks = [run.stop.callback(), *run.callbacks, completion_marker(run.settings), run.guard]
     run.trainer, run.raw = _trainer(run.recipe, run.args, run.tokenizer, callbacks)
+    return begin(run)
+
+
+def begin(run: _Run) -> Any:
+    """The end of build, once the model and data have loaded: the directory becomes this run's, recipe.yaml and
+    a first summary.json are written."""
+    import tam_hf
+
     if run.stop.requested:  # nothing removed, nothing written: the directory is as it was
         return _STOPPED
     if run.manifest is None:  # loading worked: now remove what overwrite must not find
@@ -158,7 +176,11 @@ def train(run: _Run) -> Any:
     # The last logged loss, not the run's mean; the mean when no step was logged (and the summary says so).
     run.summary.update(train_loss=logged[-1] if logged else mean, train_loss_logged=bool(logged),
                        mean_train_loss=mean, steps=trainer.state.global_step, damping=_damping(trainer))
-    checkpoint = run.output_dir / f"checkpoint-{trainer.state.global_step}"
+    if run.recipe.optimizer.switch is not None:
+        from tam_hf.optim.switch import switch_summary
+
+        run.summary["switch"] = switch_summary(trainer.optimizer)
+    checkpoint = run.work_dir / f"checkpoint-{trainer.state.global_step}"
     if run.stop.requested and checkpoint.is_dir():  # else the signal came after the last step: save goes on
         run.summary["checkpoint"] = str(checkpoint)
         return _STOPPED
@@ -280,7 +302,7 @@ def _finished(run: _Run) -> dict:
 def _interrupted(run: _Run) -> dict:
     """A signal asked the run to stop; the phase in progress finished. Only a run that owns its directory
     writes a summary (one stopped while loading an overwrite has removed nothing yet)."""
-    good, _ = complete_checkpoints(run.output_dir) if run.output_dir.is_dir() else ([], [])
+    good, _ = complete_checkpoints(run.work_dir) if run.work_dir.is_dir() else ([], [])
     run.summary.setdefault("checkpoint", str(good[0]) if good else None)
     run.summary.update(status="interrupted", interrupted=True, signal=run.stop.signal_name or "SIGINT",
                        phase=run.stop.phase, steps=run.steps, kept=_kept(run),
@@ -341,7 +363,7 @@ def _failure(run: _Run, exc: BaseException) -> BaseException:
 
 
 def _record_failure(run: _Run, phase: str, reason: str) -> dict:
-    good, _ = complete_checkpoints(run.output_dir)
+    good, _ = complete_checkpoints(run.work_dir)
     run.summary.update(status="failed", phase=phase, reason=reason, steps=run.steps,
                        last_complete_checkpoint=str(good[0]) if good else None,
                        wall_s=round(time.time() - run.started, 1))
@@ -359,7 +381,7 @@ def _remove_half_written(run: _Run, phase: str) -> list[str]:
         return []
     if phase == "train":
         removed = []
-        for path in sorted(run.output_dir.iterdir()):
+        for path in sorted(run.work_dir.iterdir()) if run.work_dir.is_dir() else ():
             if CHECKPOINT.match(path.name) and path.is_dir() and checkpoint_problem(path) is not None:
                 remove_checkpoint(path)
                 removed.append(path.name)
@@ -382,8 +404,9 @@ def _writing(run: _Run, phase: str, removed: list[str]) -> str:
 
 def _kept(run: _Run) -> str:
     """What the run leaves behind, in words, for its last message."""
-    good, _ = complete_checkpoints(run.output_dir) if run.output_dir.is_dir() else ([], [])
-    parts = [f"trained to step {run.steps}" if run.steps else "nothing was trained in this run",
+    good, _ = complete_checkpoints(run.work_dir) if run.work_dir.is_dir() else ([], [])
+    parts = [f"in stage {run.stage.index + 1} of {len(run.stages)} ({run.stage.name})"] if run.stage else []
+    parts += [f"trained to step {run.steps}" if run.steps else "nothing was trained in this run",
              f"the last complete checkpoint is {good[0]}" if good else "no checkpoint was kept"]
     if run.steps:
         parts.append("the model is saved" if run.summary.get("model") else "no final model was saved")

@@ -5,7 +5,9 @@ hyperparameter: the state in ``optimizer.pt`` and the schedule in ``scheduler.pt
 how it is fine-tuned, the training data (files by size and SHA-256) and the settings that fix the schedule and
 the order of the batches. :func:`resume_problems` compares them with the recipe's before anything loads; a
 difference is refused with both ways on. What may change on resume is everything else: ``max_steps`` or
-``num_train_epochs`` (to train longer; the schedule follows them), logging, saving, evaluation.
+``num_train_epochs`` (to train longer; the schedule follows them), logging, saving, evaluation. An
+``optimizer.switch`` belongs to the optimizer's settings (which optimizer ``optimizer.pt`` holds depends on it):
+resuming under another switch, or without it, is refused.
 """
 
 from __future__ import annotations

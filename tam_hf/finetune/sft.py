@@ -279,7 +279,9 @@ def build_sft_trainer(model, tokenizer, args, train_rows, eval_rows=None, *, fmt
     """The trainer of a causal-LM run: ``train_rows`` / ``eval_rows`` / ``validation_rows`` are datasets with the
     canonical columns of ``fmt``; ``args`` the run's TrainingArguments; the model may be a peft model. The
     validation set, tokenised like the eval set, is ``trainer.validation_dataset`` (None without one): it is scored
-    after training only, so it never enters the evaluations logged during training. Raises DataError when the data
+    after training only, so it never enters the evaluations logged during training. ``eval_rows`` may also be a
+    dict of named datasets (a staged run's sets of every stage), left in ``trainer.eval_dataset`` as a dict of
+    tokenised sets. Raises DataError when the data
     cannot be trained on as asked (no chat template, no assistant markers, nothing left after truncation)."""
     config = sft_config(args, fmt=fmt, max_length=max_length, completion_only_loss=completion_only_loss,
                         packing=packing, padding_free=padding_free, chat_template_path=chat_template_path)
@@ -288,19 +290,20 @@ def build_sft_trainer(model, tokenizer, args, train_rows, eval_rows=None, *, fmt
     train = to_trl_dataset(train_rows, fmt, instruction_template)
     # TRL tokenises every entry of a dict of eval datasets the same way; the validation set is taken out again
     # below, so that the evaluations during training see the eval set alone, as without one.
-    held_out = {name: to_trl_dataset(rows, fmt, instruction_template)
-                for name, rows in (("eval", eval_rows), ("validation", validation_rows)) if rows is not None}
+    named = eval_rows if isinstance(eval_rows, dict) else {"eval": eval_rows, "validation": validation_rows}
+    held_out = {name: to_trl_dataset(rows, fmt, instruction_template) for name, rows in named.items()
+                if rows is not None}
     trainer = TAMSFTTrainer(model=model, args=config, train_dataset=train, eval_dataset=held_out or None,
                             processing_class=tokenizer, callbacks=list(callbacks), compute_metrics=compute_metrics)
-    if held_out:
+    trainer.validation_dataset = None
+    if held_out and not isinstance(eval_rows, dict):
         trainer.validation_dataset = trainer.eval_dataset.get("validation")
         trainer.eval_dataset = trainer.eval_dataset.get("eval")
-    else:
-        trainer.validation_dataset = None
     if padding_free and not packing:  # flash-attention (checked above); TRL's padding-free collator does not truncate
         trainer.data_collator = _Truncating(trainer.data_collator, max_length)
-    for split, ds in (("train", trainer.train_dataset), ("eval", trainer.eval_dataset),
-                      ("validation", trainer.validation_dataset)):
+    sets = trainer.eval_dataset if isinstance(trainer.eval_dataset, dict) else \
+        {"eval": trainer.eval_dataset, "validation": trainer.validation_dataset}
+    for split, ds in (("train", trainer.train_dataset), *sets.items()):
         if ds is not None and len(ds) == 0:
             raise DataError(f"no {split} example has a label left after tokenising (is data.max_length too short?)")
     return trainer

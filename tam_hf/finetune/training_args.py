@@ -4,7 +4,9 @@ HF script passes an optimizer (``optim``, ``learning_rate``, ``weight_decay``, `
 The optimizer is chosen through ``TrainingArguments.optim`` (made valid for the TAM names by
 ``tam_hf.trainer.register()``), so the Trainer builds the param groups (no weight decay on biases and norms) and
 a checkpoint resumes with the same optimizer. Which constructor keys travel in which field is the optimizer
-registry's table (``OptimizerSpec.training_args_keys``); the rest go in ``optim_args``.
+registry's table (``OptimizerSpec.training_args_keys``); the rest go in ``optim_args``, and so does
+``optimizer.switch`` (as ``switch_to``, ``switch_at_step``, ``switch_lr``: the Trainer then builds a
+:class:`~tam_hf.optim.switch.SwitchOptimizer`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,11 @@ def build_training_arguments(recipe: Recipe):
             kwargs.update(zip(fields[key], value if len(fields[key]) > 1 else (value,)))
         else:
             extra[key] = value
+    switch = recipe.optimizer.switch
+    if switch is not None:  # read by tam_hf.trainer.optim_args, never passed to a constructor
+        extra.update(switch_to=switch.to, switch_at_step=switch.at_step)
+        if switch.lr is not None:
+            extra["switch_lr"] = switch.lr
     if extra:
         kwargs["optim_args"] = ",".join(f"{k}={v}" for k, v in extra.items())
     if recipe.distributed is not None and recipe.distributed.deepspeed:

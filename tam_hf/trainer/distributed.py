@@ -28,8 +28,9 @@ from typing import Any, Optional
 from transformers import TrainerCallback
 
 from tam_hf.optim.sharded import ShardedStats, dtensor_sources, zero_sources
+from tam_hf.optim.switch import SwitchOptimizer, find_switch
 from tam_hf.optim.tam import TorqueOptimizer
-from tam_hf.trainer.optim_args import torque_spec
+from tam_hf.trainer.optim_args import split_switch, torque_spec
 
 __all__ = [
     "DistributedConfigError",
@@ -109,6 +110,11 @@ def _check_fsdp_version(version: int) -> None:
 
 def _refuse_unsharded(optimizer_cls, backend: str) -> None:
     """Optimizers whose state cannot be split into exact per-tensor fragments (8-bit blocks) refuse sharding."""
+    if optimizer_cls is SwitchOptimizer:
+        raise DistributedConfigError(
+            f"an optimizer switch (optimizer.switch, --optim_args switch_*) cannot run under {backend}: the "
+            "sharded wrapper rewrites the param groups of the optimizer it is given, which the two optimizers "
+            "inside the switch would not see. Use DDP (several processes without DeepSpeed/FSDP), or no switch.")
     if optimizer_cls is not None and not getattr(optimizer_cls, "supports_sharded_statistics", True):
         raise DistributedConfigError(
             f"{optimizer_cls.__name__} cannot run under {backend}: its quantized state blocks would straddle the "
@@ -121,6 +127,8 @@ def check_training_args(args) -> None:
     TAM or break its statistics. Raises :class:`DistributedConfigError`."""
     spec = torque_spec(getattr(args, "optim", None))
     cls = spec.cls if spec is not None else None
+    if spec is not None and split_switch(getattr(args, "optim_args", None))[1]:
+        cls = SwitchOptimizer
     if getattr(args, "deepspeed", None):
         _refuse_unsharded(cls, "DeepSpeed ZeRO")
         check_deepspeed_config(getattr(args, "hf_deepspeed_config", None) or args.deepspeed)
@@ -181,7 +189,7 @@ def install_sharded_stats(optimizer, model=None) -> Optional[ShardedStats]:
         sources = dtensor_sources(tam, names)
     if not sources:
         return None
-    _refuse_unsharded(type(tam), "DeepSpeed ZeRO" if zero is not None else "FSDP2")
+    _refuse_unsharded(type(find_switch(optimizer) or tam), "DeepSpeed ZeRO" if zero is not None else "FSDP2")
     return ShardedStats(tam, sources)
 
 
@@ -201,7 +209,9 @@ class TorqueStatsCallback(TrainerCallback):
             check_training_args(args)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if (self.expect_tam or _names_tam(args)) and find_torque_optimizer(optimizer)[0] is None:
+        # A run resumed after its switch (tam_hf.optim.switch) steps the second optimizer: TAM was not replaced.
+        if ((self.expect_tam or _names_tam(args)) and find_torque_optimizer(optimizer)[0] is None
+                and find_switch(optimizer) is None):
             inner = optimizer_chain(optimizer)[-1] if optimizer is not None else None
             raise DistributedConfigError(
                 f"training was set up for a TAM optimizer but runs {type(inner).__name__}: the launcher or DeepSpeed "

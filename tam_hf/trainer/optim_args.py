@@ -14,6 +14,10 @@ Where each constructor argument comes from:
   constructor declares (or, unannotated, the type of its default). The values are then checked by the
   constructor itself (:meth:`OptimizerSpec.check`), so a bad value fails with its own message.
 
+A switch to another optimizer mid-run (TAM as a warm-up, :mod:`tam_hf.optim.switch`) travels in ``--optim_args``
+too, as ``switch_to=NAME,switch_at_step=K[,switch_lr=LR]``: these keys never reach a constructor; with them the
+class returned is :class:`~tam_hf.optim.switch.SwitchOptimizer`, which builds both optimizers.
+
 Every problem is reported at once, in one :class:`OptimArgsError` naming the keys and listing the valid ones.
 After ``register()`` that happens when ``TrainingArguments`` is built; ``python -m tam_hf.run`` turns it into
 one line on stderr and exit status 2, like any argparse error.
@@ -30,7 +34,10 @@ from tam_hf.optim import registry
 from tam_hf.optim.registry import OptimizerSpec
 
 __all__ = ["OptimArgsError", "torque_spec", "settable_keys", "parse_optim_args", "optimizer_cls_and_kwargs",
-           "check_optim_args"]
+           "check_optim_args", "SWITCH_KEYS", "split_switch"]
+
+# --optim_args keys of a switch (tam_hf.optim.switch) -> the SwitchOptimizer argument and its type.
+SWITCH_KEYS = {"switch_to": ("to", str), "switch_at_step": ("at_step", int), "switch_lr": ("lr", float)}
 
 
 class OptimArgsError(ValueError):
@@ -141,21 +148,57 @@ def parse_optim_args(name: str, optim_args: Optional[str]) -> dict[str, Any]:
     return kwargs
 
 
+def split_switch(optim_args: Optional[str]) -> tuple[str, dict[str, Any], list[str]]:
+    """(``optim_args`` without the ``switch_*`` keys, the SwitchOptimizer arguments they give, their problems)."""
+    rest, switch, errors = [], {}, []
+    for item in (optim_args or "").replace(" ", "").split(","):
+        key, sep, text = item.partition("=")
+        if key not in SWITCH_KEYS:
+            rest.append(item)
+            continue
+        name, kind = SWITCH_KEYS[key]
+        try:
+            switch[name] = _convert(text, kind)
+        except ValueError as e:
+            errors.append(f"{key}: {e}")
+    if switch and "to" not in switch:
+        errors.append("switch_to is missing: a switch names the optimizer to continue with")
+    if switch:
+        switch.setdefault("at_step", None)  # missing: switch_problems says what it must be
+    return ",".join(rest), switch, errors
+
+
 def optimizer_cls_and_kwargs(args) -> tuple[type, dict[str, Any]]:
     """The class and kwargs ``args.optim`` / ``args.optim_args`` ask for, in the shape of the Trainer's
     ``get_optimizer_cls_and_kwargs``. Raises :class:`OptimArgsError` on any bad setting, the constructor's
-    range checks included."""
+    range checks included. With ``switch_*`` keys: :class:`~tam_hf.optim.switch.SwitchOptimizer` and its
+    arguments (the first optimizer's kwargs as ``first_kwargs``)."""
     spec = torque_spec(args.optim)
     if spec is None:
         raise OptimArgsError(f"--optim {optim_name(args.optim)} is not a TAM optimizer "
                              f"({', '.join(registry.torque_names())})")
     kwargs = spec.kwargs_from_training_args(args)
-    kwargs.update(parse_optim_args(spec.name, args.optim_args))
+    rest, switch, errors = split_switch(args.optim_args)
+    parsed, more = _problems(spec, rest)
+    errors += more
+    kwargs.update(parsed)
+    if errors:
+        _raise(f"invalid --optim_args {args.optim_args!r}", spec, errors)
     try:
         spec.check(kwargs)
     except (TypeError, ValueError) as e:  # a range check on an --optim_args value or a TrainingArguments field
         _raise("invalid optimizer settings", spec, [str(e)])
-    return spec.cls, kwargs
+    if not switch:
+        return spec.cls, kwargs
+    from tam_hf.optim.switch_rules import switch_problems
+
+    problems = switch_problems(spec.name, switch["to"], switch["at_step"], switch.get("lr"), kwargs["lr"])
+    if problems:
+        names = {v[0]: k for k, v in SWITCH_KEYS.items()} | {"first_lr": "--learning_rate"}
+        _raise("invalid switch", spec, [f"{names[field]}: {text}" for field, text in problems])
+    from tam_hf.optim.switch import SwitchOptimizer
+
+    return SwitchOptimizer, {"first": spec.name, "first_kwargs": kwargs, **switch}
 
 
 def check_optim_args(args) -> None:

@@ -23,32 +23,38 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Optional
 
-from tam_hf.finetune.config.messages import did_you_mean, key_text
+from pydantic import ValidationError
+
+from tam_hf.finetune.config.messages import did_you_mean, explain, key_text
 from tam_hf.finetune.config.metric_rules import metric_problems, parse_metric
 from tam_hf.finetune.config.resolve import (EMBEDDED_PREFIX, YAML_SUFFIXES, exists, is_task_path, local_source,
                                             probe, resolve_path)
 from tam_hf.finetune.config.schema import (COMPLETION_FORMATS, EMBEDDED_MODELS, FILE_SUFFIXES,
-                                           FORMAT_COLUMNS, HUB_ID, METRIC_TASKS)
+                                           FORMAT_COLUMNS, HUB_ID, METRIC_TASKS, SwitchConfig)
+from tam_hf.finetune.config.stage_rules import EVAL_SOURCES, STAGE_MARKER, restage, stage_data
 from tam_hf.finetune.config.yaml_io import clip, short
 
-__all__ = ["cross_check", "CHAT_TEMPLATE_SUFFIXES", "MASKED_ATTENTION", "attention_kind", "packing_problems",
-           "LM_EVAL_INSTALL", "COMMON_TASKS", "check_available", "task_manager", "task_problems"]
+__all__ = ["cross_check", "switch_section_problems", "CHAT_TEMPLATE_SUFFIXES", "MASKED_ATTENTION", "attention_kind",
+           "packing_problems", "LM_EVAL_INSTALL", "COMMON_TASKS", "check_available", "task_manager", "task_problems"]
 
 
 def cross_check(s: dict[str, Any], problems: list[str]) -> None:
     """Append the problems of the parsed sections ``s`` (section name -> value) to ``problems``."""
     r = SimpleNamespace(**s)
+    staged = s.get("stages") is not None  # a stage's merged data is checked in its place (_check_stages)
     checks = [
         (_check_model, ("model",)),
-        (_check_data, ("data", "task")),
-        (_check_packing, ("data", "task", "model")),
         (_check_finetune, ("finetune", "model", "hub")),
         (_check_eval, ("eval", "data", "task")),
         (_check_hub, ("hub", "finetune")),
         (_check_launch, ("distributed", "resume", "overwrite", "training")),
         (_check_output_dir, ("training",)),
         (_check_trackers, ("training",)),
+        (_check_switch, ("optimizer", "training", "distributed")),
     ]
+    checks += [(_check_stages, ("stages", "data", "task", "model", "eval", "hub", "resume"))] if staged else [
+        (_check_data, ("data", "task")), (_check_packing, ("data", "task", "model")),
+        (_check_eval_data, ("eval", "data"))]
     for check, needs in checks:
         if all(k in s for k in needs):
             check(r, problems)
@@ -97,8 +103,12 @@ def _check_launch(r, problems: list[str]) -> None:
     if isinstance(r.resume, str) and not _is_dir(resolve_path(r.resume)):
         problems.append(f"resume: checkpoint directory not found: {clip(r.resume)}")
     output_dir = r.training.get("output_dir")
-    if r.resume is True and isinstance(output_dir, str) and not any(Path(output_dir).expanduser().glob("checkpoint-*")):
-        problems.append(f"resume: true but {output_dir} holds no checkpoint-* directory to continue from")
+    staged = getattr(r, "stages", None) is not None
+    found = ("checkpoint-*",) if not staged else (f"stage-*/{p}" for p in ("checkpoint-*", STAGE_MARKER))
+    if (r.resume is True and isinstance(output_dir, str)
+            and not any(any(Path(output_dir).expanduser().glob(p)) for p in found)):
+        what = "finished stage or stage-*/checkpoint-* directory" if staged else "checkpoint-* directory"
+        problems.append(f"resume: true but {output_dir} holds no {what} to continue from")
 
 
 def _real(path: Path) -> Path:
@@ -230,6 +240,39 @@ def _check_data(r, problems: list[str]) -> None:
             problems.append(f"data.chat_template_path: file not found: {clip(d.chat_template_path)}")
 
 
+def _check_stages(r, problems: list[str]) -> None:
+    """Each stage's merged data through the data checks; a problem every stage shares is named once, as the
+    recipe's own (it comes from the shared data section), the others with the stage's path."""
+    per_stage = []
+    for i, stage in enumerate(r.stages):
+        if stage is None:  # it did not parse: its problems are listed already
+            continue
+        found: list[str] = []
+        data = stage_data(r.data, stage, i, problems)
+        if data is not None:
+            merged = SimpleNamespace(**{**vars(r), "data": data})
+            _check_data(merged, found)
+            _check_packing(merged, found)
+            if not _has_eval(data):
+                found.append("data: every stage is evaluated after each stage, on every stage's eval set: set "
+                             "data.eval_file, data.eval_split or data.eval_fraction (for the stage, or in the "
+                             "recipe's data section)")
+        per_stage.append((i, found))
+    shared = set.intersection(*(set(f) for _, f in per_stage)) if len(per_stage) > 1 else set()
+    problems += [p for p in per_stage[0][1] if p in shared] if per_stage else []
+    problems += [restage(p, i) for i, found in per_stage for p in found if p not in shared]
+    if r.hub.push or r.hub.repo_id:
+        problems.append("hub: a staged run cannot be pushed yet (its model card describes one dataset); remove "
+                        "hub.push and hub.repo_id and upload the saved model yourself")
+    if getattr(r, "optimizer", None) is not None and r.optimizer.switch is not None:
+        problems.append("optimizer.switch with stages: each stage builds its optimizer afresh (its state carried "
+                        "over), so a switch at one step of one stage is not defined; train the stages with one "
+                        "optimizer")
+    if isinstance(r.resume, str):
+        problems.append("resume: a staged run continues with resume: true (it finds the stage to continue in "
+                        "training.output_dir); a checkpoint path does not say which stages came before it")
+
+
 def _check_finetune(r, problems: list[str]) -> None:
     f, q = r.finetune, r.model.quantization
     if f.method == "full":
@@ -254,6 +297,51 @@ def _check_hub(r, problems: list[str]) -> None:
         problems.append(f"hub.repo_id: {short(h.repo_id)} must look like user/name")
     if r.finetune.method == "qlora" and h.artifact == "merged":
         problems.append("hub.artifact merged with qlora: merging into a 4-bit base is lossy; push the adapter")
+
+
+# ------------------------------------------------------------------------------------------- switch
+
+
+def switch_section_problems(first: str, first_lr, value) -> list[str]:
+    """The problems of ``optimizer.switch`` (``value`` as written) for the optimizer ``first`` at lr
+    ``first_lr``: types and ranges (SwitchConfig), ``to`` a registry name and a supported pair, the first lr > 0.
+    What needs another section (training.max_steps, distributed) is :func:`_check_switch`'s."""
+    from tam_hf.optim.switch_rules import pair_problem  # the registry only: no torch
+
+    if value is None:
+        return []
+    if not isinstance(value, dict):
+        return [f"optimizer.switch: expected a mapping {{to: NAME, at_step: K, lr: optional}}, got "
+                f"{type(value).__name__} {short(value)}"]
+    problems = []
+    try:
+        SwitchConfig.model_validate(value)
+    except ValidationError as exc:
+        problems += explain(exc, ("optimizer", "switch"), SwitchConfig)
+    if isinstance(value.get("to"), str):
+        problem = pair_problem(first, value["to"])
+        if problem:
+            problems.append(f"optimizer.switch.to: {problem}")
+    if isinstance(first_lr, (int, float)) and not isinstance(first_lr, bool) and not first_lr > 0:
+        problems.append(f"optimizer.lr: {first_lr!r} with optimizer.switch: a switch needs lr > 0 (the second "
+                        "optimizer's lr follows the schedule as lr_now * switch.lr / lr)")
+    return problems
+
+
+def _check_switch(r, problems: list[str]) -> None:
+    switch = r.optimizer.switch
+    if switch is None:
+        return
+    max_steps = r.training.get("max_steps")
+    if isinstance(max_steps, int) and max_steps > 0 and switch.at_step >= max_steps:
+        problems.append(f"optimizer.switch.at_step: {switch.at_step} must be below training.max_steps "
+                        f"({max_steps}): the run would end before (or right at) the switch")
+    sharded = [k for k, on in (("distributed.deepspeed", r.distributed is not None and r.distributed.deepspeed),
+                               ("training.fsdp", r.training.get("fsdp"))) if on]
+    if sharded:
+        problems.append(f"optimizer.switch with {' and '.join(sharded)}: the sharded wrapper rewrites the param "
+                        "groups of the optimizer it is given, which the two optimizers inside the switch would not "
+                        "see; use DDP (several processes without DeepSpeed/FSDP) or no switch")
 
 
 # ------------------------------------------------------------------------------------------- packing
@@ -381,8 +469,14 @@ def _check_eval(r, problems: list[str]) -> None:
                                 "e.g. '####\\s*(\\S+)'")
         if "exact_match" not in r.eval.metrics:
             problems.append("eval.answer_pattern is set but eval.metrics has no exact_match")
-    has_eval = any(getattr(r.data, k) is not None for k in ("eval_split", "eval_file", "eval_fraction"))
-    if not has_eval and r.eval.metrics:
+
+
+def _has_eval(data) -> bool:
+    return any(getattr(data, k) is not None for k in EVAL_SOURCES)
+
+
+def _check_eval_data(r, problems: list[str]) -> None:
+    if not _has_eval(r.data) and r.eval.metrics:
         problems.append("eval.metrics are set but there is no evaluation data: set data.eval_file, "
                         "data.eval_split or data.eval_fraction (or eval.metrics: [])")
     if r.eval.lm_eval is not None:

@@ -32,7 +32,7 @@ import yaml
 from pydantic import BeforeValidator, TypeAdapter, ValidationError
 from pydantic_core import PydanticCustomError
 
-from tam_hf.finetune.config.checks import cross_check
+from tam_hf.finetune.config.checks import cross_check, switch_section_problems
 from tam_hf.finetune.config.messages import did_you_mean, explain, key_text, model_of, non_finite, suggest
 from tam_hf.finetune.config.resolve import fill_defaults, is_task_path, portable, probe, resolve_path, resolve_paths
 from tam_hf.finetune.config.schema import STRICT, TRAINING_OWNED, Float, LMEvalConfig, OptimizerConfig, Recipe
@@ -294,8 +294,9 @@ def _parse_optimizer(name: str, raw, problems: list[str]):
         return _INVALID
     accepted = spec.accepted_keys()
     settings = {}
+    problems += switch_section_problems(spec.name, raw.get("lr"), raw.get("switch"))
     for key, value in raw.items():
-        if key in ("name", "lr") or (value is None and (key in accepted or _any_optimizer_takes(key))):
+        if key in ("name", "lr", "switch") or (value is None and (key in accepted or _any_optimizer_takes(key))):
             continue  # null = unset; resolved recipes of earlier releases list every optimizer's keys as null
         takes = f"{spec.name} takes {', '.join(accepted)}"
         if key not in accepted:
@@ -314,7 +315,8 @@ def _parse_optimizer(name: str, raw, problems: list[str]):
                 problems += non_finite(value, f"optimizer.{key}")
     if len(problems) > before:
         return _INVALID
-    config = OptimizerConfig.model_validate({"name": raw["name"], "lr": raw["lr"], **settings})
+    config = OptimizerConfig.model_validate({"name": raw["name"], "lr": raw["lr"], "switch": raw.get("switch"),
+                                             **settings})
     try:
         spec.check(config.kwargs())
     except (ValueError, TypeError, RuntimeError) as exc:
@@ -377,4 +379,13 @@ def _plain(value):
     return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
-_PARSERS = {"optimizer": _parse_optimizer, "training": _parse_training}
+def _parse_stages(name: str, raw, problems: list[str]):
+    from tam_hf.finetune.config.stage_rules import parse_stages
+
+    if raw is None:
+        return None
+    parsed = parse_stages(raw, problems, key_places)
+    return _INVALID if parsed is None else parsed
+
+
+_PARSERS = {"optimizer": _parse_optimizer, "training": _parse_training, "stages": _parse_stages}

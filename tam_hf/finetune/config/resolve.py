@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 __all__ = ["EMBEDDED_PREFIX", "DATA_DIR", "DEFAULT_METRICS", "YAML_SUFFIXES", "resolve_path", "probe", "exists",
@@ -83,9 +84,10 @@ def _path(value: str) -> str:
     return str(resolve_path(value))
 
 
-def resolve_paths(s: dict[str, Any]) -> None:
-    """Every path field of a recipe that passed its checks, in place, as the path to open."""
-    data = s["data"]
+_DATA_PATHS = ("train_file", "eval_file", "validation_file", "dataset", "chat_template_path")
+
+
+def _resolve_data(data) -> None:
     for key in ("train_file", "eval_file", "validation_file"):
         value = getattr(data, key)
         if value is not None:
@@ -94,6 +96,16 @@ def resolve_paths(s: dict[str, Any]) -> None:
         data.dataset = _path(data.dataset)
     if data.chat_template_path is not None:
         data.chat_template_path = _path(data.chat_template_path)
+
+
+def resolve_paths(s: dict[str, Any]) -> None:
+    """Every path field of a recipe that passed its checks, in place, as the path to open."""
+    _resolve_data(s["data"])
+    for stage in s.get("stages") or ():
+        # The stage keeps only the keys it sets, resolved the same way as the recipe's data section.
+        keys = SimpleNamespace(**{**dict.fromkeys(_DATA_PATHS), **stage.data})
+        _resolve_data(keys)
+        stage.data = {k: getattr(keys, k) for k in stage.data}
     if s["distributed"] is not None:
         for key in ("accelerate_config", "deepspeed"):
             if getattr(s["distributed"], key) is not None:

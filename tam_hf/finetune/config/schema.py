@@ -15,14 +15,16 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, WrapValidator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, WrapValidator,
+                      model_serializer)
 from pydantic_core import PydanticCustomError
 
 from tam_hf.finetune.config.resolve import EMBEDDED_PREFIX, local_source
 from tam_hf.finetune.config.yaml_io import short
 
-__all__ = ["Recipe", "ModelConfig", "DataConfig", "LoraConfig", "FinetuneConfig", "OptimizerConfig", "EvalConfig",
-           "LMEvalConfig", "HubConfig", "DistributedConfig", "Float", "STRICT", "EMBEDDED_MODELS",
+__all__ = ["Recipe", "ModelConfig", "DataConfig", "LoraConfig", "FinetuneConfig", "OptimizerConfig", "SwitchConfig",
+           "EvalConfig", "LMEvalConfig", "HubConfig", "DistributedConfig", "StageConfig", "STAGE_NAME", "Float",
+           "STRICT", "EMBEDDED_MODELS",
            "FORMAT_COLUMNS", "COMPLETION_FORMATS", "FILE_SUFFIXES", "METRIC_TASKS", "BUILTIN_METRICS",
            "TRAINING_OWNED", "TRAINING_RANGES", "HUB_ID"]
 
@@ -233,8 +235,19 @@ class FinetuneConfig(_Section):
             self.lora = LoraConfig()
 
 
+class SwitchConfig(_Section):
+    to: str = Field(description="The optimizer to continue with (a registry name): adamw after adatamw or adatam, "
+                                "sgd after tam.")
+    at_step: int = Field(ge=1, description="Optimizer steps taken with optimizer.name before the switch; below "
+                                           "training.max_steps.")
+    lr: Optional[Float] = Field(
+        None, gt=0, description="Peak lr of the second optimizer (it follows the same schedule). Unset: the "
+                                "registry's transfer rule, lr_to = optimizer.lr / lr_factor(name) * lr_factor(to) "
+                                "(5x after AdaTAM(W) at beta1 0.9, 0.5x after TAM).")
+
+
 class OptimizerConfig(_Section):
-    """``name`` and ``lr``; every other key is a keyword argument of the chosen optimizer's constructor
+    """``name``, ``lr`` and ``switch``; every other key is a keyword argument of the chosen optimizer's constructor
     (``tam_hf.optim.registry``: ``OPTIMIZERS[name].accepted_keys()``), checked by the constructor itself.
     Unset keys keep the constructor's defaults, except those ``TrainingArguments`` feeds (weight_decay: 0)."""
 
@@ -244,6 +257,18 @@ class OptimizerConfig(_Section):
                                   "Momentum), adamw, sgd (the torch references), or one added with registry.add().")
     lr: Float = Field(description="Peak learning rate. AdaTAM(W) wants ~0.2x AdamW's, TAM ~2x SGD-momentum's "
                                   "(README: the learning-rate transfer rule).")
+    switch: Optional[SwitchConfig] = Field(
+        None, description="Continue with another optimizer after at_step steps, the state handed over in its "
+                          "convention (TAM as a warm-up; README: Switching optimizer mid-run): {to: adamw, at_step: "
+                          "100, lr: optional}. Supported: adatamw -> adamw, adatam -> adamw, tam -> sgd.")
+
+    @model_serializer(mode="wrap")
+    def _without_unset_switch(self, handler):
+        # Recipes without a switch dump as before: run fingerprints (compare) and resume records stay the same.
+        out = handler(self)
+        if isinstance(out, dict) and out.get("switch", 0) is None:
+            del out["switch"]
+        return out
 
     def settings(self) -> dict[str, Any]:
         """The constructor keys the recipe sets besides lr, as written (lists stay lists)."""
@@ -313,6 +338,27 @@ class DistributedConfig(_Section):
     deepspeed: Optional[str] = Field(None, description="DeepSpeed JSON config, passed to TrainingArguments.deepspeed.")
 
 
+STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # a folder name on every filesystem
+
+
+class StageConfig(_Section):
+    """One stage of a staged run (continual fine-tuning, distribution shift): its ``data`` and ``training`` are
+    overrides of the recipe's sections, merged key by key and checked like them."""
+
+    name: str = Field(
+        description="Unique; letters, digits, '_', '.', '-' (it names the stage's folder stage-<k>-<name> and its "
+                    "results in summary.json).")
+    data: dict[str, Any] = Field(
+        default_factory=dict, description="data keys this stage sets (train_file, eval_file, ...) over the recipe's "
+                                          "data section; format, target and num_labels belong to the whole run.")
+    training: dict[str, Any] = Field(
+        default_factory=dict, description="TrainingArguments this stage sets over the recipe's training section "
+                                          "(max_steps, warmup_steps, ...); its lr schedule and warm-up start afresh.")
+    reset_optimizer: bool = Field(
+        False, description="Start the optimizer's state (moments, TAM's damping) afresh at this stage; by default it "
+                           "carries over from the previous stage.")
+
+
 class Recipe(_Section):
     model: ModelConfig = Field(description="Base model.")
     data: DataConfig = Field(description="Datasets and how they are tokenised.")
@@ -330,6 +376,11 @@ class Recipe(_Section):
     overwrite: bool = Field(
         False, description="Start over in a training.output_dir that holds another run's outputs: its checkpoints, "
                            "weights and summary are removed once the model and data have loaded.")
+    stages: Optional[Annotated[list[StageConfig], Field(min_length=1)]] = Field(
+        None, description="Train in stages, one after the other (continual fine-tuning, distribution shift): the "
+                          "model and the optimizer state carry over, and after each stage the model is evaluated on "
+                          "every stage's eval set. summary.json gains stages and continual (final average, "
+                          "forgetting, backward transfer); eval is the final model's average over the stages.")
 
     @property
     def output_dir(self) -> str:

@@ -1,0 +1,159 @@
+"""Running the runs of a study (planned by :mod:`tam_hf.compare.study`), one at a time, resumably.
+
+Resumable: each run lives in ``DIR/runs/<arm>/seed<k>`` (a tuning run in ``DIR/tuning/<arm>/lr<lr>/seed<k>``) and is finished when its ``result.json`` can be read and
+was produced by the same resolved recipe; a rerun of the same command skips those and only does the rest
+(a partial run is continued from its last complete checkpoint when it saved one, else started again; its
+``wall_s`` then adds up the time of every attempt up to that checkpoint, recorded in ``study.json``).
+``result.json`` and ``study.json`` are written atomically; one that cannot be read (cut short by a full disk or a
+crash) means "not finished": the run is done again, with a note.
+
+A run that diverges (non-finite loss, gradients or weights) is a result, not a reason to stop: its
+``result.json`` says ``status: diverged`` with the step and reason and no metrics (train loss and eval null), the
+study carries on, a rerun does not retry it, and the report lists it (per arm: how many seeds diverged, which)
+and leaves it out of the means. Any other run error stops the study with its message and exit code.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+__all__ = ["RECORD", "read_result", "unreadable", "execute", "diverged"]
+
+# A partial run's own record (fingerprint, seconds to each checkpoint over every attempt), written atomically.
+RECORD = "study.json"
+KEEP_FILES = ("result.json", "summary.json", "recipe.yaml", RECORD)
+
+
+def read_result(path: Path) -> Optional[dict]:
+    """A run's result.json (or :data:`RECORD`), or None when there is none or it cannot be read whole (a disk
+    that filled up, a power cut): such a run is not finished and is done again."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def unreadable(path: Path) -> bool:
+    """A result.json that exists but :func:`read_result` cannot read."""
+    return path.exists() and read_result(path) is None
+
+
+def _history_callback():
+    """A callback that keeps the Trainer's state, so the log history (the final evaluation included: it is
+    appended to the same state after training) outlives the run; finetune() returns only the summary."""
+    from transformers import TrainerCallback
+
+    class _History(TrainerCallback):
+        state = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.state = state
+
+    return _History()
+
+
+def _prepare(run) -> tuple[Optional[int], Optional[float]]:
+    """Continue a partial run from its last complete checkpoint when the recipe is unchanged; else start over.
+    Returns (the step resumed from, the seconds the earlier attempts took to reach it), both None for a fresh
+    start; the seconds are None too when no attempt recorded them."""
+    from tam_hf.finetune.outputs import complete_checkpoints, write_json
+
+    d = run.directory
+    record = _record(d)
+    good, _ = complete_checkpoints(d) if record.get("fingerprint") == run.fingerprint else ([], [])
+    if good:
+        run.recipe.resume = True
+        step = int(good[0].name.rsplit("-", 1)[1])
+        return step, (record.get("elapsed_s") or {}).get(str(step))
+    if d.exists():
+        shutil.rmtree(d)
+    d.mkdir(parents=True)
+    write_json(d / RECORD, {"fingerprint": run.fingerprint, "elapsed_s": {}})
+    return None, None
+
+
+def _record(directory: Path) -> dict:
+    """RECORD of a partial run: its fingerprint, and checkpoint step -> seconds from the run's first start to that
+    checkpoint over every attempt. Unreadable counts as absent: the run starts over."""
+    value = read_result(directory / RECORD)
+    return value if value is not None else {}
+
+
+def _elapsed_callback(directory: Path, before: float):
+    """Records, at every checkpoint, the seconds spent so far (``before`` from earlier attempts plus this one), so
+    that a run killed and continued from that checkpoint reports the wall time of all its parts."""
+    from transformers import TrainerCallback
+
+    from tam_hf.finetune.outputs import write_json
+
+    started = time.time()
+
+    class _Elapsed(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            record = _record(directory)
+            record.setdefault("elapsed_s", {})[str(state.global_step)] = round(before + time.time() - started, 1)
+            write_json(directory / RECORD, record)
+
+    return _Elapsed()
+
+
+def _prune(directory: Path) -> None:
+    """Drop weights and checkpoints of a finished run: a study of many runs would otherwise fill the disk."""
+    for path in directory.iterdir():
+        if path.name not in KEEP_FILES:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def execute(run, keep_models: bool = False) -> dict:
+    """Train one run and write its result.json (atomically: a reader finds no file or the whole file); a run
+    that diverges is written as a diverged result (see the module docstring). Other run errors propagate."""
+    from tam_hf.finetune.errors import NonFiniteError
+    from tam_hf.finetune.outputs import write_json
+    from tam_hf.finetune.pipeline import finetune
+
+    resumed_from, before = _prepare(run)
+    history = _history_callback()
+    result = {"label": run.label, "seed": run.seed, "lr": run.recipe.optimizer.lr, "fingerprint": run.fingerprint,
+              "fixed_damping": run.fixed_damping}
+    callbacks = [history, _elapsed_callback(run.directory, before or 0.0)]
+    try:
+        summary = finetune(run.recipe, callbacks=callbacks)
+    except NonFiniteError as exc:
+        summary = dict(exc.summary or {})
+        # No metric of a diverged run may enter a mean: the report reads train_loss / eval / damping / wall_s.
+        summary.update(status="diverged", train_loss=None, eval=None, damping=None)
+        result.update(status="diverged", diverged=str(exc), diverged_at_step=exc.step,
+                      wall_s=_add_parts(result, summary.pop("wall_s", None), resumed_from, before))
+    else:
+        if summary.get("interrupted"):
+            raise KeyboardInterrupt
+        result["status"] = "completed"
+        summary["wall_s"] = _add_parts(result, summary.get("wall_s"), resumed_from, before)
+    result.update(summary=summary, log_history=history.state.log_history if history.state is not None else [])
+    write_json(run.result_path, result)
+    if not keep_models:
+        _prune(run.directory)
+    return result
+
+
+def _add_parts(result: dict, wall_s: Optional[float], resumed_from: Optional[int], before: Optional[float]):
+    """The wall time of every attempt of a resumed run added up (recorded in ``result``); this attempt's alone
+    when the run was not resumed, or the earlier attempts recorded nothing (said in ``result``)."""
+    if resumed_from is None or not isinstance(wall_s, (int, float)):
+        return wall_s
+    result["resumed_from_step"] = resumed_from
+    if before is None:
+        result["wall_s_note"] = f"resumed from checkpoint-{resumed_from}, whose time was not recorded: wall_s " \
+                                "counts the resumed part only"
+        return wall_s
+    result["wall_s_parts"] = [before, wall_s]
+    return round(before + wall_s, 1)
+
+
+def diverged(result: dict) -> bool:
+    return result.get("status") == "diverged"
