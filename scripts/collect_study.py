@@ -1,0 +1,96 @@
+"""Copies the study's reports from runs/study/<task>/ into docs/study/<task>/ and writes docs/study/summary.md, the
+table the README and docs/study/README.md show: `python scripts/collect_study.py`.
+
+Only what `tam-finetune compare` wrote is copied (report.md, report.csv, runs.csv, tuning.csv and the plots); the
+summary reads report.csv, so every number in it is one of the report's, with its interval and paired test. A task
+whose report does not exist yet is listed as not run.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNS = ROOT / "runs" / "study"
+DOCS = ROOT / "docs" / "study"
+FILES = ("report.md", "report.csv", "runs.csv", "tuning.csv", "loss.png", "damping.png", "tuning.png")
+# task folder -> (what it is, the metrics its summary row shows: the headline first)
+TASKS = {
+    "sentiment": ("A: sentiment, MiniLM full", ["eval_accuracy", "eval_loss"]),
+    "preference": ("B: review preference (pairs), MiniLM full", ["eval_accuracy", "eval_loss"]),
+    "rules": ("C: list rules, SmolLM2-135M LoRA", ["eval_loss"]),
+    "shift": ("D: 3-stage shift, MiniLM full", ["continual_final_average", "continual_forgetting"]),
+    "sentiment-sgd": ("A: SGD-momentum vs TAM", ["eval_accuracy", "eval_loss"]),
+}
+
+
+def _num(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
+
+
+def _cell(row: dict, baseline: str) -> str:
+    mean, low, high = _num(row["mean"]), _num(row["ci95_low"]), _num(row["ci95_high"])
+    text = f"{mean:.3f}" + ("" if math.isnan(low) else f" [{low:.3f}, {high:.3f}]")
+    delta = _num(row[f"delta_vs_{baseline}"])
+    if not math.isnan(delta):
+        dl, dh, p = _num(row["delta_ci95_low"]), _num(row["delta_ci95_high"]), _num(row["p_value"])
+        text += f"<br>Δ {delta:+.3f}" + ("" if math.isnan(dl) else f" [{dl:+.3f}, {dh:+.3f}]") + \
+            ("" if math.isnan(p) else f", p {p:.2g}")
+    return text
+
+
+def _chosen(folder: Path) -> dict[str, str]:
+    path = folder / "tuning.csv"
+    if not path.is_file():
+        return {}
+    with path.open() as f:
+        return {r["arm"]: f"{float(r['lr']):.3g}" for r in csv.DictReader(f) if r["chosen"] == "True"}
+
+
+def summary_rows(task: str, title: str, metrics: list[str]) -> list[str]:
+    folder = DOCS / task
+    path = folder / "report.csv"
+    if not path.is_file():
+        return [f"| {title} | not run yet | | | |"]
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    baseline = next(k for k in rows[0] if k.startswith("delta_vs_") and k not in ("delta_se",)).removeprefix("delta_vs_")
+    by = {(r["arm"], r["metric"]): r for r in rows}
+    arms = list(dict.fromkeys(r["arm"] for r in rows))
+    chosen = _chosen(folder)
+    out = []
+    for arm in arms:
+        cells = [_cell(by[(arm, m)], baseline) if (arm, m) in by else "–" for m in metrics]
+        n = max((by[(arm, m)]["n"] for m in metrics if (arm, m) in by), default="0")
+        out.append(f"| {title} | {arm} (lr {chosen.get(arm, '?')}, n {n}) | " + " | ".join(cells)
+                   + " |" * (1 + 2 - len(metrics)))
+    return out
+
+
+def main() -> int:
+    lines = ["| task | arm (chosen lr, seeds) | headline metric: mean [95% CI]<br>Δ vs the first arm [95% CI], p | "
+             "second metric | |", "|---|---|---|---|---|"]
+    for task, (title, metrics) in TASKS.items():
+        source = RUNS / task
+        if (source / "report.md").is_file():
+            (DOCS / task).mkdir(parents=True, exist_ok=True)
+            for name in FILES:
+                if (source / name).is_file():
+                    shutil.copy2(source / name, DOCS / task / name)
+        lines += summary_rows(task, title, metrics)
+    names = "; ".join(f"{t}: {', '.join(m)}" for t, (_, m) in TASKS.items())
+    text = "\n".join(lines) + f"\n\nMetrics per task ({names}).\n"
+    (DOCS / "summary.md").write_text(text)
+    sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
