@@ -51,13 +51,13 @@ DOMAINS = {
 
 
 def _word(rng, domain: str, positive: bool) -> str:
-    if rng.random() < 0.3:  # a domain-dependent word: its polarity here is what the domain says
+    if rng.random() < 0.2:  # a domain-dependent word: its polarity here is what the domain says
         return rng.choice([w for w, by in SHIFTING.items() if by[domain] == positive])
     return rng.choice(DOMAINS[domain]["positive" if positive else "negative"])
 
 
 def _clause(rng, domain: str, aspect: str, positive: bool) -> str:
-    if rng.random() < 0.35:
+    if rng.random() < 0.3:
         return f"the {aspect} was not {_word(rng, domain, not positive)}"
     return f"the {aspect} was {_word(rng, domain, positive)}"
 
@@ -65,11 +65,11 @@ def _clause(rng, domain: str, aspect: str, positive: bool) -> str:
 def review(rng, domain: str, positive: bool) -> str:
     aspects = rng.sample(DOMAINS[domain]["aspects"], 3)
     kind = rng.random()
-    if kind < 0.25:
+    if kind < 0.4:  # single clauses give the first steps a signal to start from
         text = _clause(rng, domain, aspects[0], positive)
-    elif kind < 0.4:  # the clause after "but" decides
+    elif kind < 0.55:  # the clause after "but" decides
         text = f"{_clause(rng, domain, aspects[0], not positive)}, but {_clause(rng, domain, aspects[1], positive)}"
-    elif kind < 0.55:  # the main clause decides
+    elif kind < 0.7:  # the main clause decides
         text = (f"although {_clause(rng, domain, aspects[0], not positive)}, "
                 f"{_clause(rng, domain, aspects[1], positive)}")
     else:  # three clauses, two or three with the label's polarity, in random order
