@@ -70,7 +70,7 @@ def test_causal_rows_are_trls_business_and_classification_collates_here(tmp_path
             {"text": "good " * (i + 1), "label": "pos"} for i in range(3)])},
         "optimizer": {"name": "adamw", "lr": 1e-3}, "eval": {"metrics": []},
     })
-    train_ds, _, _, _ = build_datasets(recipe, tok)
+    train_ds, _, _, _, _ = build_datasets(recipe, tok)
     batch = collator(recipe, tok)([train_ds[i] for i in range(3)])
     assert batch["input_ids"].shape == batch["attention_mask"].shape and batch["labels"].tolist() == [0, 0, 0]
     assert batch["attention_mask"][0].sum() < batch["attention_mask"][2].sum()  # padded to the longest
@@ -84,7 +84,7 @@ def test_classification_labels_are_named_and_csv_loads(tmp_path, tok):
         "data": {"format": "classification", "train_file": str(path), "columns": {"text": "sentence"}},
         "optimizer": {"name": "adamw", "lr": 1e-3}, "eval": {"metrics": []},
     })
-    train_ds, _, _, names = build_datasets(recipe, tok)
+    train_ds, _, _, names, _ = build_datasets(recipe, tok)
     assert names == ["neg", "pos"] and train_ds["labels"] == [1, 0, 1]
 
 
@@ -127,3 +127,37 @@ def test_embedded_demo_data_is_what_the_generator_makes():
     train_prompts = {json.loads(line)["prompt"] for line in (assets / "demo_train.jsonl").read_text().splitlines()}
     eval_prompts = {json.loads(line)["prompt"] for line in (assets / "demo_eval.jsonl").read_text().splitlines()}
     assert not train_prompts & eval_prompts and len(train_prompts | eval_prompts) == 200
+
+
+def _bert_tokenizer(tmp_path):
+    from transformers import BertTokenizerFast
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", "the", "film"]) + "\n")
+    return BertTokenizerFast(vocab_file=str(vocab))
+
+
+def test_a_pair_keeps_its_segments_for_models_that_read_them(tmp_path, tok):
+    cfg, ids = DataConfig(format="classification"), {"neg": 0, "pos": 1}
+    pair = tokenize_row({"text": "good film", "text_pair": "bad", "label": "pos"}, _bert_tokenizer(tmp_path), cfg, ids)
+    assert pair["token_type_ids"] == [0, 0, 0, 0, 1, 1]  # [CLS] good film [SEP] | bad [SEP]: BERT tells them apart
+    llama = tokenize_row({"text": "one", "text_pair": "two", "label": "neg"}, tok, cfg, ids)
+    assert "token_type_ids" not in llama  # a model without segments is not handed any
+
+
+def test_tokenised_data_is_not_reused_from_the_cache_after_the_tokenisation_changes(tmp_path, monkeypatch):
+    from tam_hf.finetune import data
+
+    tok = _bert_tokenizer(tmp_path)
+    recipe = validate_recipe({
+        "model": {"name": "embedded:tiny-llama"}, "task": "sequence_classification",
+        "data": {"format": "classification", "train_file": _write(tmp_path / "c.jsonl", [
+            {"text": "good film", "label": "pos"}, {"text": "bad film", "label": "neg"}])},
+        "optimizer": {"name": "adamw", "lr": 1e-3}, "eval": {"metrics": []},
+        "training": {"output_dir": str(tmp_path / "o")}})
+    first = build_datasets(recipe, tok)[0]
+    monkeypatch.setattr(data, "_SOURCE", data._SOURCE + "# changed")  # as if data.py had been edited
+    monkeypatch.setattr(data, "_classification", lambda row, tokenizer, cfg, label2id=None: {
+        "input_ids": [2, 3], "attention_mask": [1, 1], "labels": 0})
+    second = build_datasets(recipe, tok)[0]
+    assert first["input_ids"][0] != [2, 3] and second["input_ids"][0] == [2, 3]

@@ -23,8 +23,8 @@ from pathlib import Path
 from tam_hf.finetune.config.schema import FILE_SUFFIXES, FORMAT_COLUMNS, DataConfig, Recipe
 from tam_hf.finetune.errors import DataError, hub_unavailable
 
-__all__ = ["load_raw", "check_rows", "tokenize_row", "build_datasets", "prompt_and_answer", "collator",
-           "label_names"]
+__all__ = ["load_raw", "check_rows", "tokenize_row", "tokenize_split", "build_datasets", "prompt_and_answer",
+           "collator", "label_names"]
 
 DATASET_OFFLINE = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
 _TEXT_BUILDERS = ("json", "csv", "text")
@@ -32,6 +32,7 @@ _SNIFF = 8192
 # data.validation_split carves with its own fixed seed: every run of a study (any training.seed, any arm) selects
 # on the same rows, and they are not the rows data.eval_fraction holds out (seed 0, carved first).
 VALIDATION_SEED = 1
+_SOURCE = Path(__file__).read_text()  # part of the tokenised data's cache key (see _fingerprint)
 
 
 def _files(value) -> list[str]:
@@ -179,7 +180,8 @@ def _classification(row, tokenizer, cfg: DataConfig, label2id=None) -> dict:
     pair = row.get("text_pair")
     enc = tokenizer(row["text"], pair, truncation=True, max_length=cfg.max_length)
     label = float(row["label"]) if cfg.target == "score" else label2id[str(row["label"])]
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": label}
+    # Whatever the model reads: BERT's token_type_ids tell the two texts of a pair apart; Llama takes none.
+    return {**{k: enc[k] for k in tokenizer.model_input_names if k in enc}, "labels": label}
 
 
 def prompt_and_answer(row, cfg: DataConfig) -> tuple[str, str]:
@@ -327,11 +329,24 @@ def build_datasets(recipe: Recipe, tokenizer):
     raw = load_raw(cfg)
     names = label_names(raw, cfg)
     label2id = {n: i for i, n in enumerate(names)} if names else None
-    out = {}
-    for split, ds in raw.items():
-        fn = partial(_tokenize_checked, tokenizer=tokenizer, cfg=cfg, label2id=label2id, locate=_Locator(cfg, split))
-        out[split] = ds.map(fn, with_indices=True, remove_columns=ds.column_names, desc=f"tokenising {split}")
+    out = {split: tokenize_split(ds, split, tokenizer, cfg, label2id) for split, ds in raw.items()}
     return out["train"], out.get("eval"), raw, names, out.get("validation")
+
+
+def tokenize_split(ds, split: str, tokenizer, cfg: DataConfig, label2id, desc: str | None = None):
+    """One split of classification rows tokenised (``datasets.map``, cached), each row checked (a DataError names
+    its file and line)."""
+    fn = partial(_tokenize_checked, tokenizer=tokenizer, cfg=cfg, label2id=label2id, locate=_Locator(cfg, split))
+    return ds.map(fn, with_indices=True, remove_columns=ds.column_names, desc=desc or f"tokenising {split}",
+                  new_fingerprint=_fingerprint(ds, tokenizer, cfg, label2id))
+
+
+def _fingerprint(ds, tokenizer, cfg: DataConfig, label2id) -> str:
+    """The cache key of a tokenised split. `datasets` hashes the mapped function but not the functions it calls,
+    so an edit of this module would silently reuse rows tokenised the old way: its source is part of the key."""
+    from datasets.fingerprint import Hasher
+
+    return Hasher.hash([ds._fingerprint, tokenizer, cfg.model_dump(mode="json"), label2id, _SOURCE])
 
 
 def collator(recipe: Recipe, tokenizer):

@@ -184,11 +184,9 @@ def build(pipeline: _Pipeline, run) -> Any:
 def _load_data(run) -> list[str] | None:
     """Every stage's rows; for classification tokenised with the labels of all stages together (one head for
     every stage). Returns those label names (None for causal LM and regression)."""
-    from functools import partial
-
     from datasets import DatasetDict
 
-    from tam_hf.finetune.data import check_rows, label_names, load_raw, tokenize_row
+    from tam_hf.finetune.data import check_rows, label_names, load_raw, tokenize_split
 
     for stage in run.stages:
         stage.raw = load_raw(stage.recipe.data)
@@ -202,9 +200,8 @@ def _load_data(run) -> list[str] | None:
                                      for split, ds in s.raw.items()}), data)
     label2id = {n: i for i, n in enumerate(names)} if names else None
     for stage in run.stages:
-        tokenize = partial(tokenize_row, tokenizer=run.tokenizer, cfg=stage.recipe.data, label2id=label2id)
-        stage.tokenized = {split: ds.map(tokenize, remove_columns=ds.column_names, desc=f"tokenising {stage.name} "
-                                         f"{split}") for split, ds in stage.raw.items()}
+        stage.tokenized = {split: tokenize_split(ds, split, run.tokenizer, stage.recipe.data, label2id,
+                                                 f"tokenising {stage.name} {split}") for split, ds in stage.raw.items()}
     return names
 
 
