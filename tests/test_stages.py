@@ -360,3 +360,17 @@ def test_a_failure_in_a_stage_is_recorded_with_the_stage(files, tmp_path):
     assert summary["status"] == "failed" and summary["phase"] == "train" and summary["stage"] == "weather"
     assert summary["diverged_at_step"] == 2 and summary["steps"] == 4 + 2
     assert [s["name"] for s in summary["stages"]] == ["words"]
+
+
+def test_compare_keeps_every_stages_log_history_on_one_step_axis():
+    from transformers import TrainerControl, TrainerState
+
+    from tam_hf.compare.runner import _history_callback
+
+    history = _history_callback()
+    stages = [TrainerState(global_step=4, log_history=[{"loss": 1.0, "step": 2}, {"loss": 0.8, "step": 4}]),
+              TrainerState(global_step=3, log_history=[{"loss": 0.9, "step": 3}, {"eval_loss": 0.7, "step": 3}])]
+    for state in [stages[0], stages[0], stages[1]]:  # a Trainer may begin twice on one state (resume)
+        history.on_train_begin(None, state, TrainerControl())
+    assert [(e.get("loss", e.get("eval_loss")), e["step"]) for e in history.log_history] == [
+        (1.0, 2), (0.8, 4), (0.9, 7), (0.7, 7)]

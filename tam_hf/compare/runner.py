@@ -45,14 +45,27 @@ def unreadable(path: Path) -> bool:
 
 def _history_callback():
     """A callback that keeps the Trainer's state, so the log history (the final evaluation included: it is
-    appended to the same state after training) outlives the run; finetune() returns only the summary."""
+    appended to the same state after training) outlives the run; finetune() returns only the summary. A staged
+    run trains one Trainer per stage, each counting steps from 0: its history is every stage's, one after the
+    other, each stage's steps shifted by the steps of the stages before it (one axis for the curves)."""
     from transformers import TrainerCallback
 
     class _History(TrainerCallback):
-        state = None
+        def __init__(self):
+            self.states = []
 
         def on_train_begin(self, args, state, control, **kwargs):
-            self.state = state
+            if not any(state is seen for seen in self.states):
+                self.states.append(state)
+
+        @property
+        def log_history(self) -> list[dict]:
+            out, offset = [], 0
+            for state in self.states:
+                out += [{**entry, "step": entry["step"] + offset} if "step" in entry else entry
+                        for entry in state.log_history]
+                offset += state.global_step
+            return out
 
     return _History()
 
@@ -134,7 +147,7 @@ def execute(run, keep_models: bool = False) -> dict:
             raise KeyboardInterrupt
         result["status"] = "completed"
         summary["wall_s"] = _add_parts(result, summary.get("wall_s"), resumed_from, before)
-    result.update(summary=summary, log_history=history.state.log_history if history.state is not None else [])
+    result.update(summary=summary, log_history=history.log_history)
     write_json(run.result_path, result)
     if not keep_models:
         _prune(run.directory)
