@@ -11,7 +11,8 @@ import pytest
 
 from tam_hf.commands import compare as command
 from tam_hf.compare import runner, study
-from tam_hf.compare.tuning import (TUNING_SEED, auto_grid, choose, chosen_section, default_metric, parse_tune_lr)
+from tam_hf.compare.tuning import (MAX_EXTENSIONS, TUNING_SEED, auto_grid, beyond_edge, choose, chosen_section,
+                                   default_metric, parse_tune_lr)
 from tam_hf.finetune.errors import RecipeError
 
 DEMO = Path(__file__).parents[1] / "recipes" / "examples" / "demo_tiny.yaml"
@@ -139,3 +140,24 @@ def test_a_tuned_study_chooses_on_validation_then_scores_fresh_seeds(tmp_path, c
     calls = []  # a rerun trains nothing
     monkeypatch.setattr(runner, "execute", lambda run, keep_models=False: calls.append(run) or {})
     assert command.main(argv) == 0 and calls == []
+
+
+def test_an_auto_grid_follows_a_choice_at_its_edge_a_few_points_at_most(tmp_path):
+    tuned = study.plan_tuned(DEMO, ["adamw", "adatamw@1e-4|3e-4"], "auto", [TUNING_SEED], None, FAST, out=tmp_path)
+    grid = list(tuned.grids["adamw"])
+    low = choose("adamw", grid, "loss", {lr: [_result({"loss": lr}, {})] for lr in grid})  # smallest lr best
+    edge = choose("adatamw", [1e-4, 3e-4], "loss", {lr: [_result({"loss": lr}, {})] for lr in (1e-4, 3e-4)})
+    runs = study.extend_tuned(tuned, [low, edge])
+    below = float(f"{grid[0] / 3:.3g}")
+    # adatamw's own grid is the user's: flagged, not extended
+    assert [(r.label, r.recipe.optimizer.lr, r.seed) for r in runs] == [("adamw", below, TUNING_SEED)]
+    assert runs[0].directory == tmp_path / "tuning" / "adamw" / f"lr{below:.3g}" / f"seed{TUNING_SEED}"
+    assert tuned.grids["adamw"] == [below, *grid] and tuned.extended == {"adamw": {"low": 1}}
+    assert runs[0] in tuned.runs and tuned.grids["adatamw"] == [1e-4, 3e-4]
+    inside = choose("adamw", tuned.grids["adamw"], "loss", {lr: [_result({"loss": abs(lr - grid[0])}, {})]
+                                                             for lr in tuned.grids["adamw"]}, tuned.extended["adamw"])
+    assert inside.lr == grid[0] and inside.edge is None and study.extend_tuned(tuned, [inside]) == []
+    assert "grid extended by 1 lr(s) below" in "\n".join(chosen_section([inside], [TUNING_SEED], "v"))
+    spent = choose("adamw", tuned.grids["adamw"], "loss", {}, {"low": MAX_EXTENSIONS})
+    spent.lr = min(spent.grid)
+    assert spent.edge == "low" and beyond_edge(spent) is None  # the extensions are used up: flagged instead

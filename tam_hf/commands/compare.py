@@ -119,6 +119,16 @@ def main(argv: list[str] | None = None) -> int:
     sections, extra = [], {}
     if tuned is not None:
         choices, sections, extra = _choose(tuned, out)
+        while True:  # an auto grid follows a choice at its edge (tuning.beyond_edge), one lr at a time
+            more = study.extend_tuned(tuned, choices)
+            if not more or (args.report_only and not all(r.done for r in more)):
+                break
+            print("compare: a choice at the grid's edge: trying " + ", ".join(
+                f"{r.label} lr {r.recipe.optimizer.lr:.3g}" for r in more if r.seed == tuned.seeds[0]), flush=True)
+            code = _train(more, [], args, len({r.label for r in more}), len(tuned.seeds), out, "tuning runs")
+            if code is not None:
+                return code
+            choices, sections, extra = _choose(tuned, out)
         chosen = {c.label: c.lr for c in choices}
         runs = study.final_runs(tuned, chosen, seeds)
         print("compare: learning rates chosen on the validation split: "
@@ -154,7 +164,7 @@ def _choose(tuned, out: Path):
             if run.label == label:
                 by_lr.setdefault(run.recipe.optimizer.lr, []).append(result)
         finished = {lr: rs for lr, rs in by_lr.items() if len(rs) == len(tuned.seeds)}
-        choices.append(choose(label, tuned.grids[label], tuned.metric, finished))
+        choices.append(choose(label, tuned.grids[label], tuned.metric, finished, tuned.extended.get(label)))
     out.mkdir(parents=True, exist_ok=True)
     extra = write_tuning(out, choices, [{**result, "lr": run.recipe.optimizer.lr} for run, result in done])
     return choices, chosen_section(choices, tuned.seeds, tuned.source), extra

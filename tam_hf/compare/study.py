@@ -46,7 +46,7 @@ import hashlib
 import itertools
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -59,7 +59,7 @@ from tam_hf.optim import registry
 from tam_hf.optim.registry import OptimizerSpec
 
 __all__ = ["Arm", "Run", "Plan", "Tuned", "MIN_POINTS", "arms", "find_arm", "expand", "plan", "plan_tuned",
-           "final_runs"]
+           "extend_tuned", "final_runs"]
 
 # TrainingArguments fields that cannot change a run's numbers: a rerun that differs only in these is not redone.
 COSMETIC = ("output_dir", "disable_tqdm", "report_to", "run_name", "logging_dir")
@@ -296,6 +296,8 @@ class Tuned:
     arms: list[tuple[str, Arm, dict]] = None  # (label, arm, raw recipe) for final_runs
     recipe_path: Path = None
     out: Path = None
+    auto: tuple[str, ...] = ()            # the labels whose grid is auto: an edge choice is followed
+    extended: dict[str, dict[str, int]] = field(default_factory=dict)  # label -> side -> lrs added
 
 
 def _base(recipe_path: Path, optimizers: list[str], seeds: list[int], sets, label: str = "--seeds"):
@@ -384,8 +386,30 @@ def plan_tuned(recipe_path: str | Path, optimizers: list[str], tune_lr, tune_see
             folder = Path(out) / "tuning" / _slug(label) / f"lr{lr:.3g}"
             runs += _runs_of(recipe_path, label, arm, arm_raw, tune_seeds, folder, problems, lr=lr)
     _raise(problems, recipe_path)
+    auto = tuple(label for label, _, _ in arm_recipes if tune_lr == "auto" and label not in own)
     return Tuned([label for label, _, _ in arm_recipes], runs, notes, grids, metric, list(tune_seeds), source,
-                 arm_recipes, recipe_path, Path(out))
+                 arm_recipes, recipe_path, Path(out), auto)
+
+
+def extend_tuned(tuned: Tuned, choices: list) -> list[Run]:
+    """The tuning runs of one more lr past the edge of every auto-grid arm whose choice sits there
+    (:func:`tam_hf.compare.tuning.beyond_edge`); added to ``tuned`` (its runs, grids and extension counts)."""
+    from tam_hf.compare.tuning import beyond_edge
+
+    problems, new = [], []
+    for choice in choices:
+        lr = beyond_edge(choice) if choice.label in tuned.auto else None
+        if lr is None or lr in tuned.grids[choice.label]:
+            continue
+        label, arm, arm_raw = next(entry for entry in tuned.arms if entry[0] == choice.label)
+        folder = tuned.out / "tuning" / _slug(label) / f"lr{lr:.3g}"
+        new += _runs_of(tuned.recipe_path, label, arm, arm_raw, tuned.seeds, folder, problems, lr=lr)
+        tuned.grids[label] = sorted([*tuned.grids[label], lr])
+        sides = tuned.extended.setdefault(label, {})
+        sides[choice.edge] = sides.get(choice.edge, 0) + 1
+    _raise(problems, tuned.recipe_path)
+    tuned.runs += new
+    return new
 
 
 def final_runs(tuned: Tuned, chosen: dict[str, float], seeds: list[int]) -> list[Run]:

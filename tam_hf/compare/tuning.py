@@ -12,10 +12,14 @@ The protocol, fixed before anything runs:
 3. Each run is scored on the recipe's validation split (``data.validation_split`` or ``data.validation_file``:
    rows held out of training, never the eval set) by the ``--select`` metric; an lr's score is its mean over the
    tuning seeds; a diverged run or a missing score makes the lr unchoosable.
-4. The best lr of each arm is chosen (lower is better for losses and perplexity, higher for the rest); then
-   ``--seeds`` fresh runs at that lr are scored on the eval set, and the report compares those.
+4. The best lr of each arm is chosen (lower is better for losses and perplexity, higher for the rest). With
+   ``auto``, a choice at the grid's edge is followed: one more lr x GRID_STEP beyond it is tried (same tuning
+   seeds), up to :data:`MAX_EXTENSIONS` per side, until the choice is inside the grid (an arm whose lr sits at
+   the edge would be compared under-tuned; the extra runs are reported). Then ``--seeds`` fresh runs at the
+   chosen lr are scored on the eval set, and the report compares those.
 
-A choice at the grid's edge is flagged: the best lr may lie beyond it, and the arm may be under-tuned.
+A choice still at the grid's edge (an explicit grid, or the extensions used up) is flagged: the best lr may lie
+beyond it.
 """
 
 from __future__ import annotations
@@ -26,11 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["GRID_POINTS", "GRID_STEP", "TUNING_SEED", "parse_tune_lr", "auto_grid", "lower_is_better",
-           "default_metric", "Choice", "choose", "write_tuning", "chosen_section"]
+__all__ = ["GRID_POINTS", "GRID_STEP", "MAX_EXTENSIONS", "TUNING_SEED", "parse_tune_lr", "auto_grid",
+           "lower_is_better", "default_metric", "Choice", "choose", "beyond_edge", "write_tuning", "chosen_section"]
 
 GRID_POINTS = 5
 GRID_STEP = 3.0
+MAX_EXTENSIONS = 2  # lrs added beyond an auto grid's edge, per side
 # Tuning seeds start here: far from the 0, 1, 2... of --seeds N, so no scored run is a run the lr was chosen on.
 TUNING_SEED = 1000
 _LOWER_IS_BETTER = ("loss", "perplexity")
@@ -91,6 +96,7 @@ class Choice:
     metric: str
     scores: dict[float, Optional[float]] = field(default_factory=dict)  # lr -> mean over tuning seeds, None: unusable
     lr: Optional[float] = None
+    extended: dict[str, int] = field(default_factory=dict)  # 'low'/'high' -> lrs added beyond the first grid
 
     @property
     def edge(self) -> Optional[str]:
@@ -100,6 +106,15 @@ class Choice:
         return "low" if self.lr == min(self.grid) else "high" if self.lr == max(self.grid) else None
 
 
+def beyond_edge(choice: Choice) -> Optional[float]:
+    """The next lr to try past the edge ``choice`` sits at (x GRID_STEP further), or None: inside the grid, nothing
+    choosable, or :data:`MAX_EXTENSIONS` already added on that side."""
+    if choice.edge is None or choice.extended.get(choice.edge, 0) >= MAX_EXTENSIONS:
+        return None
+    lr = min(choice.grid) / GRID_STEP if choice.edge == "low" else max(choice.grid) * GRID_STEP
+    return float(f"{lr:.3g}")
+
+
 def _score(result: dict, metric: str) -> Optional[float]:
     if result.get("status") == "diverged":
         return None
@@ -107,11 +122,12 @@ def _score(result: dict, metric: str) -> Optional[float]:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
-def choose(label: str, grid: list[float], metric: str, results: dict[float, list[dict]]) -> Choice:
+def choose(label: str, grid: list[float], metric: str, results: dict[float, list[dict]],
+           extended: Optional[dict[str, int]] = None) -> Choice:
     """The lr of ``grid`` whose tuning runs (``results``: lr -> the finished runs' result.json contents) score best
     on the validation split by ``metric``; ties go to the smaller lr. An lr with a diverged run or a missing
     score cannot be chosen; with none choosable, ``lr`` stays None."""
-    choice = Choice(label, list(grid), metric)
+    choice = Choice(label, sorted(grid), metric, extended=dict(extended or {}))
     for lr in grid:
         runs = results.get(lr) or []
         values = [_score(r, metric) for r in runs]
@@ -195,6 +211,9 @@ def chosen_section(choices: list[Choice], tune_seeds: list[int], source: str) ->
             note = f"**at the grid's {c.edge} edge** (the {side} lr tried): the best lr may lie beyond; widen the grid"
         else:
             note = ""
+        added = [f"{n} lr(s) {'below' if side == 'low' else 'above'}" for side, n in c.extended.items() if n]
+        if added:
+            note = (note + "; " if note else "") + f"grid extended by {' and '.join(added)} (the choice was at its edge)"
         lr = "–" if c.lr is None else f"{c.lr:.3g}"
         text.append(f"| {c.label} | {len(c.grid)} points, {min(c.grid):.3g}..{max(c.grid):.3g} | {scores} | {lr} | "
                     f"{note} |")
