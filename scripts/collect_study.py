@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 RUNS = ROOT / "runs" / "study"
 DOCS = ROOT / "docs" / "study"
 FILES = ("report.md", "report.csv", "runs.csv", "tuning.csv", "loss.png", "damping.png", "tuning.png")
@@ -58,7 +59,7 @@ def summary_rows(task: str, title: str, metrics: list[str]) -> list[str]:
     folder = DOCS / task
     path = folder / "report.csv"
     if not path.is_file():
-        return [f"| {title} | not run yet | | | |"]
+        return [f"| {title} | not run yet | | |"]
     with path.open() as f:
         rows = list(csv.DictReader(f))
     baseline = next(k for k in rows[0] if k.startswith("delta_vs_") and k not in ("delta_se",)).removeprefix("delta_vs_")
@@ -67,16 +68,40 @@ def summary_rows(task: str, title: str, metrics: list[str]) -> list[str]:
     chosen = _chosen(folder)
     out = []
     for arm in arms:
-        cells = [_cell(by[(arm, m)], baseline) if (arm, m) in by else "–" for m in metrics]
+        cells = [_cell(by[(arm, m)], baseline) if (arm, m) in by else "–" for m in metrics] + [""] * (2 - len(metrics))
         n = max((by[(arm, m)]["n"] for m in metrics if (arm, m) in by), default="0")
-        out.append(f"| {title} | {arm} (lr {chosen.get(arm, '?')}, n {n}) | " + " | ".join(cells)
-                   + " |" * (1 + 2 - len(metrics)))
+        out.append(f"| {title} | {arm} (lr {chosen.get(arm, '?')}, n {n}) | " + " | ".join(cells) + " |")
     return out
 
 
+def angle_rows(task: str, title: str, metrics: list[str]) -> list[str]:
+    """The angle's own effect: adatamw minus its constant-damping control, paired by seed (from runs.csv)."""
+    from tam_hf.compare.stats import paired
+
+    path = DOCS / task / "runs.csv"
+    if not path.is_file():
+        return []
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    arms = {r["arm"] for r in rows}
+    if not {"adatamw", "adatamw-const"} <= arms:
+        return []
+
+    def values(arm: str, metric: str) -> dict[int, float]:
+        return {int(r["seed"]): float(r[metric]) for r in rows
+                if r["arm"] == arm and r.get(metric) not in ("", None, "diverged")}
+
+    cells = []
+    for metric in metrics:
+        d = paired(values("adatamw", metric), values("adatamw-const", metric))
+        cells.append(f"Δ {d['delta']:+.3f} [{d['delta_low']:+.3f}, {d['delta_high']:+.3f}], p {d['p_value']:.2g}")
+    return [f"| {title} | adatamw − adatamw-const (the angle), {d['delta_n']} pairs | "
+            + " | ".join(cells + [""] * (2 - len(cells))) + " |"]
+
+
 def main() -> int:
-    lines = ["| task | arm (chosen lr, seeds) | headline metric: mean [95% CI]<br>Δ vs the first arm [95% CI], p | "
-             "second metric | |", "|---|---|---|---|---|"]
+    lines = ["| task | arm (chosen lr, seeds) | first metric: mean [95% CI]<br>Δ vs the first arm [95% CI], p | "
+             "second metric |", "|---|---|---|---|"]
     for task, (title, metrics) in TASKS.items():
         source = RUNS / task
         if (source / "report.md").is_file():
@@ -84,7 +109,7 @@ def main() -> int:
             for name in FILES:
                 if (source / name).is_file():
                     shutil.copy2(source / name, DOCS / task / name)
-        lines += summary_rows(task, title, metrics)
+        lines += summary_rows(task, title, metrics) + angle_rows(task, title, metrics)
     names = "; ".join(f"{t}: {', '.join(m)}" for t, (_, m) in TASKS.items())
     text = "\n".join(lines) + f"\n\nMetrics per task ({names}).\n"
     (DOCS / "summary.md").write_text(text)
