@@ -101,9 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                                      parse_seeds(args.tune_seeds, "--tune-seeds", TUNING_SEED), args.select, sets,
                                      args.sweeps, out)
             labels, runs, notes = tuned.labels, tuned.runs, tuned.notes
-            if set(seeds) & set(tuned.seeds):
-                raise ValueError(f"--seeds and --tune-seeds share seed(s) {sorted(set(seeds) & set(tuned.seeds))}: "
-                                 "the scored runs must not be runs the lr was chosen on")
+            study.check_seeds(seeds, tuned)  # before any tuning run, not after
     except (RecipeError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -59,7 +59,7 @@ from tam_hf.optim import registry
 from tam_hf.optim.registry import OptimizerSpec
 
 __all__ = ["Arm", "Run", "Plan", "Tuned", "MIN_POINTS", "arms", "find_arm", "expand", "plan", "plan_tuned",
-           "extend_tuned", "final_runs"]
+           "extend_tuned", "check_seeds", "final_runs"]
 
 # TrainingArguments fields that cannot change a run's numbers: a rerun that differs only in these is not redone.
 COSMETIC = ("output_dir", "disable_tqdm", "report_to", "run_name", "logging_dir")
@@ -412,13 +412,18 @@ def extend_tuned(tuned: Tuned, choices: list) -> list[Run]:
     return new
 
 
-def final_runs(tuned: Tuned, chosen: dict[str, float], seeds: list[int]) -> list[Run]:
-    """The scored runs: ``seeds`` of every arm with a chosen lr, at that lr, in ``out/runs`` (as without tuning)."""
-    _once(seeds, lambda seed: f"--seeds: seed {seed} is given twice; name each seed once")
+def check_seeds(seeds: list[int], tuned: Tuned) -> None:
+    """A ValueError when a scored seed is also a tuning seed: the lr would be scored on a run it was chosen on."""
     overlap = sorted(set(seeds) & set(tuned.seeds))
     if overlap:
         raise ValueError(f"--seeds and --tune-seeds share seed(s) {overlap}: the scored runs must not be runs the lr "
                          "was chosen on")
+
+
+def final_runs(tuned: Tuned, chosen: dict[str, float], seeds: list[int]) -> list[Run]:
+    """The scored runs: ``seeds`` of every arm with a chosen lr, at that lr, in ``out/runs`` (as without tuning)."""
+    _once(seeds, lambda seed: f"--seeds: seed {seed} is given twice; name each seed once")
+    check_seeds(seeds, tuned)
     problems, runs = [], []
     for label, arm, arm_raw in tuned.arms:
         if chosen.get(label) is not None:

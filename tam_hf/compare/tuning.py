@@ -30,15 +30,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from tam_hf.finetune.continual import higher_is_better
+
 __all__ = ["GRID_POINTS", "GRID_STEP", "MAX_EXTENSIONS", "TUNING_SEED", "parse_tune_lr", "auto_grid",
-           "lower_is_better", "default_metric", "Choice", "choose", "beyond_edge", "write_tuning", "chosen_section"]
+           "default_metric", "Choice", "choose", "beyond_edge", "write_tuning", "chosen_section"]
 
 GRID_POINTS = 5
 GRID_STEP = 3.0
 MAX_EXTENSIONS = 2  # lrs added beyond an auto grid's edge, per side
 # Tuning seeds start here: far from the 0, 1, 2... of --seeds N, so no scored run is a run the lr was chosen on.
 TUNING_SEED = 1000
-_LOWER_IS_BETTER = ("loss", "perplexity")
 
 
 def parse_tune_lr(text: Optional[str]):
@@ -75,10 +76,6 @@ def auto_grid(centre: float) -> list[float]:
     so the run folders and tables read 1.33e-05 rather than 1.3333333333e-05)."""
     half = GRID_POINTS // 2
     return [float(f"{centre * GRID_STEP ** k:.3g}") for k in range(-half, GRID_POINTS - half)]
-
-
-def lower_is_better(metric: str) -> bool:
-    return any(word in metric for word in _LOWER_IS_BETTER)
 
 
 def default_metric(recipe) -> str:
@@ -134,7 +131,7 @@ def choose(label: str, grid: list[float], metric: str, results: dict[float, list
         choice.scores[lr] = None if not values or None in values else sum(values) / len(values)
     usable = [(v, lr) for lr, v in choice.scores.items() if v is not None]
     if usable:
-        sign = 1.0 if lower_is_better(metric) else -1.0
+        sign = -1.0 if higher_is_better(metric) else 1.0
         choice.lr = min(usable, key=lambda pair: (sign * pair[0], pair[1]))[1]
     return choice
 
@@ -181,7 +178,7 @@ def _plot(choices: list[Choice], results: list[dict], metric: str, path: Path) -
                        linewidths=2)
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
-    ax.set_ylabel(f"validation {metric} ({'lower' if lower_is_better(metric) else 'higher'} is better)")
+    ax.set_ylabel(f"validation {metric} ({'higher' if higher_is_better(metric) else 'lower'} is better)")
     ax.set_title("lr tuning on the validation split: mean over tuning seeds (ring: chosen; x: diverged)")
     ax.grid(alpha=0.3, which="both")
     if choices:
@@ -195,7 +192,7 @@ def chosen_section(choices: list[Choice], tune_seeds: list[int], source: str) ->
     """report.md's "Learning rates chosen": per arm the grid, each lr's validation score, the choice, and a flag
     when the choice sits at the grid's edge."""
     metric = choices[0].metric if choices else "loss"
-    better = "lower" if lower_is_better(metric) else "higher"
+    better = "higher" if higher_is_better(metric) else "lower"
     text = ["## Learning rates chosen", "",
             f"Each arm's lr was chosen on the validation split ({source}; never the eval set) by validation "
             f"{metric} ({better} is better), mean over {len(tune_seeds)} tuning seed(s) "
