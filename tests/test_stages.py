@@ -278,6 +278,43 @@ def test_a_signal_in_stage_2_stops_naming_it_and_resume_finishes_the_same_run(ca
         finetune(recipe)
 
 
+def test_compare_continues_a_staged_run_from_its_stage_checkpoint_with_the_whole_history(files, tmp_path,
+                                                                                          monkeypatch):
+    import yaml
+
+    import tam_hf.finetune.pipeline as pipeline
+    from tam_hf.compare import runner, study
+    from tam_hf.finetune.stages import resume_point
+
+    recipe = tmp_path / "staged.yaml"
+    recipe.write_text(yaml.safe_dump(_raw(files, tmp_path / "unused")))
+    whole = runner.execute(study.plan(recipe, ["adamw"], [0], out=tmp_path / "whole").runs[0])
+    real, attempts = pipeline.finetune, []
+
+    def finetune(recipe, callbacks=()):  # the first attempt is stopped in stage 2, after its checkpoint-2
+        stop = [] if attempts else [_SignalAt("stage-2-weather", step=1)]
+        attempts.append(recipe.resume)
+        return real(recipe, callbacks=[*callbacks, *stop])
+
+    monkeypatch.setattr(pipeline, "finetune", finetune)
+    run = study.plan(recipe, ["adamw"], [0], out=tmp_path / "cut").runs[0]
+    with pytest.raises(KeyboardInterrupt):
+        runner.execute(run)
+    assert resume_point(run.directory, run.recipe) == "stage-2-weather/checkpoint-2"
+    assert "stage-2-weather/checkpoint-2" in json.loads((run.directory / "study.json").read_text())["elapsed_s"]
+    run = study.plan(recipe, ["adamw"], [0], out=tmp_path / "cut").runs[0]  # the rerun of the same command
+    resumed = runner.execute(run)
+    assert attempts == [False, True] and resumed["resumed_from"] == "stage-2-weather/checkpoint-2"
+    assert resumed["summary"]["wall_s"] == pytest.approx(sum(resumed["wall_s_parts"]))  # both attempts' time
+    _same_result(resumed["summary"], whole["summary"])
+    # Timings aside, and the Trainer's closing train_loss (its mean over the steps of the last attempt only):
+    skip = ("runtime", "per_second", "wall_s", "train_loss")
+    same = [[{k: v for k, v in e.items() if not any(t in k for t in skip)} for e in r["log_history"]]
+            for r in (resumed, whole)]
+    assert same[0] == same[1]  # stage 1 read back from its folder, with its evaluations; stage 2 from the checkpoint
+    assert sum("eval_accuracy" in e and e["step"] == 4 for e in same[0]) == 2  # after stage 1, on both eval sets
+
+
 def test_lora_resumed_between_stages_carries_the_adapter_and_the_optimizer_state(files, tmp_path):
     whole = finetune(validate_recipe(_raw(files, tmp_path / "whole", method="lora")))
     out = tmp_path / "out"

@@ -2,8 +2,10 @@
 
 Resumable: each run lives in ``DIR/runs/<arm>/seed<k>`` (a tuning run in ``DIR/tuning/<arm>/lr<lr>/seed<k>``) and is finished when its ``result.json`` can be read and
 was produced by the same resolved recipe; a rerun of the same command skips those and only does the rest
-(a partial run is continued from its last complete checkpoint when it saved one, else started again; its
-``wall_s`` then adds up the time of every attempt up to that checkpoint, recorded in ``study.json``).
+(a partial run is continued from its last complete checkpoint when it saved one, else started again; a staged
+run also from the end of its last finished stage; its ``wall_s`` then adds up the time of every attempt up to that
+checkpoint, recorded in ``study.json``: a staged run continued at a stage's end, where no checkpoint recorded a
+time, reports its resumed part only, and says so).
 ``result.json`` and ``study.json`` are written atomically; one that cannot be read (cut short by a full disk or a
 crash) means "not finished": the run is done again, with a note.
 
@@ -43,16 +45,17 @@ def unreadable(path: Path) -> bool:
     return path.exists() and read_result(path) is None
 
 
-def _history_callback():
+def _history_callback(finished: tuple = ()):
     """A callback that keeps the Trainer's state, so the log history (the final evaluation included: it is
     appended to the same state after training) outlives the run; finetune() returns only the summary. A staged
     run trains one Trainer per stage, each counting steps from 0: its history is every stage's, one after the
-    other, each stage's steps shifted by the steps of the stages before it (one axis for the curves)."""
+    other, each stage's steps shifted by the steps of the stages before it (one axis for the curves); the states
+    of stages ``finished`` in an earlier attempt (read back from their folders) come first."""
     from transformers import TrainerCallback
 
     class _History(TrainerCallback):
         def __init__(self):
-            self.states = []
+            self.states = list(finished)
 
         def on_train_begin(self, args, state, control, **kwargs):
             if not any(state is seen for seen in self.states):
@@ -70,24 +73,59 @@ def _history_callback():
     return _History()
 
 
-def _prepare(run) -> tuple[Optional[int], Optional[float]]:
-    """Continue a partial run from its last complete checkpoint when the recipe is unchanged; else start over.
-    Returns (the step resumed from, the seconds the earlier attempts took to reach it), both None for a fresh
-    start; the seconds are None too when no attempt recorded them."""
-    from tam_hf.finetune.outputs import complete_checkpoints, write_json
+def _prepare(run) -> tuple[Optional[str], Optional[float], tuple]:
+    """Continue a partial run from its last complete checkpoint (a staged run: or from the end of its last
+    finished stage) when the recipe is unchanged; else start over. Returns (where it continues from, the seconds
+    the earlier attempts took to get there, the trainer states of the stages finished before), None, None, ()
+    for a fresh start; the seconds are None too when no attempt recorded them."""
+    from tam_hf.finetune.outputs import write_json
 
     d = run.directory
     record = _record(d)
-    good, _ = complete_checkpoints(d) if record.get("fingerprint") == run.fingerprint else ([], [])
-    if good:
+    point = _resume_point(run) if record.get("fingerprint") == run.fingerprint else None
+    if point is not None:
         run.recipe.resume = True
-        step = int(good[0].name.rsplit("-", 1)[1])
-        return step, (record.get("elapsed_s") or {}).get(str(step))
+        return point, (record.get("elapsed_s") or {}).get(_elapsed_key(d, d / point)), _finished_states(run)
     if d.exists():
         shutil.rmtree(d)
     d.mkdir(parents=True)
     write_json(d / RECORD, {"fingerprint": run.fingerprint, "elapsed_s": {}})
-    return None, None
+    return None, None, ()
+
+
+def _resume_point(run) -> Optional[str]:
+    """What ``resume: true`` would continue from, relative to the run's folder, or None."""
+    from tam_hf.finetune.outputs import complete_checkpoints
+    from tam_hf.finetune.stages import resume_point
+
+    if run.recipe.stages:
+        return resume_point(run.directory, run.recipe)
+    good, _ = complete_checkpoints(run.directory)
+    return good[0].name if good else None
+
+
+def _finished_states(run) -> tuple:
+    from transformers import TrainerState
+
+    from tam_hf.finetune.stages import STATE_FILE, finished_stages
+
+    if not run.recipe.stages:
+        return ()
+    done = finished_stages(run.directory, run.recipe)
+    return tuple(TrainerState.load_from_json(str(folder / STATE_FILE)) for folder in done)
+
+
+def _elapsed_key(directory: Path, checkpoint: Path) -> Optional[str]:
+    """The key of a checkpoint's time in the run's record: its step for a checkpoint of the run itself (as
+    records written before staged runs had them), "<stage folder>/checkpoint-N" for a stage's; None for a point
+    that is no checkpoint (a stage's end: no time is recorded there)."""
+    from tam_hf.finetune.outputs import CHECKPOINT
+
+    if not CHECKPOINT.match(checkpoint.name):
+        return None
+    if checkpoint.parent == directory:
+        return checkpoint.name.rsplit("-", 1)[1]
+    return f"{checkpoint.parent.name}/{checkpoint.name}"
 
 
 def _record(directory: Path) -> dict:
@@ -109,7 +147,8 @@ def _elapsed_callback(directory: Path, before: float):
     class _Elapsed(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
             record = _record(directory)
-            record.setdefault("elapsed_s", {})[str(state.global_step)] = round(before + time.time() - started, 1)
+            key = _elapsed_key(directory, Path(args.output_dir) / f"checkpoint-{state.global_step}")
+            record.setdefault("elapsed_s", {})[key] = round(before + time.time() - started, 1)
             write_json(directory / RECORD, record)
 
     return _Elapsed()
@@ -129,8 +168,8 @@ def execute(run, keep_models: bool = False) -> dict:
     from tam_hf.finetune.outputs import write_json
     from tam_hf.finetune.pipeline import finetune
 
-    resumed_from, before = _prepare(run)
-    history = _history_callback()
+    resumed_from, before, finished = _prepare(run)
+    history = _history_callback(finished)
     result = {"label": run.label, "seed": run.seed, "lr": run.recipe.optimizer.lr, "fingerprint": run.fingerprint,
               "fixed_damping": run.fixed_damping}
     callbacks = [history, _elapsed_callback(run.directory, before or 0.0)]
@@ -154,14 +193,14 @@ def execute(run, keep_models: bool = False) -> dict:
     return result
 
 
-def _add_parts(result: dict, wall_s: Optional[float], resumed_from: Optional[int], before: Optional[float]):
+def _add_parts(result: dict, wall_s: Optional[float], resumed_from: Optional[str], before: Optional[float]):
     """The wall time of every attempt of a resumed run added up (recorded in ``result``); this attempt's alone
     when the run was not resumed, or the earlier attempts recorded nothing (said in ``result``)."""
     if resumed_from is None or not isinstance(wall_s, (int, float)):
         return wall_s
-    result["resumed_from_step"] = resumed_from
+    result["resumed_from"] = resumed_from
     if before is None:
-        result["wall_s_note"] = f"resumed from checkpoint-{resumed_from}, whose time was not recorded: wall_s " \
+        result["wall_s_note"] = f"resumed from {resumed_from}, whose time was not recorded: wall_s " \
                                 "counts the resumed part only"
         return wall_s
     result["wall_s_parts"] = [before, wall_s]

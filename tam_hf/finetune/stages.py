@@ -16,7 +16,8 @@ hyperparameters and lr schedule stay the new stage's; AdamW's and AdaTAM's step 
 Layout of ``<output_dir>``::
 
     stage-<k>-<name>/checkpoint-N       the stage's checkpoints, completion-marked as a run's are
-    stage-<k>-<name>/                   its final model, optimizer.pt, trainer_state.json, tam_hf_stage.json
+    stage-<k>-<name>/                   its final model, optimizer.pt, trainer_state.json (with the evaluations
+                                        after the stage), tam_hf_stage.json
     model files, summary.json, recipe.yaml   the final model (after the last stage) and the run's summary
 
 ``resume: true`` skips every stage whose completion record is intact (and was written under the stage's
@@ -42,9 +43,10 @@ from tam_hf.finetune.errors import CheckpointError, RecipeError, ResumeError
 from tam_hf.finetune.outputs import (CHECKPOINT, Manifest, OutputPlan, complete_checkpoints, plan_output_dir,
                                      write_json, write_summary)
 
-__all__ = ["Stage", "stage_recipe", "staged_phases", "OPTIMIZER_FILE"]
+__all__ = ["Stage", "stage_recipe", "staged_phases", "finished_stages", "resume_point", "OPTIMIZER_FILE", "STATE_FILE"]
 
 OPTIMIZER_FILE = "optimizer.pt"
+STATE_FILE = "trainer_state.json"  # the stage's trainer state, its log with the evaluations after the stage
 SPLITS = ("eval", "validation")  # the sets every stage is evaluated on, where the data has them
 
 
@@ -144,15 +146,46 @@ def _resume_plan(run) -> OutputPlan:
     return plan
 
 
+def _finished_marker(folder: Path) -> dict | None:
+    """The completion record of the stage in ``folder`` when it is there and intact (every file it lists has the
+    size it lists), else None."""
+    try:
+        marker = json.loads((folder / STAGE_MARKER).read_text())
+        intact = all((folder / name).stat().st_size == size for name, size in marker["files"].items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return marker if intact else None
+
+
+def finished_stages(output_dir: Path, recipe: Recipe) -> list[Path]:
+    """The folders of the stages, from the first on, that finished in an earlier attempt (completion record
+    intact): the ones ``resume: true`` skips. Settings are not compared here: the resumed run checks them and
+    names what differs."""
+    done = []
+    for i, config in enumerate(recipe.stages):
+        folder = Path(output_dir) / stage_folder(i, config.name)
+        if _finished_marker(folder) is None:
+            break
+        done.append(folder)
+    return done
+
+
+def resume_point(output_dir: Path, recipe: Recipe) -> str | None:
+    """Where ``resume: true`` continues the staged run in ``output_dir``: "stage-2-b/checkpoint-30", "after
+    stage-1-a" ("after" the last stage when every stage finished), or None when nothing there can be continued."""
+    done = finished_stages(output_dir, recipe)
+    if len(done) < len(recipe.stages):
+        complete, _ = complete_checkpoints(Path(output_dir) / stage_folder(len(done), recipe.stages[len(done)].name))
+        if complete:
+            return f"{complete[0].parent.name}/{complete[0].name}"
+    return f"after {done[-1].name}" if done else None
+
+
 def _skip_finished(stage: Stage) -> bool:
     """Whether ``stage`` finished in an earlier attempt (its record intact); raises when it finished under other
     settings than the recipe's now."""
-    try:
-        marker = json.loads((stage.folder / STAGE_MARKER).read_text())
-        intact = all((stage.folder / name).stat().st_size == size for name, size in marker["files"].items())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return False
-    if not intact:
+    marker = _finished_marker(stage.folder)
+    if marker is None:
         return False
     now, then = _settings(stage), marker.get("settings") or {}
     changed = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
@@ -265,7 +298,7 @@ def _run_stage(pipeline: _Pipeline, run, stage: Stage) -> Any:
                     "damping": s.get("damping"), **evaluations}
     if notes:
         stage.record["notes"] = notes
-    _mark_finished(stage)
+    _mark_finished(run, stage)
     stage.trained_here = True
     run.stop.phase = "train"
     run.stage = None
@@ -332,18 +365,18 @@ def _load_stage(trainer, stage: Stage, state: bool = False) -> None:
 
     trainer._load_from_checkpoint(str(stage.folder))  # the Trainer's own loader: full models, adapters, shards
     if state:
-        trainer.state = TrainerState.load_from_json(str(stage.folder / "trainer_state.json"))
+        trainer.state = TrainerState.load_from_json(str(stage.folder / STATE_FILE))
 
 
 def _save_stage(run, stage: Stage) -> None:
-    """What the next stage (and a resumed run) starts from: the model, the optimizer state, the trainer state."""
+    """What the next stage (and a resumed run) starts from: the model and the optimizer state (the trainer state
+    is saved after the stage's evaluations, by :func:`_mark_finished`)."""
     import torch
 
     trainer = run.trainer
     trainer.save_model(str(stage.folder))
     if trainer.args.should_save:
         torch.save(trainer.optimizer.state_dict(), stage.folder / OPTIMIZER_FILE)
-        trainer.state.save_to_json(str(stage.folder / "trainer_state.json"))
 
 
 def _evaluate_stage(run, stage: Stage) -> tuple[dict, list[str]]:
@@ -371,9 +404,12 @@ def _evaluate_stage(run, stage: Stage) -> tuple[dict, list[str]]:
     return out, notes
 
 
-def _mark_finished(stage: Stage) -> None:
-    """The stage's completion record, written last: its files (flushed, with their sizes), its settings and
+def _mark_finished(run, stage: Stage) -> None:
+    """The stage's trainer state (its log holds the evaluations after the stage: a resumed ``compare`` run reads
+    it back), then its completion record, written last: its files (flushed, with their sizes), its settings and
     results. Resume skips a stage only when this record is intact."""
+    if stage.args.should_save:
+        run.trainer.state.save_to_json(str(stage.folder / STATE_FILE))
     files = {}
     for path in sorted(p for p in stage.folder.iterdir() if p.is_file() and p.name != STAGE_MARKER):
         with open(path, "rb") as f:
