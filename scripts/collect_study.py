@@ -74,29 +74,81 @@ def summary_rows(task: str, title: str, metrics: list[str]) -> list[str]:
     return out
 
 
-def angle_rows(task: str, title: str, metrics: list[str]) -> list[str]:
-    """The angle's own effect: adatamw minus its constant-damping control, paired by seed (from runs.csv)."""
+def angle_cells(task: str, metrics: list[str]) -> tuple[list[str], int]:
+    """The angle's own effect: adatamw minus its constant-damping control, paired by seed (from runs.csv): a cell
+    per metric and the number of pairs; ([], 0) where the task has not both arms."""
     from tam_hf.compare.stats import paired
 
     path = DOCS / task / "runs.csv"
     if not path.is_file():
-        return []
+        return [], 0
     with path.open() as f:
         rows = list(csv.DictReader(f))
-    arms = {r["arm"] for r in rows}
-    if not {"adatamw", "adatamw-const"} <= arms:
-        return []
+    if not {"adatamw", "adatamw-const"} <= {r["arm"] for r in rows}:
+        return [], 0
 
     def values(arm: str, metric: str) -> dict[int, float]:
         return {int(r["seed"]): float(r[metric]) for r in rows
                 if r["arm"] == arm and r.get(metric) not in ("", None, "diverged")}
 
-    cells = []
+    cells, n = [], 0
     for metric in metrics:
         d = paired(values("adatamw", metric), values("adatamw-const", metric))
         cells.append(f"Δ {d['delta']:+.3f} [{d['delta_low']:+.3f}, {d['delta_high']:+.3f}], p {d['p_value']:.2g}")
-    return [f"| {title} | adatamw − adatamw-const (the angle), {d['delta_n']} pairs | "
+        n = d["delta_n"]
+    return cells, n
+
+
+def angle_rows(task: str, title: str, metrics: list[str]) -> list[str]:
+    cells, n = angle_cells(task, metrics)
+    if not cells:
+        return []
+    return [f"| {title} | adatamw − adatamw-const (the angle), {n} pairs | "
             + " | ".join(cells + [""] * (2 - len(cells))) + " |"]
+
+
+# The table the README shows: one row per comparison, on its task's headline metric (the first of TASKS):
+# (task folder, what the row compares, baseline arm, TAM arm, its control or None)
+HEADLINE = [
+    ("sentiment", "A: sentiment, MiniLM full (100 steps)", "adamw", "adatamw", "adatamw-const"),
+    ("preference", "B: review preference, MiniLM full (120 steps)", "adamw", "adatamw", "adatamw-const"),
+    ("rules", "C: list rules, SmolLM2-135M LoRA (70 steps)", "adamw", "adatamw", "adatamw-const"),
+    ("shift", "D: 3-stage shift, MiniLM full (100+40+40 steps)", "adamw", "adatamw", "adatamw-const"),
+    ("sentiment", "A: TAM as a 50-step warm-up, then AdamW", "adamw", "adatamw>adamw@50", None),
+    ("sentiment-sgd", "A: the SGD forms (SGD-momentum vs TAM)", "sgd", "tam", None),
+]
+
+
+def _report(task: str) -> dict:
+    path = DOCS / task / "report.csv"
+    if not path.is_file():
+        return {}
+    with path.open() as f:
+        return {(r["arm"], r["metric"]): r for r in csv.DictReader(f)}
+
+
+def headline_rows() -> list[str]:
+    """One row per comparison: the baseline, the TAM arm and its control (Δ to the baseline, paired by seed), and
+    the angle (TAM arm minus control, paired), each on the task's headline metric with its chosen lr."""
+    lines = ["| task (headline metric) | baseline | TAM arm, Δ vs baseline | control (d = 0.5), Δ vs baseline | "
+             "the angle: TAM arm − control |", "|---|---|---|---|---|"]
+    for task, title, base, arm, control in HEADLINE:
+        metric = TASKS[task][1][0]
+        by, chosen = _report(task), _chosen(DOCS / task)
+        if (base, metric) not in by:
+            lines.append(f"| {title} | not run yet | | | |")
+            continue
+
+        def cell(name):
+            if name is None or (name, metric) not in by:
+                return "–"
+            row = by[(name, metric)]
+            return f"{name} (lr {chosen.get(name, '?')}, n {row['n']}): " + _cell(row, base).replace("<br>", ", ")
+
+        angle, n = angle_cells(task, [metric]) if control else ([], 0)
+        angle_cell = f"{angle[0]} ({n} pairs)" if angle else "–"
+        lines.append(f"| {title}, {metric} | {cell(base)} | {cell(arm)} | {cell(control)} | {angle_cell} |")
+    return lines
 
 
 def main() -> int:
@@ -111,7 +163,8 @@ def main() -> int:
                     shutil.copy2(source / name, DOCS / task / name)
         lines += summary_rows(task, title, metrics) + angle_rows(task, title, metrics)
     names = "; ".join(f"{t}: {', '.join(m)}" for t, (_, m) in TASKS.items())
-    text = "\n".join(lines) + f"\n\nMetrics per task ({names}).\n"
+    text = "\n".join(headline_rows()) + "\n\nEvery arm, both metrics of each task:\n\n" + "\n".join(lines) + \
+        f"\n\nMetrics per task ({names}).\n"
     (DOCS / "summary.md").write_text(text)
     sys.stdout.write(text)
     return 0

@@ -134,3 +134,33 @@ def test_study_recipe_validates_and_starts_with_its_command(path, monkeypatch):
             assert resolve_path(stage["data"][key]).is_file()
     recipe = load_recipe(path)
     assert recipe.training["max_steps"] > 0
+
+
+def test_the_study_summary_takes_every_number_from_the_reports(tmp_path, monkeypatch):
+    from scipy import stats
+
+    from tam_hf.compare.report import write_report
+
+    collect = _module("collect_study")
+    monkeypatch.setattr(collect, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(collect, "DOCS", tmp_path / "docs")
+    accuracy = {"adamw": [0.90, 0.92, 0.94], "adatamw": [0.85, 0.90, 0.89], "adatamw-const": [0.84, 0.86, 0.88]}
+    results = [{"label": arm, "seed": seed, "log_history": [],
+                "summary": {"train_loss": 0.1, "eval": {"accuracy": a, "loss": 1 - a}}}
+               for arm, values in accuracy.items() for seed, a in enumerate(values)]
+    source = tmp_path / "runs" / "sentiment"
+    write_report(results, list(accuracy), source, "A")
+    (source / "tuning.csv").write_text("arm,lr,seed,validation_accuracy,status,chosen\n"
+                                       "adamw,0.0001,1000,0.9,completed,True\nadatamw,2e-06,1000,0.8,completed,True\n")
+    assert collect.main() == 0
+    assert (tmp_path / "docs" / "sentiment" / "runs.csv").is_file()  # the report is copied whole
+    table = (tmp_path / "docs" / "summary.md").read_text().splitlines()
+    row = next(line for line in table if line.startswith("| A: sentiment") and "eval_accuracy |" in line)
+    tam = stats.ttest_rel(accuracy["adatamw"], accuracy["adamw"])
+    angle = stats.ttest_rel(accuracy["adatamw"], accuracy["adatamw-const"])
+    assert "adamw (lr 0.0001, n 3): 0.920 [0.870, 0.970]" in row  # 0.92 ± t(0.975, 2) * 0.02 / sqrt(3)
+    assert "adatamw (lr 2e-06, n 3): 0.880" in row and "Δ -0.040 [" in row and f"p {tam.pvalue:.2g}" in row
+    assert "adatamw-const (lr ?, n 3): 0.860" in row  # no tuning row chose it: said, not guessed
+    half = stats.t.ppf(0.975, 2) * 0.01  # the differences 0.01, 0.04, 0.01: sd 0.01 * sqrt(3), se 0.01
+    assert row.endswith(f"| Δ +0.020 [{0.02 - half:+.3f}, {0.02 + half:+.3f}], p {angle.pvalue:.2g} (3 pairs) |")
+    assert any(line.startswith("| B: review preference") and "not run yet" in line for line in table)
