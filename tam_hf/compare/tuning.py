@@ -179,7 +179,7 @@ def _plot(choices: list[Choice], results: list[dict], metric: str, path: Path) -
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel(f"validation {metric} ({'higher' if higher_is_better(metric) else 'lower'} is better)")
-    ax.set_title("lr tuning on the validation split: mean over tuning seeds (ring: chosen; x: diverged)")
+    ax.set_title("lr tuning on the validation split: mean over tuning seeds\n(ring: chosen; x: diverged)", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     if choices:
         ax.legend()
