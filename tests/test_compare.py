@@ -301,6 +301,7 @@ def test_the_wall_time_of_a_resumed_run_adds_up_its_parts(tmp_path, monkeypatch)
     assert seen == [True]  # continued from the checkpoint
     assert result["summary"]["wall_s"] == pytest.approx(9.5)
     assert result["resumed_from"] == "checkpoint-4" and result["wall_s_parts"] == [7.5, 2.0]
+    assert study.plan(DEMO, ["adamw"], [0], out=tmp_path).runs[0].done  # the next command finds it finished
 
 
 # ------------------------------------------------------------------------------------------------ real runs

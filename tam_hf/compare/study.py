@@ -132,8 +132,10 @@ class Run:
 
     @property
     def fingerprint(self) -> str:
-        """Hash of everything that defines the run except where it is written."""
+        """Hash of everything that defines the run except where it is written, and whether it was continued
+        from a checkpoint (the runner sets ``resume`` on a partial run: its result is the same run's)."""
         d = to_dict(self.recipe)
+        d["resume"] = False
         d["training"] = {k: v for k, v in d["training"].items() if k not in COSMETIC}
         d["fixed_damping"] = self.fixed_damping
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
