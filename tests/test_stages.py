@@ -305,6 +305,7 @@ def test_compare_continues_a_staged_run_from_its_stage_checkpoint_with_the_whole
     run = study.plan(recipe, ["adamw"], [0], out=tmp_path / "cut").runs[0]  # the rerun of the same command
     resumed = runner.execute(run)
     assert attempts == [False, True] and resumed["resumed_from"] == "stage-2-weather/checkpoint-2"
+    assert study.plan(recipe, ["adamw"], [0], out=tmp_path / "cut").runs[0].done  # and finished for the next command
     assert resumed["summary"]["wall_s"] == pytest.approx(sum(resumed["wall_s_parts"]))  # both attempts' time
     _same_result(resumed["summary"], whole["summary"])
     # Timings aside, and the Trainer's closing train_loss (its mean over the steps of the last attempt only):
