@@ -304,6 +304,43 @@ def test_the_wall_time_of_a_resumed_run_adds_up_its_parts(tmp_path, monkeypatch)
     assert study.plan(DEMO, ["adamw"], [0], out=tmp_path).runs[0].done  # the next command finds it finished
 
 
+_HOLD = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.pwrite(fd, f"{os.getpid()} elsewhere\\n".encode(), 0)
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_run_that_another_process_is_training_is_left_alone(tmp_path, monkeypatch):
+    """Two compare commands into one folder: the second must not clear the run the first is training."""
+    import subprocess
+    import sys
+
+    from tam_hf.finetune.errors import OutputDirError
+
+    _fake_finetune(monkeypatch)
+    run = study.plan(DEMO, ["adamw"], [0], out=tmp_path).runs[0]
+    run.directory.mkdir(parents=True)
+    (run.directory / "study.json").write_text(json.dumps({"fingerprint": run.fingerprint, "elapsed_s": {}}))
+    (run.directory / "model.safetensors").write_text("the other process's weights")
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(run.directory / ".tam_hf.lock")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(OutputDirError, match=f"in use by another run \\(pid {holder.pid} on elsewhere"):
+            runner.execute(run)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (run.directory / "model.safetensors").read_text() == "the other process's weights"
+    assert not run.result_path.exists()
+    result = runner.execute(run)  # the holder is gone (its lock with it): the run is done here
+    assert result["status"] == "completed" and not (run.directory / "model.safetensors").exists()
+
+
 # ------------------------------------------------------------------------------------------------ real runs
 
 

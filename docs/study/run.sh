@@ -31,8 +31,8 @@ C() {  # invented list rules, SmolLM2-135M-Instruct LoRA, loss on held-out promp
   rules adamw,adatamw,adatamw-const
 }
 # C is the longest task (~35 runs of ~4.5 min): C1 and C2 in two shells run the same runs split by arm (an arm's
-# tuning and scored runs depend on that arm alone), then C finds every run done and writes the report. Never run
-# C beside C1 or C2: two processes would take the same run.
+# tuning and scored runs depend on that arm alone), then C finds every run done and writes the report. C beside
+# C1 or C2 would stop at the first run the other is training (each run's folder is locked).
 C1() { rules adamw,adatamw; }
 C2() { rules adatamw-const; }
 D() {  # distribution shift: three stages (movies, restaurants, gadgets), final average and forgetting

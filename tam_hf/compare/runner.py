@@ -86,11 +86,18 @@ def _prepare(run) -> tuple[Optional[str], Optional[float], tuple]:
     if point is not None:
         run.recipe.resume = True
         return point, (record.get("elapsed_s") or {}).get(_elapsed_key(d, d / point)), _finished_states(run)
-    if d.exists():
-        shutil.rmtree(d)
-    d.mkdir(parents=True)
+    _clear(d)
     write_json(d / RECORD, {"fingerprint": run.fingerprint, "elapsed_s": {}})
     return None, None, ()
+
+
+def _clear(directory: Path) -> None:
+    """Empty the run's folder for a fresh start, all but the lock this process holds on it."""
+    from tam_hf.finetune.outputs import LOCK_NAME
+
+    for path in directory.iterdir():
+        if path.name != LOCK_NAME:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
 def _resume_point(run) -> Optional[str]:
@@ -156,14 +163,26 @@ def _elapsed_callback(directory: Path, before: float):
 
 def _prune(directory: Path) -> None:
     """Drop weights and checkpoints of a finished run: a study of many runs would otherwise fill the disk."""
+    from tam_hf.finetune.outputs import LOCK_NAME
+
     for path in directory.iterdir():
-        if path.name not in KEEP_FILES:
+        if path.name not in (*KEEP_FILES, LOCK_NAME):  # the lock goes when it is let go
             shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def execute(run, keep_models: bool = False) -> dict:
     """Train one run and write its result.json (atomically: a reader finds no file or the whole file); a run
     that diverges is written as a diverged result (see the module docstring). Other run errors propagate."""
+    from tam_hf.finetune.outputs import run_lock
+
+    # Held from before the folder is prepared (a fresh start empties it) until the result is written: a second
+    # command into the same folder stops at a run this one is training (OutputDirError, which names the holder)
+    # instead of clearing it. The pipeline's own lock on the folder is this one.
+    with run_lock(run.directory):
+        return _execute(run, keep_models)
+
+
+def _execute(run, keep_models: bool) -> dict:
     from tam_hf.finetune.errors import NonFiniteError
     from tam_hf.finetune.outputs import write_json
     from tam_hf.finetune.pipeline import finetune

@@ -56,14 +56,18 @@ RESULT_FILES = ("summary.json", "*.safetensors", "*.safetensors.index.json", "py
 # ------------------------------------------------------------------------------------------------- lock
 
 
+_HELD: set[Path] = set()  # the directories this process holds the lock of
+
+
 @contextlib.contextmanager
 def run_lock(output_dir):
     """Hold the output directory's lock for the block (rank 0 only). Raises OutputDirError (exit 2) when a live
-    process holds it. Creates the directory; removes it again on the way out when the run left it empty."""
-    if rank() != 0 or fcntl is None:
+    process holds it. Creates the directory; removes it again on the way out when the run left it empty. Within
+    a block that holds it already (``compare`` locks a run's directory before it prepares it), a no-op."""
+    directory = Path(output_dir)
+    if rank() != 0 or fcntl is None or directory.resolve() in _HELD:
         yield
         return
-    directory = Path(output_dir)
     created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / LOCK_NAME
@@ -90,9 +94,12 @@ def run_lock(output_dir):
               file=sys.stderr)
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+    held = directory.resolve()
+    _HELD.add(held)
     try:
         yield
     finally:
+        _HELD.discard(held)
         with contextlib.suppress(OSError):
             path.unlink()
         os.close(fd)
