@@ -7,7 +7,8 @@ run also from the end of its last finished stage; its ``wall_s`` then adds up th
 checkpoint, recorded in ``study.json``: a staged run continued at a stage's end, where no checkpoint recorded a
 time, reports its resumed part only, and says so).
 ``result.json`` and ``study.json`` are written atomically; one that cannot be read (cut short by a full disk or a
-crash) means "not finished": the run is done again, with a note.
+crash) means "not finished": the run is done again, with a note. A run's folder is locked while it is prepared
+and trained: a second command into the same study stops at a run the first holds (the holder named).
 
 A run that diverges (non-finite loss, gradients or weights) is a result, not a reason to stop: its
 ``result.json`` says ``status: diverged`` with the step and reason and no metrics (train loss and eval null), the
