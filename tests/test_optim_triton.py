@@ -404,7 +404,7 @@ def test_every_kernel_variant_lowers_for_nvidia_and_amd_gpus():
 
 def test_gpu_check_script_parses_and_its_benchmark_runs(capsys):
     """bench/gpu_check.sh needs a GPU to run; here its shell must parse and the step benchmark must produce its
-    table, Triton rows included, on the small set (CPU tensors under the interpreter)."""
+    table, Triton rows included, on the tiny set (CPU tensors under the interpreter)."""
     import importlib.util
     import shutil
     import subprocess
@@ -417,13 +417,16 @@ def test_gpu_check_script_parses_and_its_benchmark_runs(capsys):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert len(module.lora_shapes()) == 448
-    (fp32, bf16) = module.main(["--device", str(DEVICE), "--set", "small", "--rounds", "1", "--steps", "1",
+    (fp32, bf16) = module.main(["--device", str(DEVICE), "--set", "tiny", "--rounds", "1", "--steps", "1",
                                 "--only", "AdamW (fused),AdaTAM (triton"])
     table = capsys.readouterr().out
     for dtype, row in (("float32", fp32), ("bfloat16", bf16)):
         assert row["dtype"] == dtype and row["adatam_vs_adamw"] > 0
     # state bytes / param bytes: AdaTAM keeps two moments, in float32 for bf16 parameters unless asked otherwise
-    assert "| tam_hf AdaTAM (triton) |" in table and "| 2.00 |" in table and "| 4.00 |" in table
+    # (plus a few scalars per tensor: 0.02 on tensors this small)
+    ratios = [float(line.rsplit("|", 2)[1]) for line in table.splitlines()
+              if line.startswith("| tam_hf AdaTAM (triton) |")]
+    assert ratios == pytest.approx([2.0, 4.0], abs=0.05)
     assert "| tam_hf AdaTAM (triton, 16-bit moments) |" in table
 
 
