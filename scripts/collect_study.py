@@ -55,17 +55,22 @@ def _chosen(folder: Path) -> dict[str, str]:
         return {r["arm"]: f"{float(r['lr']):.3g}" for r in csv.DictReader(f) if r["chosen"] == "True"}
 
 
-def summary_rows(task: str, title: str, metrics: list[str]) -> list[str]:
-    folder = DOCS / task
-    path = folder / "report.csv"
+def _report(task: str) -> dict:
+    path = DOCS / task / "report.csv"
     if not path.is_file():
-        return [f"| {title} | not run yet | | |"]
+        return {}
     with path.open() as f:
-        rows = list(csv.DictReader(f))
-    baseline = next(k for k in rows[0] if k.startswith("delta_vs_") and k not in ("delta_se",)).removeprefix("delta_vs_")
-    by = {(r["arm"], r["metric"]): r for r in rows}
-    arms = list(dict.fromkeys(r["arm"] for r in rows))
-    chosen = _chosen(folder)
+        return {(r["arm"], r["metric"]): r for r in csv.DictReader(f)}
+
+
+def summary_rows(task: str, title: str, metrics: list[str]) -> list[str]:
+    by = _report(task)
+    if not by:
+        return [f"| {title} | not run yet | | |"]
+    first = next(iter(by.values()))
+    baseline = next(k for k in first if k.startswith("delta_vs_")).removeprefix("delta_vs_")
+    arms = list(dict.fromkeys(arm for arm, _ in by))
+    chosen = _chosen(DOCS / task)
     out = []
     for arm in arms:
         cells = [_cell(by[(arm, m)], baseline) if (arm, m) in by else "–" for m in metrics] + [""] * (2 - len(metrics))
@@ -117,14 +122,6 @@ HEADLINE = [
     ("sentiment", "A: TAM as a 50-step warm-up, then AdamW", "adamw", "adatamw>adamw@50", None),
     ("sentiment-sgd", "A: the SGD forms (SGD-momentum vs TAM)", "sgd", "tam", None),
 ]
-
-
-def _report(task: str) -> dict:
-    path = DOCS / task / "report.csv"
-    if not path.is_file():
-        return {}
-    with path.open() as f:
-        return {(r["arm"], r["metric"]): r for r in csv.DictReader(f)}
 
 
 def headline_rows() -> list[str]:

@@ -87,17 +87,18 @@ def _prepare(run) -> tuple[Optional[str], Optional[float], tuple]:
     if point is not None:
         run.recipe.resume = True
         return point, (record.get("elapsed_s") or {}).get(_elapsed_key(d, d / point)), _finished_states(run)
-    _clear(d)
+    _remove_all_but(d, ())
     write_json(d / RECORD, {"fingerprint": run.fingerprint, "elapsed_s": {}})
     return None, None, ()
 
 
-def _clear(directory: Path) -> None:
-    """Empty the run's folder for a fresh start, all but the lock this process holds on it."""
+def _remove_all_but(directory: Path, keep: tuple) -> None:
+    """Remove every entry of the run's folder but ``keep`` and the lock this process holds on it (the lock goes
+    when it is let go)."""
     from tam_hf.finetune.outputs import LOCK_NAME
 
     for path in directory.iterdir():
-        if path.name != LOCK_NAME:
+        if path.name not in (*keep, LOCK_NAME):
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
@@ -164,11 +165,7 @@ def _elapsed_callback(directory: Path, before: float):
 
 def _prune(directory: Path) -> None:
     """Drop weights and checkpoints of a finished run: a study of many runs would otherwise fill the disk."""
-    from tam_hf.finetune.outputs import LOCK_NAME
-
-    for path in directory.iterdir():
-        if path.name not in (*KEEP_FILES, LOCK_NAME):  # the lock goes when it is let go
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    _remove_all_but(directory, KEEP_FILES)
 
 
 def execute(run, keep_models: bool = False) -> dict:
