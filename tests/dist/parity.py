@@ -33,10 +33,14 @@ from tam_hf.optim import TAM, AdaTAM
 
 STEPS, SEQ, GLOBAL_BATCH = 4, 16, 8
 ACCELERATE_DIR = Path(__file__).resolve().parents[2] / "recipes" / "accelerate"
+# AdaTAM's lrs follow the transfer rule (0.2x AdamW's: 5e-4 full, 1e-3 for LoRA's usual 5e-3). At 5x that,
+# AdaTAM's un-bias-corrected early steps (~16x lr each) make 4 LoRA steps chaotic: float32 reduction-order noise
+# grows to ~2e-5 under ZeRO-3 (1.6e-6 at 1e-3, 3e-7 at 5e-4; torch's AdamW at 5e-3 stays at 2e-7), the size of
+# PARAM_ATOL, while the damping still matches to 3e-8. The test then measures the step size, not exactness.
 CASES = {  # name: (optimizer class, kwargs, lora)
     "adatam-full": (AdaTAM, dict(lr=5e-4, weight_decay=0.01), False),
     "tam-full": (TAM, dict(lr=5e-2, momentum=0.9, weight_decay=0.01), False),
-    "adatam-lora": (AdaTAM, dict(lr=5e-3), True),
+    "adatam-lora": (AdaTAM, dict(lr=1e-3), True),
     "tam-lora": (TAM, dict(lr=5e-1, momentum=0.9), True),
     "adatam-global": (AdaTAM, dict(lr=5e-4, cosine_scope="global"), False),
 }
