@@ -48,10 +48,12 @@ def test_smollm2_lora_two_steps_saves_a_loadable_adapter(tmp_path):
 
     # SmolLM2's own chat template has no {% generation %} markers: assistant-only loss is refused with the fix, and
     # the shipped ChatML template with markers (what smollm2_lora_chat.yaml sets) labels the assistant turn only.
+    # Only the tokenizer is under test here: a tiny model stands in for a third ~30 s load of the GGUF.
     from datasets import Dataset
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     from tam_hf.finetune.errors import DataError
-    from tam_hf.finetune.model import load_model, load_tokenizer
+    from tam_hf.finetune.model import load_tokenizer
     from tam_hf.finetune.config.resolve import resolve_path
     from tam_hf.finetune.training_args import build_training_arguments
     from tam_hf.finetune.sft import build_sft_trainer
@@ -59,7 +61,9 @@ def test_smollm2_lora_two_steps_saves_a_loadable_adapter(tmp_path):
     tok = load_tokenizer(recipe.model)
     chat = Dataset.from_list([{"messages": [{"role": "user", "content": "What is 1 plus 1?"},
                                             {"role": "assistant", "content": "2"}]}])
-    model, args = load_model(recipe, tok), build_training_arguments(recipe)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+    args = build_training_arguments(recipe)
     with pytest.raises(DataError, match="data.chat_template_path"):
         build_sft_trainer(model, tok, args, chat, fmt="chat", max_length=64)
     marked = str(resolve_path("embedded:chat_templates/chatml.jinja"))
