@@ -44,6 +44,10 @@ def test_tune_lr_values():
                        ("1e-5,1e-5", "twice"), ("1e-5,inf", "finite")):
         with pytest.raises(ValueError, match=words):
             parse_tune_lr(bad)
+    with pytest.raises(ValueError) as err:  # every bad entry in one message, not the first alone
+        parse_tune_lr("1e-3,abc,-1,1e-3,nan")
+    assert all(w in str(err.value) for w in ("'abc' is not a number", "-1 is not a positive", "1e-3 is given twice",
+                                             "nan is not a positive"))
 
 
 def test_the_choice_follows_validation_even_where_the_eval_set_disagrees():

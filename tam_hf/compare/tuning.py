@@ -48,24 +48,29 @@ def parse_tune_lr(text: Optional[str]):
         return None
     if text.strip() == "auto":
         return "auto"
-    return parse_lrs(text, "--tune-lr", ",")
+    return parse_lrs(text, "--tune-lr", ",", hint="write auto, or ")
 
 
-def parse_lrs(text: str, where: str, sep: str) -> list[float]:
-    """Learning rates separated by ``sep``: positive, finite, each once, at least two (one lr is not a grid)."""
+def parse_lrs(text: str, where: str, sep: str, hint: str = "") -> list[float]:
+    """Learning rates separated by ``sep``: positive, finite, each once, at least two (one lr is not a grid).
+    Raises one ValueError that names every bad entry."""
     words = [w.strip() for w in text.split(sep) if w.strip()]
-    lrs = []
+    lrs, problems = [], []
     for word in words:
         try:
             lr = float(word)
         except ValueError:
-            raise ValueError(f"{where} {text!r}: {word!r} is not a number (write auto, or lrs such as "
-                             "1e-5,3e-5,1e-4)") from None
+            problems.append(f"{word!r} is not a number")
+            continue
         if not (math.isfinite(lr) and lr > 0):
-            raise ValueError(f"{where} {text!r}: {word} is not a positive finite learning rate")
-        if lr in lrs:
-            raise ValueError(f"{where} {text!r}: {word} is given twice")
-        lrs.append(lr)
+            problems.append(f"{word} is not a positive finite learning rate")
+        elif lr in lrs:
+            problems.append(f"{word} is given twice")
+        else:
+            lrs.append(lr)
+    if problems:
+        example = sep.join(("1e-5", "3e-5", "1e-4"))
+        raise ValueError(f"{where} {text!r}: {'; '.join(problems)} ({hint}lrs such as {example})")
     if len(lrs) < 2:
         raise ValueError(f"{where} {text!r}: a grid needs at least two learning rates")
     return sorted(lrs)
