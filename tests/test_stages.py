@@ -87,12 +87,16 @@ def test_every_stage_problem_is_named_at_once_before_anything_loads(files, tmp_p
     raw["stages"][0]["optimizer"] = {"name": "sgd"}
     raw["stages"][1].update(name="a/b", training={"max_steps": -2, "output_dir": "x"},
                             data={**files["weather"], "format": "text"})
-    raw["stages"].append({"name": "words", "data": files["weather"], "reset_optimizer": "no"})
+    # A stage with a type error is still checked for the rest: its training, its data and its name
+    raw["stages"].append({"name": "words", "data": {**files["weather"], "train_fil": "x"}, "reset_optimizer": "no",
+                          "training": {"max_steps": 0}})
     with pytest.raises(RecipeError) as info:
         validate_recipe(raw)
     problems = info.value.problems
     expected = ["stages[0].optimizer: a stage cannot set optimizer", "stages[1].name: 'a/b' cannot name a folder",
                 "stages[2].reset_optimizer: expected bool", "stages[1].training.max_steps: -2 must be",
+                "stages[2].training.max_steps: 0 must be", "stages[2].data.train_fil: unknown key",
+                "stages: the name 'words' is used by stages[0], stages[2]",
                 "stages[1].training.output_dir: a stage cannot set output_dir",
                 "stages[1].data.format: a stage cannot change format",
                 "stages[0].data.train_file: file not found", "stages[0].data: every stage is evaluated"]

@@ -245,7 +245,7 @@ def _check_stages(r, problems: list[str]) -> None:
     recipe's own (it comes from the shared data section), the others with the stage's path."""
     per_stage = []
     for i, stage in enumerate(r.stages):
-        if stage is None:  # it did not parse: its problems are listed already
+        if stage is None or stage.data is None:  # no mapping, or its data is none: its problems are listed already
             continue
         found: list[str] = []
         data = stage_data(r.data, stage, i, problems)

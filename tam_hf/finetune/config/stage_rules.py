@@ -50,8 +50,9 @@ EVAL_SOURCES = ("eval_file", "eval_split", "eval_fraction")
 
 
 def parse_stages(raw, problems: list[str], places: Callable[[], Mapping[str, Sequence[str]]]):
-    """The stages as StageConfig objects (None in place of a stage that did not parse: the others are still
-    checked, so that every problem is named at once), or None for ``stages: null`` or a value that is no list."""
+    """The stages as StageConfig objects, or None for ``stages: null`` or a value that is no list. Every problem
+    is named at once: a stage that did not parse is kept with its valid keys (:func:`_salvage`) and checked for the
+    rest; a stage that is no mapping stands as None."""
     if raw is None:
         return None
     if not isinstance(raw, list) or not raw:
@@ -69,14 +70,15 @@ def parse_stages(raw, problems: list[str], places: Callable[[], Mapping[str, Seq
             if key in RUN_KEYS:
                 problems.append(f"stages[{i}].{key}: a stage cannot set {key}: {RUN_KEYS[key]}; set it at the top "
                                 "level")
+        own = {k: v for k, v in item.items() if k not in RUN_KEYS}
         try:
-            parsed.append(StageConfig.model_validate({k: v for k, v in item.items() if k not in RUN_KEYS}))
-            problems += training_problems(parsed[-1], i, places)
+            parsed.append(StageConfig.model_validate(own))
         except ValidationError as exc:
             problems += explain(exc, ("stages", i), StageConfig, places=places)
-            parsed.append(None)
+            parsed.append(_salvage(own, exc))
+        problems += training_problems(parsed[-1], i, places)
     for i, stage in enumerate(parsed):
-        if stage is not None and not STAGE_NAME.match(stage.name):
+        if stage is not None and isinstance(stage.name, str) and not STAGE_NAME.match(stage.name):
             problems.append(f"stages[{i}].name: {short(stage.name)} cannot name a folder: use up to 64 letters, "
                             "digits, '_', '.' or '-', starting with a letter or digit")
     names = [s.name if s is not None else None for s in parsed]
@@ -85,6 +87,17 @@ def parse_stages(raw, problems: list[str], places: Callable[[], Mapping[str, Seq
         problems.append(f"stages: the name {name!r} is used by {where}; each stage needs its own (it names the "
                         "stage's folder and its results)")
     return parsed
+
+
+def _salvage(own: dict, exc: ValidationError) -> StageConfig:
+    """A stage whose keys did not all validate, kept with the keys that did (a bad name as None, a bad training
+    section empty, a bad data section None: left unchecked), so that its other problems (its training keys, its
+    merged data, a name used twice) are named in the same error. The recipe is refused whatever it holds."""
+    bad = {e["loc"][0] for e in exc.errors() if e.get("loc")}
+    good = {k: v for k, v in own.items() if k in StageConfig.model_fields and k not in bad}
+    # data None where it was no mapping: such a stage is not also told that it has no eval set
+    return StageConfig.model_construct(**{"name": None, "data": None if "data" in bad else {}, "training": {},
+                                          "reset_optimizer": False, **good})
 
 
 def stage_data(data: DataConfig, stage: StageConfig, index: int, problems: list[str]) -> DataConfig | None:
