@@ -1,6 +1,6 @@
 """`compare`: planning (lrs by the transfer rule, the constant-damping control, sweeps), the report's numbers,
 and real runs on the embedded tiny Llama: 2 optimizers x 2 seeds produce the tables and plots, a rerun skips
-finished runs, a changed recipe or a missing result is redone."""
+finished runs, a missing result is redone, a changed recipe replaces finished runs only with --overwrite."""
 
 from __future__ import annotations
 
@@ -393,8 +393,22 @@ def test_compare_two_optimizers_two_seeds_then_resume(tmp_path, monkeypatch, cap
     assert "3 finished, 1 to do" in capsys.readouterr().out
     command.main(argv + ["--dry-run", "--set", "training.disable_tqdm=false"])  # cosmetic: still finished
     assert "3 finished, 1 to do" in capsys.readouterr().out
-    command.main(argv + ["--dry-run", "--set", "training.max_steps=7"])
-    assert "0 finished, 4 to do" in capsys.readouterr().out
+
+    # A changed recipe would replace the 3 finished runs: compare stops before training, names what changed and
+    # leaves them as they are; --report-only says they are left out; --overwrite replaces them.
+    kept = (out / "runs" / "adamw" / "seed0" / "result.json").read_bytes()
+    changed = argv + ["--set", "training.max_steps=7", "--set", "optimizer.weight_decay=0.1"]
+    for extra in ([], ["--dry-run"]):
+        assert command.main(changed + extra) == 2
+        err = capsys.readouterr().err
+        assert "holds 3 finished run(s) of another recipe" in err and "(adamw seed 0, adatamw seed 0, adatamw seed 1)" in err
+        assert "  - optimizer.weight_decay: 0.01 -> 0.1\n  - training.max_steps: 6 -> 7\n" in err
+        assert "--overwrite" in err and calls == []
+    assert (out / "runs" / "adamw" / "seed0" / "result.json").read_bytes() == kept
+    command.main(changed + ["--report-only"])
+    assert "3 run folder(s) hold finished runs of another recipe: not in this report" in capsys.readouterr().err
+    command.main(changed + ["--overwrite"])
+    assert len(calls) == 4 and "0 finished, 4 to do" in capsys.readouterr().out
 
 
 def test_constant_damping_control_holds_half(tmp_path):

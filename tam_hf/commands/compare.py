@@ -4,7 +4,8 @@ Plans every run (:func:`tam_hf.compare.study.plan`), trains the ones not finishe
 (:func:`tam_hf.compare.runner.execute`), then writes the report (:mod:`tam_hf.compare.report`) into DIR. Exit codes:
 
 * 0 the report was written (or ``--dry-run`` printed a valid plan);
-* 2 the recipe, an arm, the seeds or a sweep are wrong: every problem on stderr, nothing trained;
+* 2 the recipe, an arm, the seeds or a sweep are wrong, or DIR holds finished runs of another recipe (what
+  changed is named; ``--overwrite`` replaces them): every problem on stderr, nothing trained;
 * 1 no finished run to report, or a run failed (its own exit code when it carries one);
 * 130 interrupted by Ctrl-C: the finished runs are kept, the same command continues.
 """
@@ -76,6 +77,9 @@ def parser() -> argparse.ArgumentParser:
                         "recipe's first eval metric, else loss); lower is better for losses and perplexity")
     p.add_argument("--out", default=None, help="output folder (default: runs/compare/<recipe name>; runs/ is git-ignored)")
     p.add_argument("--keep-models", action="store_true", help="keep each run's weights and checkpoints")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the finished runs in --out that another recipe produced (without it, compare "
+                        "stops and names what changed)")
     p.add_argument("--report-only", action="store_true", help="write the report from the finished runs; train nothing")
     p.add_argument("--dry-run", action="store_true", help="validate every run and print the plan; train nothing")
     p.add_argument("--verbose", action="store_true",
@@ -176,13 +180,21 @@ def _train(runs, notes, args, n_arms: int, n_seeds: int, out: Path, what: str):
             print(f"note: {run.result_path} is unreadable (cut short by a full disk or a crash?): the run is "
                   "counted as not finished and redone", file=sys.stderr, flush=True)
     todo = [r for r in runs if not r.done]
+    replaced = {id(r): changes for r in todo if (changes := runner.replaced_by(r))}
     print(f"compare: {n_arms} arm(s) x {n_seeds} seed(s){' x lrs' if what == 'tuning runs' else ''} = {len(runs)} {what}; "
           f"{len(runs) - len(todo)} finished, {len(todo)} to do; output {out}", flush=True)
     for run in runs:
-        print(f"  {run.label:32s} seed {run.seed}  lr {run.recipe.optimizer.lr:.3g}  "
-              f"{'done' if run.done else 'to do'}", flush=True)
+        state = "done" if run.done else "to do, over a finished run of another recipe" if id(run) in replaced \
+            else "to do"
+        print(f"  {run.label:32s} seed {run.seed}  lr {run.recipe.optimizer.lr:.3g}  {state}", flush=True)
     for note in notes:
         print(f"note: {note}", flush=True)
+    if replaced and args.report_only:
+        print(f"note: {len(replaced)} run folder(s) hold finished runs of another recipe: not in this report",
+              file=sys.stderr, flush=True)
+    elif replaced and not args.overwrite:
+        _refuse_replacing([r for r in todo if id(r) in replaced], replaced, out)
+        return 2
     if args.dry_run:
         return 0
     if args.report_only or not todo:
@@ -212,6 +224,18 @@ def _train(runs, notes, args, n_arms: int, n_seeds: int, out: Path, what: str):
         else:
             print(f"[{i}/{len(todo)}] finished in {time.time() - started:.0f} s", flush=True)
     return None
+
+
+def _refuse_replacing(runs, changes: dict, out: Path) -> None:
+    """The error for finished runs a changed recipe would replace: which runs, what changed, the three ways on."""
+    first = runs[0]
+    names = ", ".join(f"{r.label} seed {r.seed}" + (f" lr {r.recipe.optimizer.lr:.3g}" if "tuning" in r.directory.parts
+                                                     else "") for r in runs[:5])
+    more = f" and {len(runs) - 5} more" if len(runs) > 5 else ""
+    print(f"error: {out} holds {len(runs)} finished run(s) of another recipe that this command would replace "
+          f"({names}{more}). In {first.directory}:\n" + "".join(f"  - {c}\n" for c in changes[id(first)])
+          + "Nothing was trained. Keep them: give another --out, or undo the change; replace them: add --overwrite.",
+          file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
