@@ -409,6 +409,8 @@ def test_compare_two_optimizers_two_seeds_then_resume(tmp_path, monkeypatch, cap
     assert "3 run folder(s) hold finished runs of another recipe: not in this report" in capsys.readouterr().err
     command.main(changed + ["--overwrite"])
     assert len(calls) == 4 and "0 finished, 4 to do" in capsys.readouterr().out
+    (out / "runs" / "adamw" / "seed0" / "recipe.yaml").unlink()  # still refused, with what cannot be shown
+    assert command.main(changed) == 2 and "recipe.yaml is missing or unreadable" in capsys.readouterr().err
 
 
 def test_constant_damping_control_holds_half(tmp_path):

@@ -180,7 +180,7 @@ def _train(runs, notes, args, n_arms: int, n_seeds: int, out: Path, what: str):
             print(f"note: {run.result_path} is unreadable (cut short by a full disk or a crash?): the run is "
                   "counted as not finished and redone", file=sys.stderr, flush=True)
     todo = [r for r in runs if not r.done]
-    replaced = {id(r): changes for r in todo if (changes := runner.replaced_by(r))}
+    replaced = {id(r): changes for r in todo if (changes := r.replaces())}
     print(f"compare: {n_arms} arm(s) x {n_seeds} seed(s){' x lrs' if what == 'tuning runs' else ''} = {len(runs)} {what}; "
           f"{len(runs) - len(todo)} finished, {len(todo)} to do; output {out}", flush=True)
     for run in runs:

@@ -1,16 +1,16 @@
 """Running the runs of a study (planned by :mod:`tam_hf.compare.study`), one at a time, resumably.
 
-Resumable: each run lives in ``DIR/runs/<arm>/seed<k>`` (a tuning run in ``DIR/tuning/<arm>/lr<lr>/seed<k>``) and is finished when its ``result.json`` can be read and
-was produced by the same resolved recipe; a rerun of the same command skips those and only does the rest
-(a partial run is continued from its last complete checkpoint when it saved one, else started again; a staged
-run also from the end of its last finished stage; its ``wall_s`` then adds up the time of every attempt up to that
-checkpoint, recorded in ``study.json``: a staged run continued at a stage's end, where no checkpoint recorded a
-time, reports its resumed part only, and says so).
-A finished run of another recipe in a run's folder is not replaced unless asked (``compare --overwrite``): the
-command stops first, naming what changed (:func:`replaced_by`). ``result.json`` and ``study.json`` are written
-atomically; one that cannot be read (cut short by a full disk or a
-crash) means "not finished": the run is done again, with a note. A run's folder is locked while it is prepared
-and trained: a second command into the same study stops at a run the first holds (the holder named).
+Resumable: each run lives in ``DIR/runs/<arm>/seed<k>`` (a tuning run in ``DIR/tuning/<arm>/lr<lr>/seed<k>``) and
+is finished when its ``result.json`` can be read and was produced by the same resolved recipe; a rerun of the same
+command skips those and only does the rest (a partial run is continued from its last complete checkpoint when it
+saved one, else started again; a staged run also from the end of its last finished stage; its ``wall_s`` then adds
+up the time of every attempt up to that checkpoint, recorded in ``study.json``: a staged run continued at a stage's
+end, where no checkpoint recorded a time, reports its resumed part only, and says so). A finished run of another
+recipe in a run's folder is not replaced unless asked (``compare --overwrite``): the command stops first, naming
+what changed (:meth:`tam_hf.compare.study.Run.replaces`). ``result.json`` and ``study.json`` are written
+atomically; one that cannot be read (cut short by a full disk or a crash) means "not finished": the run is done
+again, with a note. A run's folder is locked while it is prepared and trained: a second command into the same study
+stops at a run the first holds (the holder named).
 
 A run that diverges (non-finite loss, gradients or weights) is a result, not a reason to stop: its
 ``result.json`` says ``status: diverged`` with the step and reason and no metrics (train loss and eval null), the
@@ -26,12 +26,11 @@ import time
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["RECORD", "read_result", "unreadable", "replaced_by", "execute", "diverged"]
+__all__ = ["RECORD", "read_result", "unreadable", "execute", "diverged"]
 
 # A partial run's own record (fingerprint, seconds to each checkpoint over every attempt), written atomically.
 RECORD = "study.json"
 KEEP_FILES = ("result.json", "summary.json", "recipe.yaml", RECORD)
-MAX_CHANGES = 4  # recipe keys named per replaced run (replaced_by); the rest are counted
 
 
 def read_result(path: Path) -> Optional[dict]:
@@ -47,45 +46,6 @@ def read_result(path: Path) -> Optional[dict]:
 def unreadable(path: Path) -> bool:
     """A result.json that exists but :func:`read_result` cannot read."""
     return path.exists() and read_result(path) is None
-
-
-def replaced_by(run) -> Optional[list[str]]:
-    """What would change if ``run`` were trained into its folder over the finished run of another recipe there
-    (its result's fingerprint differs): up to :data:`MAX_CHANGES` lines ``key: before -> now``, from the
-    recipe.yaml that run wrote; None when the folder holds no finished run, or this run's own."""
-    import yaml
-
-    from tam_hf.compare.study import COSMETIC
-    from tam_hf.finetune.config.load import rerun_yaml
-    from tam_hf.finetune.config.yaml_io import short
-
-    result = read_result(run.result_path)
-    if result is None or result.get("fingerprint") == run.fingerprint:
-        return None
-    try:
-        before = _flat(yaml.safe_load((run.directory / "recipe.yaml").read_text()))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError):
-        return ["its recipe.yaml is missing or unreadable: what changed cannot be shown"]
-    now = _flat(yaml.safe_load(rerun_yaml(run.recipe)))
-    before["fixed_damping"], now["fixed_damping"] = result.get("fixed_damping"), run.fixed_damping
-    ignored = {f"training.{key}" for key in COSMETIC}
-    missing = "(not set)"
-    keys = sorted(k for k in before.keys() | now.keys()
-                  if k not in ignored and before.get(k, missing) != now.get(k, missing))
-    lines = [f"{k}: {short(before.get(k, missing))} -> {short(now.get(k, missing))}" for k in keys[:MAX_CHANGES]]
-    more = len(keys) - MAX_CHANGES
-    return lines + ([f"and {more} more"] if more > 0 else []) or ["the recipe resolved differently (same keys)"]
-
-
-def _flat(tree, prefix: str = "") -> dict:
-    """A nested mapping as dotted keys (``training.max_steps``); lists and scalars are values."""
-    if not isinstance(tree, dict):
-        return {prefix: tree} if prefix else {}
-    out = {}
-    for key, value in tree.items():
-        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) and value else
-                   {f"{prefix}{key}": value})
-    return out
 
 
 def _history_callback(finished: tuple = ()):

@@ -50,10 +50,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Optional
 
+import yaml
+
 from tam_hf.compare.runner import read_result
-from tam_hf.finetune.config.load import apply_overrides, read_recipe_file, to_dict, validate_recipe
+from tam_hf.finetune.config.load import apply_overrides, read_recipe_file, rerun_yaml, to_dict, validate_recipe
 from tam_hf.finetune.config.schema import Recipe
-from tam_hf.finetune.config.yaml_io import read_yaml
+from tam_hf.finetune.config.yaml_io import read_yaml, short
 from tam_hf.finetune.errors import RecipeError
 from tam_hf.optim import registry
 from tam_hf.optim.registry import OptimizerSpec
@@ -63,6 +65,7 @@ __all__ = ["Arm", "Run", "Plan", "Tuned", "MIN_POINTS", "arms", "find_arm", "exp
 
 # TrainingArguments fields that cannot change a run's numbers: a rerun that differs only in these is not redone.
 COSMETIC = ("output_dir", "disable_tqdm", "report_to", "run_name", "logging_dir")
+MAX_CHANGES = 4  # recipe keys Run.replaces names; the rest are counted
 CONTROL_SUFFIX = "-const"
 # The control holds d at its mean under noisy gradients, the E[d] the transfer rule divides by: its lr is its
 # TAM arm's, and its step is on average the same.
@@ -148,6 +151,38 @@ class Run:
     def done(self) -> bool:
         result = read_result(self.result_path)
         return result is not None and result.get("fingerprint") == self.fingerprint
+
+    def replaces(self) -> Optional[list[str]]:
+        """What would change if this run were trained into its folder over the finished run of another recipe
+        there (its result's fingerprint differs): up to :data:`MAX_CHANGES` lines ``key: before -> now``, from the
+        recipe.yaml that run wrote; None when the folder holds no finished run, or this run's own."""
+        result = read_result(self.result_path)
+        if result is None or result.get("fingerprint") == self.fingerprint:
+            return None
+        try:
+            before = _flat(yaml.safe_load((self.directory / "recipe.yaml").read_text()))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            return ["its recipe.yaml is missing or unreadable: what changed cannot be shown"]
+        now = _flat(yaml.safe_load(rerun_yaml(self.recipe)))
+        before["fixed_damping"], now["fixed_damping"] = result.get("fixed_damping"), self.fixed_damping
+        ignored = {f"training.{key}" for key in COSMETIC}
+        missing = "(not set)"
+        keys = sorted(k for k in before.keys() | now.keys()
+                      if k not in ignored and before.get(k, missing) != now.get(k, missing))
+        lines = [f"{k}: {short(before.get(k, missing))} -> {short(now.get(k, missing))}" for k in keys[:MAX_CHANGES]]
+        more = len(keys) - MAX_CHANGES
+        return lines + ([f"and {more} more"] if more > 0 else []) or ["the recipe resolved differently (same keys)"]
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    """A nested mapping as dotted keys (``training.max_steps``); lists and scalars are values."""
+    if not isinstance(tree, dict):
+        return {prefix: tree} if prefix else {}
+    out = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) and value else
+                   {f"{prefix}{key}": value})
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ planning
