@@ -27,6 +27,32 @@ def test_validation_is_carved_from_train_apart_from_eval_the_same_every_time(tmp
     assert load_raw(cfg)["validation"]["prompt"] == raw["validation"]["prompt"]  # every run selects on the same rows
 
 
+@pytest.mark.parametrize("settings, message", [
+    (dict(validation_split=0.95), "data.validation_split 0.95 of the 10 training rows leaves none to train on"),
+    (dict(eval_fraction=0.5, validation_split=0.9), "data.validation_split 0.9 of the 5 training rows left after "
+                                                     "data.eval_fraction leaves none to train on"),
+])
+def test_a_split_that_leaves_no_training_row_is_a_data_error(tmp_path, settings, message):
+    from tam_hf.finetune.errors import DataError
+
+    cfg = DataConfig(format="prompt_completion", train_file=_rows(tmp_path / "t.jsonl", 10), **settings)
+    with pytest.raises(DataError, match=message):
+        load_raw(cfg)
+
+
+def test_the_cli_names_the_split_that_leaves_nothing_and_prints_a_true_summary(tmp_path, capsys):
+    from pathlib import Path
+
+    from tam_hf.commands.run import main
+
+    demo = Path(__file__).parents[1] / "recipes" / "examples" / "demo_tiny.yaml"
+    assert main([str(demo), "data.validation_split=0.999", f"training.output_dir={tmp_path / 'out'}"]) == 1
+    out = capsys.readouterr()
+    assert "data.validation_split 0.999 of the 168 training rows leaves none to train on" in out.err
+    assert "optimizer: adatamw" in out.out and "None" not in out.out and "Traceback" not in out.err
+    assert f"outputs: {tmp_path / 'out'} (summary.json; the run failed in its build phase)" in out.out
+
+
 def test_validation_file_is_its_own_split(tmp_path):
     cfg = DataConfig(format="prompt_completion", train_file=_rows(tmp_path / "t.jsonl", 10),
                      validation_file=_rows(tmp_path / "v.jsonl", 3))

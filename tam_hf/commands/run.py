@@ -80,7 +80,10 @@ def format_summary(s: dict) -> str:
         lines.append("lm-eval failed (see the error below)")
     if "wall_s" in s:
         lines.append(f"wall time: {s['wall_s']:.1f} s")
-    lines.append(f"outputs: {s.get('output_dir')} (model, recipe.yaml, summary.json, checkpoints)")
+    if s.get("status") == "failed":  # what it kept is in the error below
+        lines.append(f"outputs: {s.get('output_dir')} (summary.json; the run failed in its {s.get('phase')} phase)")
+    else:
+        lines.append(f"outputs: {s.get('output_dir')} (model, recipe.yaml, summary.json, checkpoints)")
     if "hub_folder" in s:
         lines.append(f"hub upload folder: {s['hub_folder']}")
     if "hub" in s:

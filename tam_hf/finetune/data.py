@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import math
 from functools import partial
 from pathlib import Path
 
@@ -151,8 +152,16 @@ def load_raw(cfg: DataConfig):
     for name, ds in raw.items():
         if len(ds) == 0:
             raise DataError(f"{name} data ({sources[name]}) has no rows")
+    carved = []
     for name, fraction, seed in (("eval", cfg.eval_fraction, 0), ("validation", cfg.validation_split, VALIDATION_SEED)):
         if fraction is not None:
+            key = "data.eval_fraction" if name == "eval" else "data.validation_split"
+            n = len(raw["train"])
+            if n - math.ceil(fraction * n) < 1:  # datasets rounds the held-out part up
+                after = "".join(f" left after {k}" for k in carved)
+                raise DataError(f"{key} {fraction:g} of the {n} training rows{after} leaves none to train on "
+                                f"({sources['train']}); lower it, or give more training rows")
+            carved.append(key)
             split = raw["train"].train_test_split(test_size=fraction, seed=seed)
             raw = DatasetDict({**raw, "train": split["train"], name: split["test"]})
     renames = {v: k for k, v in cfg.columns.items() if v != k}

@@ -364,6 +364,8 @@ def _failure(run: _Run, exc: BaseException) -> BaseException:
 
 def _record_failure(run: _Run, phase: str, reason: str) -> dict:
     good, _ = complete_checkpoints(run.work_dir)
+    run.summary.setdefault("output_dir", str(run.output_dir))  # a build that failed wrote no first summary
+    run.summary.setdefault("optimizer", run.recipe.optimizer.name)
     run.summary.update(status="failed", phase=phase, reason=reason, steps=run.steps,
                        last_complete_checkpoint=str(good[0]) if good else None,
                        wall_s=round(time.time() - run.started, 1))
