@@ -60,6 +60,12 @@ def test_plan_sweep_multiplies_only_arms_it_applies_to(tmp_path):
     rate = {r.label: r.recipe.optimizer.kwargs().get("decay_rate") for r in runs}
     assert rate["adatamw decay_rate=0.5"] == 0.5 and rate["adatamw decay_rate=0.99"] == 0.99
     assert rate["adamw"] is None and rate["adatamw-const"] is None  # adamw has no decay_rate; d is held
+    # A sweep no arm takes would be silently ignored (a typo of a key, or arms without it): refused, naming why
+    with pytest.raises(RecipeError) as info:
+        study.plan(DEMO, ["adamw", "adatamw-const"], [0], sweeps=["optimizer.decay_rate=0.5,0.99",
+                                                              "optimizer.decy_rate=0.5,0.9"], out=tmp_path)
+    assert "--sweep optimizer.decay_rate: no arm takes it (adamw, adatamw-const;" in str(info.value)
+    assert "--sweep optimizer.decy_rate: no arm takes it" in str(info.value)
 
 
 def test_plan_errors_are_collected(tmp_path):

@@ -35,7 +35,8 @@ steps instead, so that the loss and damping curves can be drawn; the plan's note
 so. A ``logging_steps`` given on the command line is kept as it is.
 
 Sweeps: ``--sweep optimizer.decay_rate=0.5,0.9,0.99`` multiplies every arm the key applies to (adamw has no
-decay_rate, the -const arms ignore it) into one arm per value, labelled ``adatamw decay_rate=0.5``.
+decay_rate, the -const arms ignore it) into one arm per value, labelled ``adatamw decay_rate=0.5``; a key no arm
+takes is an error (it would change nothing, silently).
 """
 
 from __future__ import annotations
@@ -273,6 +274,7 @@ def expand(raw: dict, base: Recipe, optimizers: list[str], sweeps: list[str] = (
     reference_lr = base.optimizer.lr / base_spec.lr_factor(settings)
     out, problems, given = [], [], {}
     sweep_axes = _parse_sweeps(list(sweeps))
+    taken = set()  # the sweep keys some arm takes; one no arm takes would be silently ignored
     for text in optimizers:
         text = text.strip()
         first, switch, tail = _parse_switch(text)
@@ -287,6 +289,7 @@ def expand(raw: dict, base: Recipe, optimizers: list[str], sweeps: list[str] = (
         # adatamw, adatamw@8e-06: two arms; tuned, both are adatamw (the lr is chosen, not named)
         head = (arm.name if explicit_lr is None or grids is not None else f"{arm.name}@{explicit_lr:g}") + tail
         axes = [(k, vals) for k, vals in sweep_axes if _applies(k, arm)]
+        taken.update(k for k, _ in axes)
         for combo in itertools.product(*(vals for _, vals in axes)):
             label = " ".join([head] + [f"{k.rsplit('.', 1)[-1]}={v}" for (k, _), v in zip(axes, combo)])
             if label in given:
@@ -309,6 +312,10 @@ def expand(raw: dict, base: Recipe, optimizers: list[str], sweeps: list[str] = (
                 opt["switch"] = dict(switch)
             problems += [f"{label}: {p}" for p in apply_overrides(arm_raw, [f"{k}={v}" for (k, _), v in zip(axes, combo)])]
             out.append((label, arm, arm_raw))
+    arms = ", ".join(dict.fromkeys(t.strip() for t in optimizers))
+    problems += [f"--sweep {key}: no arm takes it ({arms}; an optimizer key applies to the arms whose optimizer "
+                 "has it, decay_rate not to a -const control); add such an arm, or check the key"
+                 for key, _ in sweep_axes if key not in taken]
     return out, problems
 
 
