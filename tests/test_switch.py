@@ -234,6 +234,8 @@ def test_compare_plans_a_switched_arm(tmp_path):
     assert Path(runs[1].directory).parts[-2] == "adatamw_adamw_3"
     with pytest.raises(ValueError, match="NAME\\[@LR\\]>TO@K"):
         study.plan(recipe, ["adatamw>adamw"], [0], out=tmp_path / "cmp")
+    with pytest.raises(ValueError, match="unknown optimizer 'adamx' \\(did you mean 'adamw'\\?\\)"):
+        study.plan(recipe, ["adatamw>adamx@3"], [0], out=tmp_path / "cmp")
     with pytest.raises(RecipeError, match="adamw>adatamw@3: optimizer.switch.to: adamw -> adatamw is not a supported"):
         study.plan(recipe, ["adamw>adatamw@3"], [0], out=tmp_path / "cmp")
 

@@ -211,12 +211,14 @@ def _parse_switch(text: str) -> tuple[str, Optional[dict], str]:
     if not sep:
         return first, None, ""
     to, _, step = second.strip().partition("@")
-    try:
-        to_name, at_step = registry.get(to.strip()).name, int(step)
-    except ValueError:
+    if not step.strip().isdigit():
         raise ValueError(f"--optimizers {text!r}: a switched arm is NAME[@LR]>TO@K (adatamw>adamw@100): TO a "
-                         f"registry optimizer, K the step of the switch") from None
-    return first.strip(), {"to": to_name, "at_step": at_step}, f">{to_name}@{at_step}"
+                         f"registry optimizer, K the step of the switch")
+    try:
+        to_name = registry.get(to.strip()).name
+    except ValueError as exc:  # the registry's did-you-mean
+        raise ValueError(f"--optimizers {text!r}: {exc}") from None
+    return first.strip(), {"to": to_name, "at_step": int(step)}, f">{to_name}@{int(step)}"
 
 
 def _parse_sweeps(items: list[str]) -> list[tuple[str, list]]:
