@@ -66,6 +66,8 @@ def test_plan_sweep_multiplies_only_arms_it_applies_to(tmp_path):
                                                               "optimizer.decy_rate=0.5,0.9"], out=tmp_path)
     assert "--sweep optimizer.decay_rate: no arm takes it (adamw, adatamw-const;" in str(info.value)
     assert "--sweep optimizer.decy_rate: no arm takes it" in str(info.value)
+    with pytest.raises(RecipeError, match="decay_rate=nan: optimizer.decay_rate: nan is not a finite number"):
+        study.plan(DEMO, ["adatamw"], [0], sweeps=["optimizer.decay_rate=.nan,0.5"], out=tmp_path)  # not str 'nan'
 
 
 def test_plan_errors_are_collected(tmp_path):

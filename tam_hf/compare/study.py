@@ -242,6 +242,12 @@ def _once(items, message) -> None:
         seen.add(item)
 
 
+def _as_yaml(value) -> str:
+    """A sweep value as the override text that reads back to it (nan as .nan: str() would make it the string
+    'nan')."""
+    return yaml.safe_dump(value, default_flow_style=True).removesuffix("...\n").strip()
+
+
 def _sweep_value(item: str, text: str):
     from yaml import YAMLError
 
@@ -312,7 +318,8 @@ def expand(raw: dict, base: Recipe, optimizers: list[str], sweeps: list[str] = (
                 opt["fixed_damping"] = arm.fixed_damping
             if switch is not None:
                 opt["switch"] = dict(switch)
-            problems += [f"{label}: {p}" for p in apply_overrides(arm_raw, [f"{k}={v}" for (k, _), v in zip(axes, combo)])]
+            overrides = [f"{k}={_as_yaml(v)}" for (k, _), v in zip(axes, combo)]
+            problems += [f"{label}: {p}" for p in apply_overrides(arm_raw, overrides)]
             out.append((label, arm, arm_raw))
     arms = ", ".join(dict.fromkeys(t.strip() for t in optimizers))
     problems += [f"--sweep {key}: no arm takes it ({arms}; an optimizer key applies to the arms whose optimizer "
