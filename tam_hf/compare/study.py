@@ -138,10 +138,7 @@ class Run:
     def fingerprint(self) -> str:
         """Hash of everything that defines the run except where it is written, and whether it was continued
         from a checkpoint (the runner sets ``resume`` on a partial run: its result is the same run's)."""
-        d = to_dict(self.recipe)
-        d["resume"] = False
-        d["training"] = {k: v for k, v in d["training"].items() if k not in COSMETIC}
-        d["fixed_damping"] = self.fixed_damping
+        d = _defining({**to_dict(self.recipe), "resume": False}, self.fixed_damping)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     @property
@@ -161,18 +158,23 @@ class Run:
         if result is None or result.get("fingerprint") == self.fingerprint:
             return None
         try:
-            before = _flat(yaml.safe_load((self.directory / "recipe.yaml").read_text()))
+            stored = yaml.safe_load((self.directory / "recipe.yaml").read_text())
         except (OSError, UnicodeDecodeError, yaml.YAMLError):
             return ["its recipe.yaml is missing or unreadable: what changed cannot be shown"]
-        now = _flat(yaml.safe_load(rerun_yaml(self.recipe)))
-        before["fixed_damping"], now["fixed_damping"] = result.get("fixed_damping"), self.fixed_damping
-        ignored = {f"training.{key}" for key in COSMETIC}
+        before = _flat(_defining(stored if isinstance(stored, dict) else {}, result.get("fixed_damping")))
+        now = _flat(_defining(yaml.safe_load(rerun_yaml(self.recipe)), self.fixed_damping))
         missing = "(not set)"
-        keys = sorted(k for k in before.keys() | now.keys()
-                      if k not in ignored and before.get(k, missing) != now.get(k, missing))
+        keys = sorted(k for k in before.keys() | now.keys() if before.get(k, missing) != now.get(k, missing))
         lines = [f"{k}: {short(before.get(k, missing))} -> {short(now.get(k, missing))}" for k in keys[:MAX_CHANGES]]
         more = len(keys) - MAX_CHANGES
         return lines + ([f"and {more} more"] if more > 0 else []) or ["the recipe resolved differently (same keys)"]
+
+
+def _defining(recipe: dict, fixed_damping: Optional[float]) -> dict:
+    """What defines a run, from its recipe as a mapping: not where it is written nor how it is shown (COSMETIC
+    training keys), and with the damping its control arm holds."""
+    training = {k: v for k, v in (recipe.get("training") or {}).items() if k not in COSMETIC}
+    return {**recipe, "training": training, "fixed_damping": fixed_damping}
 
 
 def _flat(tree, prefix: str = "") -> dict:

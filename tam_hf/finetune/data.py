@@ -153,9 +153,9 @@ def load_raw(cfg: DataConfig):
         if len(ds) == 0:
             raise DataError(f"{name} data ({sources[name]}) has no rows")
     carved = []
-    for name, fraction, seed in (("eval", cfg.eval_fraction, 0), ("validation", cfg.validation_split, VALIDATION_SEED)):
+    for name, key, fraction, seed in (("eval", "data.eval_fraction", cfg.eval_fraction, 0),
+                                      ("validation", "data.validation_split", cfg.validation_split, VALIDATION_SEED)):
         if fraction is not None:
-            key = "data.eval_fraction" if name == "eval" else "data.validation_split"
             n = len(raw["train"])
             if n - math.ceil(fraction * n) < 1:  # datasets rounds the held-out part up
                 after = "".join(f" left after {k}" for k in carved)

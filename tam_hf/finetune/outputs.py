@@ -65,7 +65,8 @@ def run_lock(output_dir):
     process holds it. Creates the directory; removes it again on the way out when the run left it empty. Within
     a block that holds it already (``compare`` locks a run's directory before it prepares it), a no-op."""
     directory = Path(output_dir)
-    if rank() != 0 or fcntl is None or directory.resolve() in _HELD:
+    held = directory.resolve()
+    if rank() != 0 or fcntl is None or held in _HELD:
         yield
         return
     created = not directory.exists()
@@ -94,7 +95,6 @@ def run_lock(output_dir):
               file=sys.stderr)
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
-    held = directory.resolve()
     _HELD.add(held)
     try:
         yield
